@@ -1,0 +1,194 @@
+"""Finding a sandbox: configuration, a local server advertised in the Jupyter runtime
+directory, or a private embedded server started for the caller.
+
+A running ``sandbox-kernel serve`` writes ``sandbox-kernel-server-<pid>.json`` (``{url, token,
+pid}``, mode 0600) into the Jupyter runtime directory, so local clients find it and its token
+without configuration. A private server is not advertised: it belongs to its starter, which
+stops it when done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from jupyter_core.paths import jupyter_data_dir, jupyter_runtime_dir
+
+ADVERTISEMENT_GLOB = "sandbox-kernel-server-*.json"
+
+
+def default_data_dir() -> Path:
+    """Where the embedded server keeps environments unless told otherwise."""
+    return Path(jupyter_data_dir()) / "sandbox-kernel"
+
+
+def runtime_dir() -> Path:
+    return Path(jupyter_runtime_dir())
+
+
+def advertisement_path(pid: int | None = None) -> Path:
+    return runtime_dir() / f"sandbox-kernel-server-{pid or os.getpid()}.json"
+
+
+def write_advertisement(path: Path, url: str, token: str | None) -> None:
+    """Write ``{url, token, pid}`` readable by the owner only (it holds the token)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.dumps({"url": url, "token": token, "pid": os.getpid()})
+    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(data)
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerInfo:
+    url: str
+    token: str | None
+    pid: int | None = None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_server_info(path: Path) -> ServerInfo | None:
+    try:
+        data = json.loads(path.read_text())
+        return ServerInfo(str(data["url"]), data.get("token"), data.get("pid"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def advertised_servers() -> list[ServerInfo]:
+    """Local servers whose process still runs, newest first."""
+    found = []
+    paths = sorted(runtime_dir().glob(ADVERTISEMENT_GLOB), key=_mtime, reverse=True)
+    for path in paths:
+        info = read_server_info(path)
+        if info is not None and (info.pid is None or _alive(info.pid)):
+            found.append(info)
+    return found
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def configured_sandbox(url: str | None = None, token: str | None = None) -> ServerInfo | None:
+    """An explicit URL, else ``SANDBOX_URL``/``SANDBOX_TOKEN``, else an advertised server."""
+    if url:
+        return ServerInfo(url, token if token is not None else os.environ.get("SANDBOX_TOKEN"))
+    if os.environ.get("SANDBOX_URL"):
+        return ServerInfo(os.environ["SANDBOX_URL"], token or os.environ.get("SANDBOX_TOKEN"))
+    servers = advertised_servers()
+    return servers[0] if servers else None
+
+
+class EmbeddedServer:
+    """A private ``sandbox-kernel serve`` process: free port, random token, not advertised.
+
+    Use as a context manager, or call :meth:`start` and :meth:`stop`. Its log goes to
+    ``log_path`` (a temporary file by default) so that a failure to start can be explained.
+    """
+
+    def __init__(
+        self,
+        *args: str,
+        data_dir: Path | None = None,
+        token: str | None = None,
+        log_path: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.args = list(args)
+        self.data_dir = data_dir
+        self.token: str | None = token if token is not None else secrets.token_urlsafe(24)
+        if "--no-token" in self.args:
+            self.token = None
+        self._scratch = Path(tempfile.mkdtemp(prefix="sandbox-kernel-server-"))
+        self.log_path = log_path or self._scratch / "server.log"
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+        self.info: ServerInfo | None = None
+
+    @property
+    def url(self) -> str:
+        if self.info is None:
+            raise RuntimeError("the embedded server is not started")
+        return self.info.url
+
+    def start(self, timeout: float = 30.0) -> ServerInfo:
+        info_file = self._scratch / "server.json"
+        command = [
+            sys.executable,
+            "-m",
+            "sandbox_kernel.server",
+            "--port",
+            "0",
+            "--info-file",
+            str(info_file),
+            "--no-advertise",
+            *self.args,
+        ]
+        if self.token:
+            command += ["--token", self.token]
+        if self.data_dir is not None:
+            command += ["--data-dir", str(self.data_dir)]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = read_server_info(info_file) if info_file.exists() else None
+            if info is not None:
+                self.info = info
+                return info
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.02)
+        log_text = self.log_text()
+        self.stop()
+        raise RuntimeError(
+            f"the embedded sandbox server did not start (log: {self.log_path}):\n{log_text}"
+        )
+
+    def log_text(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-4000:]
+        return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (the server kills its jobs and cleans up), then SIGKILL if it lingers."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def __enter__(self) -> EmbeddedServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

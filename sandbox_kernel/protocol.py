@@ -1,0 +1,168 @@
+"""Definitions of the sandbox HTTP protocol, shared by the client and the embedded server.
+
+The contract is ``shared/reference/sandbox-protocol.md`` (the PremierLangage sandbox, 2.x and
+3.x). Everything both sides must agree on lives here and nowhere else: endpoint paths (they
+all end with a slash), the status codes of an execution, the fixed texts clients match on and
+the rules a ``config`` must follow.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, Final
+
+#: Endpoint paths, relative to the server's base URL. The trailing slash is part of the
+#: contract: the public server answers 404 (or redirects) without it.
+EXECUTE: Final = "execute/"
+SPECIFICATIONS: Final = "specifications/"
+USAGES: Final = "usages/"
+LIBRARIES: Final = "libraries/"
+ENVIRONMENT: Final = "environments/{uuid}/"
+FILE: Final = "files/{uuid}/{path}/"
+
+#: ``status`` values below zero are errors of the sandbox itself, not of the commands.
+STATUS_OK: Final = 0
+STATUS_UNKNOWN_ERROR: Final = -1
+STATUS_TIMEOUT: Final = -2
+STATUS_RESULT_NOT_FOUND: Final = -3
+STATUS_RESULT_NOT_UTF8: Final = -4
+
+STATUS_MEANINGS: Final[Mapping[int, str]] = {
+    STATUS_UNKNOWN_ERROR: "unknown error of the sandbox",
+    STATUS_TIMEOUT: "execution timed out",
+    STATUS_RESULT_NOT_FOUND: "result file not found",
+    STATUS_RESULT_NOT_UTF8: "result file is not UTF-8",
+}
+
+#: The body of a 503 answer, word for word as the public server sends it.
+OVERLOADED_TEXT: Final = "Sandbox overloaded, retry after a few seconds."
+#: stderr of a command that hit an internal error (public server, under churn).
+UNKNOWN_ERROR_TEXT: Final = "An unknown error occurred on the sandbox\n"
+
+#: How long the server waits for a free execution slot before answering 503.
+SLOT_WAIT_SECONDS: Final = 2.0
+#: ``execute_timeout`` of the public server when nothing else is configured.
+DEFAULT_EXECUTE_TIMEOUT: Final = 10.0
+#: Working directory of the commands (user ``student`` on the public server).
+WORKING_DIR: Final = "/home/student"
+
+_UUID_RE: Final = re.compile(
+    r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE
+)
+_ENV_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def is_uuid(text: object) -> bool:
+    """Whether ``text`` is a uuid as the server writes them (anything else is a 404)."""
+    return isinstance(text, str) and bool(_UUID_RE.match(text))
+
+
+def environment_path(uuid: str) -> str:
+    return ENVIRONMENT.format(uuid=uuid)
+
+
+def file_path(uuid: str, path: str) -> str:
+    return FILE.format(uuid=uuid, path=path.strip("/"))
+
+
+def format_seconds(seconds: float) -> str:
+    """A timeout as the public server prints it: Python's ``str()`` of the number, so an int
+    timeout prints ``1``, a float ``0.2`` or ``10.0`` (contract, "Execution semantics")."""
+    return str(seconds)
+
+
+def timeout_message(seconds: float) -> str:
+    """stderr of a command that timed out; the trailing newline is part of the contract."""
+    return f"Command timed out after {format_seconds(seconds)} seconds\n"
+
+
+def split_command(item: str | Mapping[str, Any]) -> tuple[str, float | None, bool]:
+    """``(command, own timeout, may_fail)`` for one item of ``config.commands``.
+
+    A command starting with ``-`` may fail without stopping the run; the ``-`` is removed
+    before running it and in the response (contract, "config keys"). The timeout keeps its
+    JSON type (int or float) because it is printed back in the timeout message.
+    """
+    if isinstance(item, str):
+        command, timeout = item, None
+    else:
+        command, timeout = item["command"], item.get("timeout")
+    may_fail = command.startswith("-")
+    return (command[1:] if may_fail else command), timeout, may_fail
+
+
+def _type_name(value: object) -> str:
+    """How the public server (Python) names a JSON value's type in its 400 texts."""
+    return str(type(value))
+
+
+def validate_config(config: object) -> tuple[bool, str]:
+    """Check a ``config`` object as the server does before running anything.
+
+    Returns ``(True, "")`` or ``(False, reason)``; the reason is the text of the 400 answer,
+    word for word the public server's where it has one. Unknown keys are ignored, as there.
+    A few checks go beyond the public server (NUL bytes, variable names, null values, bad
+    timeouts) because such a config could never run as the user meant.
+    """
+    if not isinstance(config, Mapping):
+        return False, f"config must be an object, not {_type_name(config)}"
+    if "commands" not in config:
+        return False, "Missing field 'commands' in config"
+    ok, reason = _validate_commands(config["commands"])
+    if ok and "environ" in config:
+        ok, reason = _validate_environ(config["environ"])
+    if not ok:
+        return ok, reason
+    if "environment" in config and not isinstance(config["environment"], str):
+        return False, f"environment must be a string, not {_type_name(config['environment'])}"
+    if "result_path" in config:
+        path = config["result_path"]
+        if not isinstance(path, str):
+            return False, f"result_path must be a string, not {_type_name(path)}"
+        if not path.strip() or "\0" in path:
+            return False, "result_path must name a file of the working directory"
+    if "save" in config and not isinstance(config["save"], bool):
+        return False, f"save must be a boolean, not {_type_name(config['save'])}"
+    return True, ""
+
+
+def _validate_commands(commands: object) -> tuple[bool, str]:
+    if not isinstance(commands, list):
+        return False, f"commands must be a list, not {_type_name(commands)}"
+    if not commands:
+        return False, "Command list cannot be empty"
+    for item in commands:
+        bad = f"Command badly formatted : '{item}'"
+        if isinstance(item, Mapping):
+            command, timeout = item.get("command"), item.get("timeout")
+            if set(item) - {"command", "timeout"}:
+                return False, bad
+            if timeout is not None and (
+                isinstance(timeout, bool)
+                or not isinstance(timeout, int | float)
+                or not math.isfinite(timeout)
+                or timeout <= 0
+            ):
+                return False, bad
+        else:
+            command = item
+        if not isinstance(command, str) or not command.lstrip("-").strip():
+            return False, bad
+        if "\0" in command:
+            return False, f"{bad} (it contains a NUL byte, which bash cannot run)"
+    return True, ""
+
+
+def _validate_environ(environ: object) -> tuple[bool, str]:
+    if not isinstance(environ, Mapping):
+        return False, f"environ must be an object, not {_type_name(environ)}"
+    for name, value in environ.items():
+        if not isinstance(name, str) or not _ENV_NAME_RE.match(name):
+            return False, f"environ: {name!r} is not a valid variable name"
+        if isinstance(value, Mapping | list) or value is None:
+            return False, f"environ[{name!r}] must be a string or a number, not {_type_name(value)}"
+        if "\0" in str(value):
+            return False, f"environ[{name!r}] contains a NUL byte"
+    return True, ""

@@ -1,0 +1,331 @@
+"""The HTTP side of the embedded server: routes, request parsing and the security checks.
+
+Every answer follows the contract (``shared/reference/sandbox-protocol.md``): paths end with a
+slash, errors are plain text, 503 carries the public server's exact sentence, HEAD answers have
+the headers and no body. On top of it: a bearer token, an ``Origin`` check and a ``Host`` check
+(DNS rebinding), since the public server leaves that to a reverse proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import BodyPartReader, web
+
+from .. import protocol
+from ..archive import ArchiveError
+from .executor import EnvironmentNotFound, Executor, Overloaded, unpack_upload
+from .libraries import LibraryCache
+from .runners import Isolation
+from .settings import ServerSettings, format_size
+from .storage import NotConfined, Storage, StorageFull, open_beneath
+from .sysinfo import UsageSampler, specifications
+
+log = logging.getLogger(__name__)
+
+_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]", "localhost.localdomain"})
+_CHUNK = 1 << 18
+_MAX_JSON_DEPTH = 64
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def text(status: int, message: str) -> web.Response:
+    """A plain-text error answer (the public server's error bodies are plain text too)."""
+    return web.Response(status=status, text=message, content_type="text/plain")
+
+
+class SandboxApp:
+    """The aiohttp application and the parts it drives."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        storage: Storage,
+        isolation: Isolation,
+        executor: Executor,
+        libraries: LibraryCache,
+        sampler: UsageSampler,
+    ) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.isolation = isolation
+        self.executor = executor
+        self.libraries = libraries
+        self.sampler = sampler
+        self.specifications = specifications(settings, isolation, storage.root)
+        self.allowed_hosts = _LOCAL_HOSTS | {h.lower() for h in settings.allowed_hosts}
+        if settings.host not in ("0.0.0.0", "::", ""):
+            self.allowed_hosts |= {settings.host.lower()}
+
+    def build(self) -> web.Application:
+        # The multipart reader enforces its own caps; this one bounds url-encoded bodies.
+        app = web.Application(
+            middlewares=[self.guard], client_max_size=self.settings.max_config_bytes + 4096
+        )
+        app.router.add_post("/execute/", self.execute)
+        app.router.add_get("/specifications/", self.get_specifications)
+        app.router.add_get("/usages/", self.get_usages)
+        app.router.add_get("/libraries/", self.get_libraries)
+        app.router.add_get("/environments/{uuid}/", self.get_environment)
+        app.router.add_get("/files/{uuid}/{path:.+}/", self.get_file)
+        return app
+
+    # -- security -----------------------------------------------------------------------------
+
+    @web.middleware
+    async def guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        host = _hostname(request.headers.get("Host", ""))
+        if host not in self.allowed_hosts:
+            return text(
+                403,
+                f"Host '{host}' is not allowed (DNS rebinding protection). Use a loopback "
+                "address, or start the server with --allowed-host NAME.",
+            )
+        origin = request.headers.get("Origin")
+        if origin and _hostname(urlsplit(origin).netloc) not in self.allowed_hosts:
+            return text(
+                403,
+                f"Origin '{origin}' is not allowed: only pages served from this machine may call "
+                "the sandbox. Add the host with --allowed-host NAME if you trust it.",
+            )
+        token = self.settings.token
+        if token:
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
+                return web.Response(
+                    status=401,
+                    text="Missing or wrong token: send 'Authorization: Bearer <token>'. The token "
+                    "is in the file the server advertises in the Jupyter runtime directory, or "
+                    "was printed when it started.",
+                    content_type="text/plain",
+                    headers={"WWW-Authenticate": 'Bearer realm="sandbox"'},
+                )
+        return await handler(request)
+
+    # -- execute/ -------------------------------------------------------------------------------
+
+    async def execute(self, request: web.Request) -> web.StreamResponse:
+        limit = self.settings.max_upload + self.settings.max_config_bytes + 64 * 1024
+        if request.content_length is not None and request.content_length > limit:
+            return self._too_large()
+        staging = self.storage.new_staging()
+        try:
+            parsed = await self._read_form(request, staging)
+            if isinstance(parsed, web.Response):
+                return parsed
+            config, archive = parsed
+            upload = None
+            if archive is not None:
+                upload = staging / "upload"
+                iso = self.isolation
+                try:
+                    await asyncio.to_thread(
+                        unpack_upload, archive, upload, self.settings, iso.uid, iso.gid
+                    )
+                except ArchiveError as error:
+                    return text(400, f"Invalid environment archive: {error}")
+            return web.json_response(await self.executor.execute(config, upload))
+        except EnvironmentNotFound as missing:
+            return text(404, f"No environment with UUID '{missing}' found")
+        except Overloaded:
+            return text(503, protocol.OVERLOADED_TEXT)
+        except StorageFull as full:
+            return text(507, str(full))
+        finally:
+            await asyncio.shield(asyncio.to_thread(shutil.rmtree, staging, True))
+
+    def _too_large(self) -> web.Response:
+        return text(
+            413,
+            f"Request too large: uploads are limited to {format_size(self.settings.max_upload)} "
+            f"(--max-upload) and config to {format_size(self.settings.max_config_bytes)}.",
+        )
+
+    async def _read_form(
+        self, request: web.Request, staging: Path
+    ) -> tuple[dict[str, Any], Path | None] | web.Response:
+        """``(config, archive path)`` from a multipart or url-encoded body, or an error answer."""
+        raw_config: str | None = None
+        archive: Path | None = None
+        if request.content_type == "multipart/form-data":
+            try:
+                reader = await request.multipart()
+            except (ValueError, AssertionError) as error:
+                return text(400, f"Malformed multipart body: {error}")
+            parts = 0
+            try:
+                while (part := await reader.next()) is not None:
+                    parts += 1
+                    if parts > self.settings.max_parts:
+                        return text(400, f"Too many parts (at most {self.settings.max_parts}).")
+                    if not isinstance(part, BodyPartReader):
+                        return text(400, "Nested multipart bodies are not accepted.")
+                    if part.name == "config":
+                        data = await _read_capped(part, self.settings.max_config_bytes)
+                        if data is None:
+                            return self._too_large()
+                        raw_config = data.decode("utf-8", errors="replace")
+                    elif part.name == "environment":
+                        archive = staging / "upload.tgz"
+                        if not await _save_capped(part, archive, self.settings.max_upload):
+                            return self._too_large()
+                    else:
+                        await _read_capped(part, 0, drain=True)
+            except ValueError as error:
+                return text(400, f"Malformed multipart body: {error}")
+        elif request.content_type == "application/x-www-form-urlencoded":
+            try:
+                form = await request.post()
+            except web.HTTPRequestEntityTooLarge:
+                return self._too_large()
+            value = form.get("config")
+            raw_config = value if isinstance(value, str) else None
+        if raw_config is None:
+            return text(400, "Missing argument 'config'")
+        config = _parse_config(raw_config)
+        if isinstance(config, _Invalid):
+            return text(400, str(config))
+        ok, reason = protocol.validate_config(config)
+        if not ok:
+            return text(400, reason)
+        return config, archive
+
+    # -- the GET endpoints ----------------------------------------------------------------------
+
+    async def get_specifications(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self.specifications)
+
+    async def get_usages(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self.sampler.current(self.executor.busy))
+
+    async def get_libraries(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return web.json_response(await self.libraries.get())
+        except (RuntimeError, OSError) as error:
+            return text(500, f"Could not list the sandbox's libraries: {error}. See the log.")
+
+    async def get_environment(self, request: web.Request) -> web.StreamResponse:
+        uuid = request.match_info["uuid"]
+        archive = await asyncio.to_thread(self.storage.archive, uuid)
+        if archive is None:
+            return text(404, f"No environment with UUID '{uuid}' found")
+        try:
+            fd = os.open(archive, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:  # expired this very moment
+            return text(404, f"No environment with UUID '{uuid}' found")
+        return await _send_file(request, fd, "application/gzip", f"{uuid}.tgz")
+
+    async def get_file(self, request: web.Request) -> web.StreamResponse:
+        uuid, path = request.match_info["uuid"], request.match_info["path"]
+        directory = self.storage.directory(uuid)
+        if directory is None:
+            return text(404, f"No environment with UUID '{uuid}' found")
+        try:
+            fd = await asyncio.to_thread(open_beneath, directory, path)
+        except NotConfined:
+            return text(404, f"The file '{path}' could not be found in environment '{uuid}'")
+        return await _send_file(request, fd, "application/octet-stream", os.path.basename(path))
+
+
+async def _send_file(
+    request: web.Request, fd: int, content_type: str, filename: str
+) -> web.StreamResponse:
+    """Stream an open file (closed here); HEAD gets the same headers and no body."""
+    try:
+        size = os.fstat(fd).st_size
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": content_type,
+                "Content-Disposition": f"attachment; filename={filename}",
+            }
+        )
+        response.content_length = size
+        await response.prepare(request)
+        if request.method != "HEAD":
+            while chunk := await asyncio.to_thread(os.read, fd, _CHUNK):
+                await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        os.close(fd)
+
+
+async def _read_capped(part: BodyPartReader, cap: int, drain: bool = False) -> bytes | None:
+    """A part's bytes, or None past ``cap`` (``drain`` reads and drops everything)."""
+    data = bytearray()
+    while chunk := await part.read_chunk(_CHUNK):
+        if drain:
+            continue
+        data += chunk
+        if len(data) > cap:
+            return None
+    return bytes(data)
+
+
+async def _save_capped(part: BodyPartReader, target: Path, cap: int) -> bool:
+    size = 0
+    with open(target, "wb") as file:
+        while chunk := await part.read_chunk(_CHUNK):
+            size += len(chunk)
+            if size > cap:
+                return False
+            file.write(chunk)
+    return True
+
+
+class _Invalid(str):
+    """The 400 text of a config that is not valid JSON (a config may itself be a string)."""
+
+
+def _parse_config(raw: str) -> Any:
+    """The decoded config, or the 400 text. NaN/Infinity and absurd nesting are refused."""
+
+    def refuse_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    if raw.count("[") + raw.count("{") > _MAX_JSON_DEPTH and _depth(raw) > _MAX_JSON_DEPTH:
+        return _Invalid(f"'config' json is invalid - nested deeper than {_MAX_JSON_DEPTH} levels")
+    try:
+        config = json.loads(raw, parse_constant=refuse_constant)
+    except (ValueError, RecursionError) as error:
+        return _Invalid(f"'config' json is invalid - {error}")
+    return config
+
+
+def _depth(raw: str) -> int:
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _hostname(netloc: str) -> str:
+    """``host`` of ``host:port`` (IPv6 brackets kept), lowercased."""
+    netloc = netloc.strip().lower()
+    if netloc.startswith("["):
+        return netloc[: netloc.find("]") + 1] if "]" in netloc else netloc
+    return netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc

@@ -1,0 +1,590 @@
+"""Where commands run: isolated runners (bubblewrap) or, when nothing better exists, plain
+process groups.
+
+A runner serves one ``execute/`` request: its working directory is the request's, its ``/tmp``
+and ``/dev/shm`` are its own and vanish with it. Isolated runners are started ahead of demand
+(see :class:`RunnerPool`), the way the public server keeps its containers running, so that
+isolation adds no latency to a request.
+
+Inside a bubblewrap runner: no network, a read-only system, a private ``/tmp`` and ``/dev/shm``,
+only ``/home/student`` writable, a new session and PID namespace, an unprivileged user with no
+capabilities, rlimits (CPU, file size, open files, no core files), stdin from ``/dev/null``, and
+per-run pids and memory cgroups where the machine allows. The runner dies with the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import logging
+import os
+import pwd
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+
+from ..protocol import WORKING_DIR
+from .cgroups import Cgroups, RunCgroup
+from .settings import ServerSettings, format_size
+
+log = logging.getLogger(__name__)
+
+_READ_CHUNK = 1 << 18
+_START_TIMEOUT = 10.0
+#: Read-only inside a runner; /var/lib/dpkg lets commands (and libraries/) see the packages.
+_SYSTEM_DIRS = (
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/etc",
+    "/opt",
+    "/var/lib/dpkg",
+)
+_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: A shell prefix run as root that puts itself into the runner's cgroups, then execs the rest.
+_JOIN_CGROUPS = 'for f in $SK_CGROUP_PROCS; do echo $$ > "$f" || exit 98; done; exec "$@"'
+
+
+class IsolationError(RuntimeError):
+    """The requested isolation cannot be had on this machine."""
+
+
+@dataclasses.dataclass
+class CommandOutcome:
+    """What one command did. ``exit_code`` is -2 on timeout and -1 when the sandbox failed."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    elapsed: float
+    timed_out: bool = False
+    #: Sentences for the command's stderr: truncated output, memory cap reached...
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+class _Stream:
+    """Collects one output pipe, keeping at most ``cap`` bytes.
+
+    Past the cap the pipe is closed, so the writer gets SIGPIPE like ``cmd | head`` rather than
+    keeping a CPU busy (``yes``); the runner is then spent for later commands.
+    """
+
+    def __init__(self, fd: int, cap: int, name: str) -> None:
+        self.fd, self.cap, self.name = fd, cap, name
+        self.buffer = bytearray()
+        self.truncated = False
+        os.set_blocking(fd, False)
+        asyncio.get_running_loop().add_reader(fd, self.read_available)
+
+    def read_available(self) -> None:
+        while self.fd >= 0:
+            try:
+                chunk = os.read(self.fd, _READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.close()
+                return
+            self.buffer += chunk
+            if len(self.buffer) > self.cap:
+                del self.buffer[self.cap :]
+                self.truncated = True
+                self.close()
+
+    def take(self) -> bytes:
+        self.read_available()
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        return data
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            asyncio.get_running_loop().remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Runner:
+    """One sandbox for one request. Subclasses say how a command is started and stopped."""
+
+    def __init__(self, isolation: Isolation, workdir: Path) -> None:
+        self.isolation = isolation
+        self.workdir = workdir
+        self.cgroup: RunCgroup | None = None
+        self.spent = False
+        settings = isolation.settings
+        out_r, self._out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, self._err_w = os.pipe2(os.O_CLOEXEC)
+        self.stdout = _Stream(out_r, settings.max_output, "stdout")
+        self.stderr = _Stream(err_r, settings.max_output, "stderr")
+
+    async def start(self) -> None:
+        """Make the runner ready to run commands at once."""
+
+    async def run(self, command: str, environ: Mapping[str, str], timeout: float) -> CommandOutcome:
+        """Run one command with a wall-clock ``timeout``; nothing it started survives it."""
+        self.stdout.take(), self.stderr.take()
+        started = time.monotonic()
+        try:
+            code = await asyncio.wait_for(self._execute(command, environ), timeout)
+        except TimeoutError:
+            code = -2
+            await self.stop()
+        elapsed = time.monotonic() - started
+        outcome = CommandOutcome(code, self.stdout.take(), self.stderr.take(), elapsed, code == -2)
+        self._add_notes(outcome)
+        return outcome
+
+    def _add_notes(self, outcome: CommandOutcome) -> None:
+        cap = format_size(self.isolation.settings.max_output)
+        for stream in (self.stdout, self.stderr):
+            if stream.truncated:
+                self.spent = True
+                outcome.notes.append(
+                    f"[sandbox] {stream.name} cut after {cap} (--max-output); the command "
+                    "then got SIGPIPE when it wrote more."
+                )
+        if outcome.exit_code >= 128 and self.cgroup and self.cgroup.out_of_memory():
+            self.spent = True
+            limit = format_size(self.isolation.settings.memory_limit)
+            outcome.notes.append(f"[sandbox] killed: memory limit of {limit} reached.")
+
+    async def _execute(self, command: str, environ: Mapping[str, str]) -> int:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        """Kill everything the runner holds; safe to call twice."""
+        self.spent = True
+        if self.cgroup is not None:
+            cgroup, self.cgroup = self.cgroup, None
+            await asyncio.to_thread(_kill_and_remove, cgroup)
+
+    async def close(self) -> None:
+        await self.stop()
+        for fd in (self._out_w, self._err_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._out_w = self._err_w = -1
+        self.stdout.close()
+        self.stderr.close()
+
+
+def _kill_and_remove(cgroup: RunCgroup) -> None:
+    cgroup.kill()
+    cgroup.remove()
+
+
+class BwrapRunner(Runner):
+    """A bubblewrap sandbox with the agent (``agent.sh``) waiting for commands."""
+
+    process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        iso = self.isolation
+        ctl_r, self._ctl_w = os.pipe2(os.O_CLOEXEC)
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        bind_fd = os.open(self.workdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._status = asyncio.StreamReader()
+        try:
+            self.cgroup = iso.new_cgroup()
+            fds = (ctl_r, self._out_w, self._err_w, status_w, bind_fd)
+            argv = (
+                iso.launcher(self.cgroup)
+                + iso.bwrap_args(bind_fd)
+                + [
+                    "/bin/bash",
+                    "--noprofile",
+                    "--norc",
+                    "-c",
+                    iso.agent_script,
+                    "agent",
+                    *map(str, fds),
+                    *iso.rlimit_args(),
+                ]
+            )
+            self.process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=self._err_w,
+                stderr=self._err_w,
+                pass_fds=fds,
+                env=iso.launcher_env(self.cgroup),
+                start_new_session=True,
+            )
+        finally:
+            for fd in (ctl_r, status_w, bind_fd):
+                os.close(fd)
+        os.close(self._out_w)
+        os.close(self._err_w)
+        self._out_w = self._err_w = -1
+        self._status_fd = status_r
+        os.set_blocking(status_r, False)
+        asyncio.get_running_loop().add_reader(status_r, self._read_status)
+        try:
+            line = await asyncio.wait_for(self._status.readline(), _START_TIMEOUT)
+        except TimeoutError:
+            line = b""
+        if line != b"ready\n":
+            message = self.stderr.take().decode(errors="replace").strip()
+            await self.close()
+            raise IsolationError(f"bubblewrap runner did not start: {message or 'no message'}")
+
+    def _read_status(self) -> None:
+        try:
+            data = os.read(self._status_fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self._status.feed_data(data)
+        else:
+            asyncio.get_running_loop().remove_reader(self._status_fd)
+            self._status.feed_eof()
+
+    async def _execute(self, command: str, environ: Mapping[str, str]) -> int:
+        entries = [str(len(environ)), *(f"{k}={v}" for k, v in environ.items()), command]
+        record = b"".join(entry.encode() + b"\0" for entry in entries)
+        if len(record) > 60_000:  # more than a pipe holds: don't block the event loop
+            await asyncio.to_thread(_write_all, self._ctl_w, record)
+        else:
+            _write_all(self._ctl_w, record)
+        line = await self._status.readline()
+        if not line.strip().lstrip(b"-").isdigit():
+            self.spent = True
+            self.stderr.buffer += b"\n[sandbox] the runner stopped unexpectedly."
+            return -1
+        return int(line)
+
+    async def stop(self) -> None:
+        self.spent = True
+        process, self.process = self.process, None
+        if process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await super().stop()
+            await process.wait()
+        else:
+            await super().stop()
+
+    async def close(self) -> None:
+        await self.stop()
+        for attribute in ("_ctl_w", "_status_fd"):
+            fd = getattr(self, attribute, -1)
+            if fd >= 0:
+                if attribute == "_status_fd":
+                    asyncio.get_running_loop().remove_reader(fd)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, attribute, -1)
+        await super().close()
+
+
+class PlainRunner(Runner):
+    """No isolation: each command is a new process session in the working directory.
+
+    Leftover processes are killed through the process group, and through a cgroup when the
+    server may create one; a command that calls ``setsid`` escapes the group otherwise.
+    """
+
+    async def start(self) -> None:
+        self.cgroup = self.isolation.new_cgroup()
+
+    async def _execute(self, command: str, environ: Mapping[str, str]) -> int:
+        iso = self.isolation
+        wrapper = iso.rlimit_shell() + 'exec /bin/bash -c "$0"'
+        process = await asyncio.create_subprocess_exec(
+            *iso.launcher(self.cgroup),
+            "/bin/bash",
+            "-c",
+            wrapper,
+            command,
+            cwd=self.workdir,
+            env={**iso.launcher_env(self.cgroup), **environ},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=self._out_w,
+            stderr=self._err_w,
+            start_new_session=True,
+        )
+        try:
+            return await process.wait()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            if self.cgroup is not None:
+                await asyncio.to_thread(self.cgroup.kill)
+            await process.wait()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            time.sleep(0.001)
+
+
+class Isolation:
+    """What this machine allows, probed once at start, and the factory of runners."""
+
+    def __init__(self, settings: ServerSettings, method: str, cgroups: Cgroups | None) -> None:
+        self.settings = settings
+        self.method = method  # "bubblewrap" or "none"
+        self.cgroups = cgroups
+        self.agent_script = resources.files(__package__).joinpath("agent.sh").read_text()
+        self.as_root = os.geteuid() == 0
+        self.uid, self.gid = os.geteuid(), os.getegid()
+        if self.as_root:
+            account = pwd.getpwnam(settings.run_as)
+            self.uid, self.gid = account.pw_uid, account.pw_gid
+        self._names = itertools.count()
+
+    @property
+    def isolated(self) -> bool:
+        return self.method == "bubblewrap"
+
+    @classmethod
+    async def probe(cls, settings: ServerSettings) -> Isolation:
+        """The strongest isolation available, tried for real; refuses unsafe fallbacks."""
+        cgroups = await asyncio.to_thread(
+            Cgroups.probe, settings.max_processes, settings.memory_limit
+        )
+        if settings.isolation != "none":
+            candidate = cls(settings, "bubblewrap", cgroups)
+            problem = await candidate._try_bwrap()
+            if problem is None:
+                return candidate
+            if settings.isolation == "bwrap":
+                raise IsolationError(f"--isolation bwrap: {problem}")
+            if os.geteuid() == 0:
+                raise IsolationError(
+                    f"refusing to run commands as root without isolation ({problem}). "
+                    "Install bubblewrap (apt-get install -y bubblewrap), or pass "
+                    "--isolation none to accept commands that can read and write this machine."
+                )
+            log.warning("NOT ISOLATED: %s; commands run as this user, unconfined", problem)
+        return cls(settings, "none", cgroups)
+
+    async def _try_bwrap(self) -> str | None:
+        if shutil.which("bwrap") is None:
+            return "bubblewrap is not installed (apt-get install -y bubblewrap)"
+        with tempfile.TemporaryDirectory(prefix="sandbox-kernel-probe-") as workdir:
+            path = Path(workdir)
+            os.chown(path, self.uid, self.gid)
+            runner = BwrapRunner(self, path)
+            try:
+                await runner.start()
+                outcome = await runner.run("echo ok > probe; echo ok", {"PATH": _PATH}, 10)
+            except (IsolationError, OSError) as error:
+                return str(error)
+            finally:
+                await runner.close()
+            if outcome.exit_code != 0 or outcome.stdout.strip() != b"ok":
+                return f"bubblewrap test command failed: {outcome.stderr.decode(errors='replace')}"
+        return None
+
+    def new_runner(self, workdir: Path) -> Runner:
+        if self.isolated:
+            return BwrapRunner(self, workdir)
+        return PlainRunner(self, workdir)
+
+    def new_cgroup(self) -> RunCgroup | None:
+        if self.cgroups is None:
+            return None
+        name = f"run-{next(self._names)}"
+        return self.cgroups.create(name, self.settings.max_processes, self.settings.memory_limit)
+
+    def launcher(self, cgroup: RunCgroup | None) -> list[str]:
+        """argv prefix: join the cgroups, then drop to the unprivileged account (as root)."""
+        prefix: list[str] = []
+        if cgroup is not None:
+            prefix += ["/bin/sh", "-c", _JOIN_CGROUPS, "sh"]
+        if self.as_root:
+            prefix += [
+                "setpriv",
+                f"--reuid={self.uid}",
+                f"--regid={self.gid}",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+            ]
+        return prefix
+
+    def launcher_env(self, cgroup: RunCgroup | None) -> dict[str, str]:
+        env = {"PATH": _PATH, "LANG": "C.UTF-8"}
+        if cgroup is not None:
+            env["SK_CGROUP_PROCS"] = " ".join(map(str, cgroup.procs_files))
+        return env
+
+    def bwrap_args(self, bind_fd: int) -> list[str]:
+        args = [
+            "bwrap",
+            "--unshare-all",
+            "--unshare-user",
+            "--disable-userns",
+            "--die-with-parent",
+            "--new-session",
+            "--hostname",
+            "sandbox",
+            "--clearenv",
+        ]
+        for directory in _SYSTEM_DIRS:
+            args += ["--ro-bind-try", directory, directory]
+        tmp_size = str(self.settings.workdir_quota)
+        args += [
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--size",
+            tmp_size,
+            "--tmpfs",
+            "/tmp",
+            "--size",
+            tmp_size,
+            "--tmpfs",
+            "/dev/shm",
+            "--dir",
+            "/home",
+            "--bind-fd",
+            str(bind_fd),
+            WORKING_DIR,
+            "--chdir",
+            WORKING_DIR,
+            "--",
+        ]
+        return args
+
+    def rlimit_args(self) -> list[str]:
+        settings = self.settings
+        nproc = "" if self.cgroups else str(settings.max_processes)
+        return [
+            str(settings.cpu_limit),
+            str(max(1, settings.workdir_quota // 1024)),
+            str(settings.max_open_files),
+            nproc,
+        ]
+
+    def rlimit_shell(self) -> str:
+        cpu, fsize, nofile, nproc = self.rlimit_args()
+        shell = f"ulimit -c 0 -t {cpu} -f {fsize} -n {nofile} || exit 97; "
+        if nproc:
+            shell += f"ulimit -u {nproc} || exit 97; "
+        return shell
+
+    def base_environ(self, workdir: Path) -> dict[str, str]:
+        """Variables every command starts with, before the request's ``environ``."""
+        home = WORKING_DIR if self.isolated else str(workdir)
+        return {
+            "HOME": home,
+            "USER": "student",
+            "LOGNAME": "student",
+            "PATH": _PATH,
+            "LANG": "C.UTF-8",
+            "TERM": "dumb",
+            "TMPDIR": "/tmp",
+        }
+
+    def describe(self) -> dict[str, object]:
+        """The ``container.isolation`` entry of ``specifications/``."""
+        limits = ["cpu", "file size", "open files", "no core files", "output"]
+        if self.cgroups:
+            limits += ["processes", "memory"]
+        elif self.isolated:
+            limits += ["processes (rlimit)"]
+        return {
+            "isolated": self.isolated,
+            "method": self.method,
+            "network": not self.isolated,
+            "user": pwd.getpwuid(self.uid).pw_name if self.as_root else "server's own user",
+            "cgroups": self.cgroups.describe() if self.cgroups else None,
+            "limits": limits,
+            "warning": None if self.isolated else "NOT ISOLATED",
+        }
+
+
+class RunnerPool:
+    """Runners started ahead of demand, one per execution slot."""
+
+    def __init__(self, isolation: Isolation, workdirs: Path, size: int) -> None:
+        self.isolation = isolation
+        self.workdirs = workdirs
+        self.size = size
+        self._ready: asyncio.Queue[Runner] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._names = itertools.count()
+        self._closing = False
+
+    def fill(self) -> None:
+        """Start runners in the background until ``size`` are ready or starting."""
+        while self._ready.qsize() + len(self._tasks) < self.size and not self._closing:
+            task = asyncio.get_running_loop().create_task(self._start_one())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _start_one(self) -> None:
+        try:
+            runner = await self.create()
+        except (IsolationError, OSError) as error:
+            log.error("could not start a runner: %s", error)
+            await asyncio.sleep(1)
+            return
+        if self._closing:
+            await self.discard(runner)
+        else:
+            self._ready.put_nowait(runner)
+
+    async def create(self, workdir: Path | None = None) -> Runner:
+        """A runner on ``workdir`` (a fresh empty one by default), started now."""
+        if workdir is None:
+            workdir = await asyncio.to_thread(self._new_workdir)
+        runner = self.isolation.new_runner(workdir)
+        try:
+            await runner.start()
+        except BaseException:
+            await runner.close()
+            await asyncio.to_thread(shutil.rmtree, workdir, True)
+            raise
+        return runner
+
+    def _new_workdir(self) -> Path:
+        workdir = self.workdirs / f"{os.getpid()}-{next(self._names)}-{os.urandom(4).hex()}"
+        workdir.mkdir(mode=0o700)
+        if self.isolation.as_root:
+            os.chown(workdir, self.isolation.uid, self.isolation.gid)
+        return workdir
+
+    async def take(self) -> Runner:
+        """A ready runner if there is one, else one started now (cold, ~15 ms)."""
+        try:
+            runner = self._ready.get_nowait()
+        except asyncio.QueueEmpty:
+            runner = await self.create()
+        self.fill()
+        return runner
+
+    async def discard(self, runner: Runner, remove_workdir: bool = True) -> None:
+        await runner.close()
+        if remove_workdir:
+            await asyncio.to_thread(shutil.rmtree, runner.workdir, True)
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        while not self._ready.empty():
+            await self.discard(self._ready.get_nowait())

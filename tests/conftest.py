@@ -1,0 +1,176 @@
+"""Shared fixtures: the embedded server as a real process on a free loopback port.
+
+Every server gets temporary data and runtime directories, and its process table is checked
+when it stops: no command it ran may survive it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from sandbox_kernel.discovery import EmbeddedServer
+
+
+def _require(program: str, package: str) -> None:
+    if shutil.which(program) is None:
+        pytest.fail(
+            f"{program} is missing: install the Debian package {package} "
+            f"(apt-get install -y {package}); .ci/run does this",
+            pytrace=False,
+        )
+
+
+class Server:
+    """A running embedded server and raw HTTP helpers to talk to it."""
+
+    def __init__(self, embedded: EmbeddedServer, data_dir: Path, runtime_dir: Path) -> None:
+        self.embedded = embedded
+        self.data_dir = data_dir
+        self.runtime_dir = runtime_dir
+        self.url = embedded.url
+        self.token = embedded.token
+        self.http = requests.Session()
+        if self.token:
+            self.http.headers["Authorization"] = f"Bearer {self.token}"
+
+    @property
+    def pid(self) -> int:
+        assert self.embedded.process is not None
+        return self.embedded.process.pid
+
+    def post_execute(
+        self, config: Any, environment: bytes | None = None, **kwargs: Any
+    ) -> requests.Response:
+        files: dict[str, Any] = {"config": (None, json.dumps(config))}
+        if environment is not None:
+            files["environment"] = ("environment.tgz", environment, "application/gzip")
+        return self.http.post(self.url + "execute/", files=files, timeout=60, **kwargs)
+
+    def execute(self, config: Any, environment: bytes | None = None) -> dict[str, Any]:
+        response = self.post_execute(config, environment)
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    def run(self, *commands: Any, **config: Any) -> dict[str, Any]:
+        return self.execute({"commands": list(commands), **config})
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.http.get(self.url + path, timeout=60, **kwargs)
+
+    def stop(self) -> None:
+        self.embedded.stop()
+
+
+def processes_matching(marker: str) -> list[int]:
+    """PIDs (host-wide) whose command line contains ``marker``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (by parent links in /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def _alive(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _prerequisites() -> None:
+    _require("bwrap", "bubblewrap")
+
+
+@pytest.fixture(scope="session")
+def jupyter_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Private Jupyter directories for the whole session: nothing lands in the user's."""
+    root = tmp_path_factory.mktemp("jupyter")
+    env = {
+        "JUPYTER_RUNTIME_DIR": str(root / "runtime"),
+        "JUPYTER_DATA_DIR": str(root / "data"),
+        "JUPYTER_CONFIG_DIR": str(root / "config"),
+    }
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    os.environ.pop("SANDBOX_URL", None)
+    os.environ.pop("SANDBOX_TOKEN", None)
+    yield env
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def start_server(
+    tmp_path_factory: pytest.TempPathFactory, jupyter_dirs: dict[str, str]
+) -> Iterator[Callable[..., Server]]:
+    """``start_server(*serve_args)``: a new server; stopped (and checked) at the end."""
+    started: list[Server] = []
+
+    def start(*args: str, token: str | None = None, data_dir: Path | None = None) -> Server:
+        root = tmp_path_factory.mktemp("server")
+        data_dir = data_dir or root / "data"
+        embedded = EmbeddedServer(*args, data_dir=data_dir, token=token)
+        embedded.start()
+        server = Server(embedded, data_dir, Path(jupyter_dirs["JUPYTER_RUNTIME_DIR"]))
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        process = server.embedded.process
+        before = descendants(process.pid) if process is not None else []
+        server.stop()
+        assert wait_until(lambda pids=before: not _alive(pids)), (
+            f"processes left behind by the server: {_alive(before)}"
+        )
+
+
+@pytest.fixture(scope="session")
+def server(start_server: Callable[..., Server]) -> Server:
+    """One shared server with the default settings (and a token), for read-mostly tests."""
+    return start_server("--workers", "4")
