@@ -128,3 +128,7 @@ def _report(response: dict[str, Any]) -> int:
         print(f"sandbox-kernel run: the sandbox reported status {status}", file=sys.stderr)
         return EXIT_SANDBOX_ERROR
     return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -171,6 +171,7 @@ async def serve(
         await runner.cleanup()
         await libraries.close()
         await pool.close()
+        await asyncio.to_thread(storage.close)
         await sampler.stop()
         if isolation.cgroups is not None:
             await asyncio.to_thread(isolation.cgroups.remove)

@@ -118,7 +118,7 @@ class SandboxApp:
         limit = self.settings.max_upload + self.settings.max_config_bytes + 64 * 1024
         if request.content_length is not None and request.content_length > limit:
             return self._too_large()
-        staging = self.storage.new_staging()
+        staging = self.storage.staging / os.urandom(8).hex()  # made if there is an upload
         try:
             parsed = await self._read_form(request, staging)
             if isinstance(parsed, web.Response):
@@ -142,7 +142,8 @@ class SandboxApp:
         except StorageFull as full:
             return text(507, str(full))
         finally:
-            await asyncio.shield(asyncio.to_thread(shutil.rmtree, staging, True))
+            if staging.exists():
+                await asyncio.shield(asyncio.to_thread(shutil.rmtree, staging, True))
 
     def _too_large(self) -> web.Response:
         return text(
@@ -176,6 +177,7 @@ class SandboxApp:
                             return self._too_large()
                         raw_config = data.decode("utf-8", errors="replace")
                     elif part.name == "environment":
+                        staging.mkdir(mode=0o700, exist_ok=True)
                         archive = staging / "upload.tgz"
                         if not await _save_capped(part, archive, self.settings.max_upload):
                             return self._too_large()

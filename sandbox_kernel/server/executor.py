@@ -78,8 +78,9 @@ class Executor:
         try:
             snapshot = await self._prepare(workdir, base, upload)
             status, execution, runner = await self._run_commands(runner, config)
+            # The agent killed every process of the last command before reporting its exit
+            # code: nothing touches the directory any more while it is read and saved.
             response: dict[str, Any] = {"status": status, "execution": execution}
-            await runner.stop()  # nothing may touch the directory while it is read or saved
             if "result_path" in config:
                 result, error = await asyncio.to_thread(_read_result, workdir, config)
                 if error:
@@ -93,7 +94,9 @@ class Executor:
                 response["environment"], response["expire"] = name, iso_expire(expire)
             return response
         finally:
-            await asyncio.shield(self.pool.discard(runner, remove_workdir=not saved))
+            # Torn down in the background (also when the client went away and this handler
+            # is cancelled): the answer does not wait for it.
+            self.pool.release(runner, remove_workdir=not saved)
 
     async def _prepare(self, workdir: Path, base: Path | None, upload: Path | None) -> Snapshot:
         iso = self.isolation

@@ -524,16 +524,17 @@ class RunnerPool:
         self.workdirs = workdirs
         self.size = size
         self._ready: asyncio.Queue[Runner] = asyncio.Queue()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._starting: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # teardowns
         self._names = itertools.count()
         self._closing = False
 
     def fill(self) -> None:
         """Start runners in the background until ``size`` are ready or starting."""
-        while self._ready.qsize() + len(self._tasks) < self.size and not self._closing:
+        while self._ready.qsize() + len(self._starting) < self.size and not self._closing:
             task = asyncio.get_running_loop().create_task(self._start_one())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
 
     async def _start_one(self) -> None:
         try:
@@ -576,6 +577,12 @@ class RunnerPool:
         self.fill()
         return runner
 
+    def release(self, runner: Runner, remove_workdir: bool = True) -> None:
+        """Tear a used runner down in the background; :meth:`close` waits for it."""
+        task = asyncio.get_running_loop().create_task(self.discard(runner, remove_workdir))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def discard(self, runner: Runner, remove_workdir: bool = True) -> None:
         await runner.close()
         if remove_workdir:
@@ -583,8 +590,8 @@ class RunnerPool:
 
     async def close(self) -> None:
         self._closing = True
-        for task in list(self._tasks):
+        for task in list(self._starting):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._starting, *self._tasks, return_exceptions=True)
         while not self._ready.empty():
             await self.discard(self._ready.get_nowait())

@@ -80,10 +80,17 @@ class Storage:
         """
         for directory in (self.root, self.environments, self.staging, self.cache):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.work = _work_area(self.root, sandbox_uid)
-        for directory in (self.work, self.staging, self.cache):
-            for leftover in directory.iterdir():
-                _remove(leftover)
+        # Several servers may share a data dir (one per kernel, say): saved environments are
+        # shared, working and staging directories belong to one server process each.
+        work_area = _work_area(self.root, sandbox_uid)
+        for area in (work_area, self.staging):
+            for leftover in area.iterdir():
+                if not _owned_by_live_server(leftover.name):
+                    _remove(leftover)
+        self.work = work_area / str(os.getpid())
+        self.work.mkdir(mode=0o711, exist_ok=True)
+        self.staging = self.staging / str(os.getpid())
+        self.staging.mkdir(mode=0o700, exist_ok=True)
         self.sweep()
         seen: set[int] = set()
         total = 0
@@ -94,6 +101,11 @@ class Storage:
                         seen.add(path_stat.st_ino)
                         total += path_stat.st_size
         self.used = total
+
+    def close(self) -> None:
+        """Remove this server's working and staging folders (its runners are gone)."""
+        for directory in (self.work, self.staging):
+            _remove(directory)
 
     def sweep(self) -> int:
         """Delete expired environments (and orphans of a crash). Returns how many went."""
@@ -301,6 +313,11 @@ def _work_area(root: Path, uid: int) -> Path:
                 return _private_area(candidate)
     log.warning("working directories are on another file system than %s: saving copies", root)
     return _private_area(candidates[0])
+
+
+def _owned_by_live_server(name: str) -> bool:
+    """Whether a ``work/`` or ``staging/`` entry is the folder of another running server."""
+    return name.isdigit() and int(name) != os.getpid() and Path(f"/proc/{name}").exists()
 
 
 def _private_area(path: Path) -> Path:

@@ -1,0 +1,95 @@
+"""The ``sandbox-kernel`` command, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .conftest import Server, wait_until
+
+CLI = [sys.executable, "-m", "sandbox_kernel.cli"]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=120, env=env or os.environ.copy()
+    )
+
+
+def test_run_uses_a_private_embedded_server_by_default(tmp_path: Path) -> None:
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
+    env["JUPYTER_DATA_DIR"] = str(tmp_path / "data")
+    done = run_cli("run", "--", "echo hello from the sandbox; id -u; pwd", env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "hello from the sandbox"
+    assert lines[1] != "0"  # not root
+    assert lines[2] == "/home/student"
+    assert not list((tmp_path / "runtime").glob("sandbox-kernel-server-*.json"))  # not advertised
+
+
+def test_run_passes_the_exit_code_and_stderr(server: Server) -> None:
+    done = run_cli("run", "--url", server.url, "--token", server.token, "--", "sh", "-c",
+                   "echo out; echo err >&2; exit 7")  # fmt: skip
+    assert (done.returncode, done.stdout, done.stderr.strip()) == (7, "out\n", "err")
+
+
+def test_run_reports_a_timeout_with_124(server: Server) -> None:
+    done = run_cli("run", "--url", server.url, "--token", server.token, "--timeout", "0.3",
+                   "--", "sleep 5")  # fmt: skip
+    assert done.returncode == 124
+    assert "Command timed out after 0.3 seconds" in done.stderr
+
+
+def test_run_explains_an_unreachable_sandbox() -> None:
+    done = run_cli("run", "--url", "http://127.0.0.1:9/", "--", "true")
+    assert done.returncode == 125
+    assert "http://127.0.0.1:9" in done.stderr
+
+
+def test_run_needs_a_command() -> None:
+    done = run_cli("run")
+    assert done.returncode == 2
+    assert "give the command after --" in done.stderr
+
+
+def test_serve_advertises_itself_and_cleans_up(tmp_path: Path) -> None:
+    runtime = tmp_path / "runtime"
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime), "JUPYTER_DATA_DIR": str(tmp_path)}
+    server = subprocess.Popen(
+        [*CLI, "serve", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert wait_until(lambda: bool(list(runtime.glob("sandbox-kernel-server-*.json"))), 20)
+        [advert] = runtime.glob("sandbox-kernel-server-*.json")
+        assert stat.S_IMODE(advert.stat().st_mode) == 0o600
+        info = json.loads(advert.read_text())
+        assert info["pid"] == server.pid and info["token"] and info["url"].startswith("http://127.")
+        # A local client finds it without configuration, and uses its token.
+        done = run_cli("run", "--", "echo found", env=env)
+        assert (done.returncode, done.stdout) == (0, "found\n"), done.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        output, _ = server.communicate(timeout=20)
+    assert server.returncode == 0
+    assert "serving the sandbox protocol on http://127.0.0.1:" in output
+    assert not advert.exists()
+
+
+def test_serve_refuses_a_busy_port(start_server: Callable[..., Server], tmp_path: Path) -> None:
+    taken = start_server("--workers", "1")
+    port = taken.url.rsplit(":", 1)[1].strip("/")
+    started = time.monotonic()
+    done = run_cli("serve", "--port", port, "--data-dir", str(tmp_path / "data"),
+                   "--no-advertise")  # fmt: skip
+    assert done.returncode == 1
+    assert "--port 0" in done.stderr
+    assert time.monotonic() - started < 30
