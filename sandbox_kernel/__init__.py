@@ -32,7 +32,16 @@ _LAZY = {
     "SandboxTimeout": "._errors",
 }
 
-__all__ = [*_LAZY, "__version__"]
+__all__ = [
+    "Sandbox",
+    "SandboxConfigError",
+    "SandboxConnectionError",
+    "SandboxError",
+    "SandboxHTTPError",
+    "SandboxProtocolError",
+    "SandboxTimeout",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:
