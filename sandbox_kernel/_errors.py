@@ -65,6 +65,7 @@ __all__ = [
     "Sandbox508",
     "Sandbox510",
     "Sandbox511",
+    "SandboxCancelled",
     "SandboxConfigError",
     "SandboxConnectionError",
     "SandboxError",
@@ -100,6 +101,14 @@ class SandboxConfigError(SandboxError, ValueError):
 class SandboxConnectionError(SandboxError):
     """The server could not be reached: connection refused, host unknown or unreachable,
     or the connection dropped before an answer came.
+    """
+
+
+class SandboxCancelled(SandboxError):
+    """The caller cancelled an ``execute`` (an interrupted cell, say) before it was answered.
+
+    Its connection was closed: a server that watches for disconnects (the embedded one) kills
+    the command; the public server cannot, and runs it until its own timeout.
     """
 
 

@@ -14,11 +14,15 @@ answered 503 (the server refuses before running anything when no container is fr
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import io
 import json
 import random
 import re
+import socket
+import threading
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -27,6 +31,8 @@ from urllib.parse import quote, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError, ReadTimeoutError
 from urllib3.util.retry import Retry
 
@@ -34,6 +40,7 @@ from . import _errors
 from ._errors import *  # noqa: F403  (re-exports every Sandbox<STATUS> class)
 from ._errors import (
     Sandbox503,
+    SandboxCancelled,
     SandboxConfigError,
     SandboxConnectionError,
     SandboxError,
@@ -54,7 +61,7 @@ from .protocol import (
     validate_config,
 )
 
-__all__ = ["LibrariesDict", "OnBusy", "Sandbox", "validate"]
+__all__ = ["Cancellation", "LibrariesDict", "OnBusy", "Sandbox", "validate"]
 __all__ += _errors.__all__
 
 #: Seconds to wait for any answer, unless an ``execute/`` needs longer (see ``Sandbox.execute``).
@@ -83,6 +90,103 @@ class _BinaryReadable(Protocol):
     """An open binary file, ``io.BytesIO``... anything whose ``read()`` gives bytes."""
 
     def read(self, size: int = -1, /) -> bytes: ...
+
+
+class Cancellation:
+    """Lets another thread cancel one :meth:`Sandbox.execute` (an interrupted cell).
+
+    ``cancel()`` shuts the request's socket down: the waiting thread gets
+    :class:`SandboxCancelled` at once, and a server that watches for disconnects (the embedded
+    one) kills the command. It also ends the waits between 503 retries.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._event = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def cancel(self) -> None:
+        """Safe from any thread, and from a signal handler."""
+        self._event.set()
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True when cancelled meanwhile."""
+        return self._event.wait(seconds)
+
+    def _attach(self, sock: socket.socket | None) -> None:
+        if sock is None:
+            return
+        with self._lock:
+            self._sockets.add(sock)
+        if self.cancelled:
+            _shut(sock)
+
+    def _detach(self, sock: socket.socket | None) -> None:
+        with self._lock:
+            self._sockets.discard(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+#: The cancellation of the ``execute`` running in this thread, seen by its connection.
+_CURRENT_CANCELLATION: contextvars.ContextVar[Cancellation | None] = contextvars.ContextVar(
+    "sandbox_cancellation", default=None
+)
+
+
+class _CancellableMixin:
+    """Registers the socket with the current :class:`Cancellation` while an answer is awaited."""
+
+    sock: socket.socket | None
+
+    def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+        cancellation = _CURRENT_CANCELLATION.get()
+        if cancellation is None:
+            return super().getresponse(*args, **kwargs)  # type: ignore[misc]
+        sock = self.sock
+        cancellation._attach(sock)
+        try:
+            return super().getresponse(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            cancellation._detach(sock)
+
+
+class _CancellableConnection(_CancellableMixin, HTTPConnection):
+    pass
+
+
+class _CancellableHTTPSConnection(_CancellableMixin, HTTPSConnection):
+    pass
+
+
+class _CancellablePool(HTTPConnectionPool):
+    ConnectionCls = _CancellableConnection
+
+
+class _CancellableHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _CancellableHTTPSConnection
+
+
+class _Adapter(HTTPAdapter):
+    """An adapter whose connections a :class:`Cancellation` can shut down."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _CancellablePool,
+            "https": _CancellableHTTPSPool,
+        }
 
 
 def validate(config: object) -> tuple[bool, str]:
@@ -463,8 +567,12 @@ class Sandbox:
         *,
         busy_budget: float | None = None,
         on_busy: OnBusy | None = None,
+        cancel: Cancellation | None = None,
     ) -> dict[str, Any]:
         """Run ``config`` (see the contract) and return the server's JSON answer.
+
+        ``cancel``: a :class:`Cancellation` another thread may use to abandon the request; this
+        call then raises :class:`SandboxCancelled`.
 
         ``environ``: a ``.tgz`` to fill the working directory with (a binary file or bytes).
         An invalid config raises :class:`SandboxConfigError` and sends nothing. While the server
@@ -483,17 +591,32 @@ class Sandbox:
             )
         form = _form(_config_json(config), _read_archive(environ))
         budget = self.busy_budget if busy_budget is None else busy_budget
-        response = self._post_until_free(form, budget, on_busy or self.on_busy)
+        cancellation = cancel or Cancellation()
+        token = _CURRENT_CANCELLATION.set(cancellation)
+        try:
+            response = self._post_until_free(form, budget, on_busy or self.on_busy, cancellation)
+        except SandboxError as error:
+            if cancellation.cancelled:
+                raise SandboxCancelled(_CANCELLED) from error
+            raise
+        finally:
+            _CURRENT_CANCELLATION.reset(token)
         _raise_for_status(response)
         return _json_object(response, self.url)
 
     def _post_until_free(
-        self, form: dict[str, Any], budget: float, on_busy: OnBusy | None
+        self,
+        form: dict[str, Any],
+        budget: float,
+        on_busy: OnBusy | None,
+        cancellation: Cancellation,
     ) -> requests.Response:
         """POST ``execute/`` again while it is answered 503, within ``budget`` seconds."""
         start = time.monotonic()
         attempt = 0
         while True:
+            if cancellation.cancelled:
+                raise SandboxCancelled(_CANCELLED)
             attempt += 1
             response = self._send("POST", EXECUTE, files=form, timeout=self._execute_read_timeout())
             if response.status_code != 503:
@@ -504,7 +627,8 @@ class Sandbox:
                 raise Sandbox503(response, _busy_advice(response, elapsed, attempt))
             if on_busy is not None:
                 on_busy(attempt, wait, elapsed)
-            time.sleep(wait)
+            if cancellation.wait(wait):
+                raise SandboxCancelled(_CANCELLED)
 
     def _execute_read_timeout(self) -> float:
         specs = self._cache.get(SPECIFICATIONS)
@@ -579,7 +703,7 @@ def _session(token: str | None) -> requests.Session:
         respect_retry_after_header=False,
     )
     session = requests.Session()
-    adapter = HTTPAdapter(max_retries=retry)
+    adapter = _Adapter(max_retries=retry)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     if token is not None:
@@ -700,6 +824,12 @@ def _translate(
         return SandboxConnectionError(_connection_message(exc, method, url, cause))
     return SandboxError(f"{method} {url} failed: {cause}. " + _CHECK_SERVER)
 
+
+_CANCELLED: Final = (
+    "The execution was cancelled and its connection closed. A server that watches for "
+    "disconnects (the embedded one) killed the command; a public sandbox server may run it "
+    "until its own timeout."
+)
 
 _CHECK_SERVER: Final = (
     "Check that the sandbox server is running (start one with `sandbox-kernel serve`) and that "
