@@ -29,6 +29,7 @@ def _add_sandbox_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .install import add_arguments as add_install_arguments
     from .server import add_arguments as add_serve_arguments
 
     parser = argparse.ArgumentParser(
@@ -60,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--timeout", type=float, help="seconds (capped by the server's budget)")
     run.add_argument("words", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
+
+    install = commands.add_parser(
+        "install",
+        help="install the Sandbox kernelspec for Jupyter",
+        description="Install the 'sandbox' kernelspec pointing at this Python. Default: "
+        "--sys-prefix inside a virtual environment, --user otherwise.",
+    )
+    add_install_arguments(install)
     return parser
 
 
@@ -70,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         from .server import run as run_server
 
         return run_server(args)
+    if args.command == "install":
+        from .install import run as run_install
+
+        return run_install(args)
     return _run(parser, args)
 
 

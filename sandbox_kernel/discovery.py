@@ -92,6 +92,19 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
+def open_sandbox(
+    url: str | None = None, token: str | None = None
+) -> tuple[ServerInfo, EmbeddedServer | None]:
+    """The sandbox to use: the configured one, else a private embedded server (started now;
+    the caller stops it)."""
+    info = configured_sandbox(url, token)
+    if info is not None:
+        return info, None
+    server = EmbeddedServer()
+    info = server.start()
+    return ServerInfo(info.url, server.token, info.pid), server
+
+
 def configured_sandbox(url: str | None = None, token: str | None = None) -> ServerInfo | None:
     """An explicit URL, else ``SANDBOX_URL``/``SANDBOX_TOKEN``, else an advertised server."""
     if url:
@@ -148,12 +161,19 @@ class EmbeddedServer:
             *self.args,
         ]
         if self.token:
-            command += ["--token", self.token]
+            command.append(f"--token={self.token}")  # a token may start with "-"
         if self.data_dir is not None:
             command += ["--data-dir", str(self.data_dir)]
+        # Its own session: a Ctrl-C meant for the starter's process group (a kernel being
+        # interrupted) must not stop the server; --exit-with-parent stops it if we die.
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env
+                [*command, "--exit-with-parent"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=self.env,
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -121,8 +121,6 @@ def validate_config(config: object) -> tuple[bool, str]:
         path = config["result_path"]
         if not isinstance(path, str):
             return False, f"result_path must be a string, not {_type_name(path)}"
-        if not path.strip() or "\0" in path:
-            return False, "result_path must name a file of the working directory"
     if "save" in config and not isinstance(config["save"], bool):
         return False, f"save must be a boolean, not {_type_name(config['save'])}"
     return True, ""

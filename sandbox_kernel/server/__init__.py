@@ -11,8 +11,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -96,6 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     caps.add_argument("--max-parts", type=int, default=defaults.max_parts)
     add("--info-file", type=Path, help=argparse.SUPPRESS)
+    add("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     add(
         "--no-advertise",
         action="store_true",
@@ -130,57 +133,90 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 async def serve(
-    settings: ServerSettings, advertise: bool = True, info_file: Path | None = None
+    settings: ServerSettings,
+    advertise: bool = True,
+    info_file: Path | None = None,
+    exit_with_parent: bool = False,
 ) -> None:
     """Run until SIGTERM or SIGINT; then kill every job and remove what was advertised."""
     assert settings.data_dir is not None
-    isolation = await Isolation.probe(settings)
-    storage = Storage(settings, settings.data_dir)
-    await asyncio.to_thread(storage.open, isolation.uid)
-    pool = RunnerPool(isolation, storage.work, settings.workers)
-    pool.fill()
-    sampler = UsageSampler(storage.root)
-    sampler.start()
-    libraries = LibraryCache(pool)
-    executor = Executor(settings, storage, isolation, pool)
-    app = SandboxApp(settings, storage, isolation, executor, libraries, sampler).build()
-    # handler_cancellation: a client that disconnects mid-execute cancels its handler, whose
-    # cleanup kills the run (aiohttp does not cancel handlers by default).
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
-    url = _url_of(site, settings.host)
-    published = [path for path in (info_file, advertisement_path() if advertise else None) if path]
-    for path in published:
-        write_advertisement(path, url, settings.token)
-    _announce(url, settings, isolation, published)
+    # Bind first: a busy port fails at once, before any sandbox is started.
+    sock = _listen(settings.host, settings.port)
+    async with contextlib.AsyncExitStack() as cleanup:
+        cleanup.callback(sock.close)
+        isolation = await Isolation.probe(settings)
+        if isolation.cgroups is not None:
+            cleanup.push_async_callback(asyncio.to_thread, isolation.cgroups.remove)
+        storage = Storage(settings, settings.data_dir)
+        await asyncio.to_thread(storage.open, isolation.uid)
+        cleanup.push_async_callback(asyncio.to_thread, storage.close)
+        pool = RunnerPool(isolation, storage.work, settings.workers)
+        cleanup.push_async_callback(pool.close)
+        pool.fill()
+        sampler = UsageSampler(storage.root)
+        sampler.start()
+        cleanup.push_async_callback(sampler.stop)
+        libraries = LibraryCache(pool)
+        cleanup.push_async_callback(libraries.close)
+        executor = Executor(settings, storage, isolation, pool)
+        app = SandboxApp(settings, storage, isolation, executor, libraries, sampler).build()
+        # handler_cancellation: a client that disconnects mid-execute cancels its handler,
+        # whose cleanup kills the run (aiohttp does not cancel handlers by default).
+        # shutdown_timeout: at SIGTERM, requests still running are cancelled (and their jobs
+        # killed) after half a second instead of aiohttp's default minute.
+        runner = web.AppRunner(
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5
+        )
+        await runner.setup()
+        cleanup.push_async_callback(runner.cleanup)
+        await web.SockSite(runner, sock).start()
+        url = _url_of(sock, settings.host)
+        published = [p for p in (info_file, advertisement_path() if advertise else None) if p]
+        for path in published:
+            write_advertisement(path, url, settings.token)
+            cleanup.callback(_unlink, path)
+        _announce(url, settings, isolation, published)
+        await _wait_for_stop(storage, settings, exit_with_parent)
+        log.info("stopping: killing running jobs")
+
+
+async def _wait_for_stop(
+    storage: Storage, settings: ServerSettings, exit_with_parent: bool
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    sweeper = loop.create_task(_sweep_forever(storage, settings.sweep_interval))
+    background = [loop.create_task(_sweep_forever(storage, settings.sweep_interval))]
+    if exit_with_parent:
+        background.append(loop.create_task(_watch_parent(os.getppid(), stop)))
     try:
         await stop.wait()
     finally:
-        log.info("stopping: killing running jobs")
-        for path in published:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        sweeper.cancel()
-        await runner.cleanup()
-        await libraries.close()
-        await pool.close()
-        await asyncio.to_thread(storage.close)
-        await sampler.stop()
-        if isolation.cgroups is not None:
-            await asyncio.to_thread(isolation.cgroups.remove)
+        for task in background:
+            task.cancel()
 
 
-def _url_of(site: web.TCPSite, host: str) -> str:
-    server = site._server
-    assert server is not None
-    port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _url_of(sock: socket.socket, host: str) -> str:
+    port = sock.getsockname()[1]
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     if ":" in shown:
         shown = f"[{shown}]"
@@ -206,6 +242,14 @@ def _announce(url: str, settings: ServerSettings, isolation: Isolation, files: l
     for line in lines:
         print(line, flush=True)
         log.debug(line)
+
+
+async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
+    """A private server stops when the process that started it is gone (killed, say)."""
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    log.info("the process that started this server is gone: stopping")
+    stop.set()
 
 
 async def _sweep_forever(storage: Storage, interval: float) -> None:
@@ -236,7 +280,14 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         settings = settings_from_args(args)
-        asyncio.run(serve(settings, advertise=not args.no_advertise, info_file=args.info_file))
+        asyncio.run(
+            serve(
+                settings,
+                advertise=not args.no_advertise,
+                info_file=args.info_file,
+                exit_with_parent=args.exit_with_parent,
+            )
+        )
     except (IsolationError, ValueError) as error:
         print(f"sandbox-kernel serve: {error}", file=sys.stderr)
         return 2

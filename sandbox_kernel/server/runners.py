@@ -464,6 +464,10 @@ class Isolation:
             WORKING_DIR,
             "--chdir",
             WORKING_DIR,
+            # bubblewrap's own root is a tmpfs: read-only too, so only the working directory,
+            # /tmp and /dev/shm (separate mounts) stay writable.
+            "--remount-ro",
+            "/",
             "--",
         ]
         return args

@@ -1,0 +1,317 @@
+"""The Sandbox kernel: every cell is bash run in a sandbox over HTTP.
+
+A thin front-end over :class:`~sandbox_kernel.session.Session` (which carries environment and
+shell state) built on ``ipykernel.kernelbase.Kernel``, whose message handlers it overrides
+(``do_execute``, ``do_complete``...). The HTTP call runs in a worker thread, so the kernel's
+event loop keeps handling comm messages (widgets) and interrupts while a cell runs.
+
+Interrupts never raise ``KeyboardInterrupt`` here (ipykernel would then send no reply at all):
+both an ``interrupt_request`` and a SIGINT cancel the running request, whose connection is
+closed, and the cell ends with an error reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import fnmatch
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+from ipykernel.kernelbase import Kernel
+from traitlets import Unicode
+
+from .. import __version__
+from .._errors import SandboxError
+from ..client import Cancellation, Sandbox
+from ..discovery import EmbeddedServer, open_sandbox
+from ..session import CellOutcome, Session, records
+from . import editor
+
+log = logging.getLogger(__name__)
+
+#: Cells this many seconds apart at most are shown as one "busy" line update.
+_BUSY_TEXT = "sandbox busy, waiting… (attempt {attempt}, {elapsed:.0f} s so far)"
+
+
+class SandboxKernel(Kernel):
+    """Bash cells run in a PremierLangage-protocol sandbox."""
+
+    implementation = "sandbox_kernel"
+    implementation_version = __version__
+    language = "bash"
+    language_version = "5"
+    language_info: dict[str, object] = {  # noqa: RUF012 (ipykernel's declaration)
+        "name": "bash",
+        "mimetype": "text/x-sh",
+        "codemirror_mode": "shell",
+        "pygments_lexer": "bash",
+        "file_extension": ".sh",
+    }
+
+    url = Unicode(
+        None,
+        allow_none=True,
+        config=True,
+        help="URL of the sandbox server (default: $SANDBOX_URL, then a local server "
+        "advertised by `sandbox-kernel serve`, then a private embedded one).",
+    )
+    token = Unicode(
+        None, allow_none=True, config=True, help="Sandbox token (default: $SANDBOX_TOKEN)."
+    )
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        info, self._private_server = open_sandbox(self.url, self.token)
+        self.sandbox_url = info.url
+        self.client = Sandbox(info.url, token=info.token)
+        # Background look-ups (specifications, libraries) get their own client: a requests
+        # session is not meant to be shared between threads.
+        self._background_client = Sandbox(info.url, timeout=10, token=info.token)
+        self.sandbox = Session(self.client)
+        self._cancel: Cancellation | None = None
+        self._history: list[str] = []
+        self._libraries: dict[str, Any] | None = None
+        self._libraries_thread: threading.Thread | None = None
+        self._pending_notices = self._reopened_notice()
+
+    # -- kernel_info -------------------------------------------------------------------------------
+
+    @property
+    def banner(self) -> str:  # type: ignore[override]
+        lines = [f"Sandbox (bash) kernel {__version__}: cells run as bash in the sandbox at "
+                 f"{self.sandbox_url}"]  # fmt: skip
+        try:
+            version = self._background_client.sandbox_version
+            isolation = self._background_client.isolation
+        except SandboxError as error:
+            return "\n".join([*lines, f"The sandbox does not answer yet: {error}"])
+        lines.append(f"Sandbox version {version or 'unknown'}.")
+        if isolation is not None and not isolation.get("isolated", True):
+            lines.append("NOT ISOLATED: commands can read and write the server's machine.")
+        return "\n".join(lines)
+
+    # -- execution -----------------------------------------------------------------------------
+
+    async def do_execute(
+        self,
+        code: str,
+        silent: bool,
+        store_history: bool = True,
+        user_expressions: dict[str, Any] | None = None,
+        allow_stdin: bool = False,
+        *,
+        cell_meta: dict[str, Any] | None = None,
+        cell_id: str | None = None,
+    ) -> dict[str, Any]:
+        if store_history:
+            self._history.append(code)
+        for notice in self._pending_notices:
+            self._stream("stderr", notice + "\n")
+        self._pending_notices = []
+        if not code.strip():
+            return self._ok()
+        outcome = await self._run_cell(code)
+        if not silent:
+            self._publish(outcome)
+        self._remember_environment()
+        if outcome.error is None:
+            return self._ok()
+        error = outcome.error
+        traceback = [f"{error.ename}: {error.evalue}", *error.advice]
+        if not silent:
+            self.send_response(
+                self.iopub_socket,
+                "error",
+                {"ename": error.ename, "evalue": error.evalue, "traceback": traceback},
+            )
+        return {
+            "status": "error",
+            "execution_count": self.execution_count,
+            "ename": error.ename,
+            "evalue": error.evalue,
+            "traceback": traceback,
+        }
+
+    def _ok(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "execution_count": self.execution_count,
+            "payload": [],
+            "user_expressions": {},
+        }
+
+    async def _run_cell(self, code: str) -> CellOutcome:
+        """Run the cell in a worker thread; busy waits show one updating line."""
+        loop = asyncio.get_running_loop()
+        parent = self.get_parent()
+        busy_shown = False
+
+        def on_busy(attempt: int, wait: float, elapsed: float) -> None:
+            nonlocal busy_shown
+            text = _BUSY_TEXT.format(attempt=attempt, elapsed=elapsed)
+            kind = "update_display_data" if busy_shown else "display_data"
+            busy_shown = True
+            content = {"data": {"text/plain": text}, "metadata": {},
+                       "transient": {"display_id": f"sandbox-busy-{id(parent)}"}}  # fmt: skip
+            loop.call_soon_threadsafe(self.send_response, self.iopub_socket, kind, content)
+
+        self._cancel = cancel = Cancellation()
+        try:
+            return await asyncio.to_thread(
+                self.sandbox.run_cell, code, cancel=cancel, on_busy=on_busy
+            )
+        finally:
+            self._cancel = None
+            if busy_shown:  # the cell runs now: the busy line disappears
+                self.send_response(self.iopub_socket, "clear_output", {"wait": False})
+
+    def _publish(self, outcome: CellOutcome) -> None:
+        for notice in outcome.notices:
+            self._stream("stderr", notice.rstrip("\n") + "\n")
+        if outcome.stdout:
+            self._stream("stdout", outcome.stdout)
+        if outcome.stderr:
+            self._stream("stderr", outcome.stderr)
+        for display in outcome.displays:
+            data: dict[str, Any]
+            if display.mime.startswith("image/") and display.mime != "image/svg+xml":
+                data = {display.mime: base64.b64encode(display.data).decode("ascii")}
+            else:
+                data = {display.mime: display.data.decode("utf-8", errors="replace")}
+            if display.mime != "text/plain":
+                data["text/plain"] = f"<{display.name}>"
+            self.send_response(self.iopub_socket, "display_data", {"data": data, "metadata": {}})
+
+    def _stream(self, name: str, text: str) -> None:
+        self.send_response(self.iopub_socket, "stream", {"name": name, "text": text})
+
+    # -- interrupts ----------------------------------------------------------------------------
+
+    def _interrupt(self) -> None:
+        cancel = self._cancel
+        if cancel is not None:
+            cancel.cancel()
+
+    async def interrupt_request(self, stream: Any, ident: Any, parent: Any) -> None:
+        """Cancel the running cell (interrupt_mode "message"): no signal involved."""
+        self._interrupt()
+        if self.session is not None:
+            self.session.send(stream, "interrupt_reply", {"status": "ok"}, parent, ident=ident)
+
+    def pre_handler_hook(self) -> None:
+        # A SIGINT (interrupt_mode "signal", or Ctrl-C in a console) cancels the request
+        # instead of raising KeyboardInterrupt somewhere in the event loop.
+        self.saved_sigint_handler = signal.signal(signal.SIGINT, lambda *_: self._interrupt())
+
+    def post_handler_hook(self) -> None:
+        signal.signal(signal.SIGINT, self.saved_sigint_handler)
+
+    # -- notebooks reopened, environment remembered -----------------------------------------------
+
+    def _reopened_notice(self) -> list[str]:
+        notebook = os.environ.get("JPY_SESSION_NAME")
+        if not notebook:
+            return []
+        record = records.last_environment(notebook, self.sandbox_url)
+        if record is None:
+            return []
+        return [
+            f"This notebook last used the sandbox environment {record['environment']} "
+            f"(expires {record.get('expire') or 'unknown'}). This kernel starts a fresh one; "
+            f"to continue with those files and shell state, run: %sandbox_use "
+            f"{record['environment']}"
+        ]
+
+    def _remember_environment(self) -> None:
+        notebook = os.environ.get("JPY_SESSION_NAME")
+        if notebook and self.sandbox.environment:
+            records.remember(
+                notebook, self.sandbox_url, self.sandbox.environment, self.sandbox.expire
+            )
+
+    # -- editor support ----------------------------------------------------------------------------
+
+    def _knowledge(self) -> editor.Knowledge:
+        libraries = self._libraries_now()
+        return editor.Knowledge(
+            state=self.sandbox.state,
+            environ=self.sandbox.environ,
+            executables=list(libraries.get("bin") or []),
+            libraries=libraries.get("libraries") or {},
+        )
+
+    def _libraries_now(self) -> dict[str, Any]:
+        """The cached library list; the first call starts fetching it in the background
+        (1 to 2 s on the public server) and completes without it meanwhile."""
+        if self._libraries is None and self._libraries_thread is None:
+            self._libraries_thread = threading.Thread(target=self._fetch_libraries, daemon=True)
+            self._libraries_thread.start()
+        return self._libraries or {}
+
+    def _fetch_libraries(self) -> None:
+        try:
+            self._libraries = self._background_client.libraries()
+        except SandboxError as error:
+            log.warning("could not list the sandbox's libraries: %s", error)
+            self._libraries_thread = None
+
+    async def do_complete(self, code: str, cursor_pos: int) -> dict[str, Any]:
+        return editor.complete(code, cursor_pos, self._knowledge())
+
+    async def do_inspect(
+        self, code: str, cursor_pos: int, detail_level: int = 0, omit_sections: Any = ()
+    ) -> dict[str, Any]:
+        if self._libraries is None and self._libraries_thread is None:
+            self._libraries_now()
+        if self._libraries_thread is not None and self._libraries is None:
+            await asyncio.to_thread(self._libraries_thread.join, 5)
+        return editor.inspect(code, cursor_pos, self._knowledge())
+
+    async def do_is_complete(self, code: str) -> dict[str, Any]:
+        return await asyncio.to_thread(editor.is_complete, code)
+
+    async def do_history(
+        self,
+        hist_access_type: str,
+        output: bool,
+        raw: bool,
+        session: int | None = None,
+        start: int | None = None,
+        stop: int | None = None,
+        n: int | None = None,
+        pattern: str | None = None,
+        unique: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        cells = [(0, number, code) for number, code in enumerate(self._history, start=1)]
+        if hist_access_type == "tail":
+            cells = cells[-n:] if n else cells
+        elif hist_access_type == "range":
+            cells = [c for c in cells if (start or 0) <= c[1] and (stop is None or c[1] < stop)]
+        elif hist_access_type == "search":
+            cells = [c for c in cells if fnmatch.fnmatch(c[2], pattern or "*")]
+            if unique:
+                seen: set[str] = set()
+                cells = [c for c in cells if not (c[2] in seen or seen.add(c[2]))]  # type: ignore[func-returns-value]
+            cells = cells[-n:] if n else cells
+        history: list[Any] = [(s, line, (code, None)) if output else (s, line, code)
+                              for s, line, code in cells]  # fmt: skip
+        return {"status": "ok", "history": history}
+
+    # -- shutdown ----------------------------------------------------------------------------------
+
+    async def do_shutdown(self, restart: bool) -> dict[str, Any]:
+        self._interrupt()
+        if self.sandbox.environment:
+            log.info("previous sandbox environment: %s", self.sandbox.environment)
+        self.client.close()
+        self._background_client.close()
+        server: EmbeddedServer | None = self._private_server
+        self._private_server = None
+        if server is not None:
+            await asyncio.to_thread(server.stop)
+        return {"status": "ok", "restart": restart}
