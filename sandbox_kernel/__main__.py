@@ -1,7 +1,5 @@
 """``python -m sandbox_kernel -f CONNECTION_FILE``: start the Sandbox kernel (kernel.json)."""
 
-from ipykernel.kernelapp import IPKernelApp
+from .kernel.kernel import SandboxKernelApp
 
-from .kernel import SandboxKernel
-
-IPKernelApp.launch_instance(kernel_class=SandboxKernel)
+SandboxKernelApp.launch()

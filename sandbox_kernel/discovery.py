@@ -107,10 +107,11 @@ def open_sandbox(
 
 def configured_sandbox(url: str | None = None, token: str | None = None) -> ServerInfo | None:
     """An explicit URL, else ``SANDBOX_URL``/``SANDBOX_TOKEN``, else an advertised server."""
+    token = token or os.environ.get("SANDBOX_TOKEN") or None  # "" means no token
     if url:
-        return ServerInfo(url, token if token is not None else os.environ.get("SANDBOX_TOKEN"))
+        return ServerInfo(url, token)
     if os.environ.get("SANDBOX_URL"):
-        return ServerInfo(os.environ["SANDBOX_URL"], token or os.environ.get("SANDBOX_TOKEN"))
+        return ServerInfo(os.environ["SANDBOX_URL"], token)
     servers = advertised_servers()
     return servers[0] if servers else None
 

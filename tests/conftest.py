@@ -174,3 +174,95 @@ def start_server(
 def server(start_server: Callable[..., Server]) -> Server:
     """One shared server with the default settings (and a token), for read-mostly tests."""
     return start_server("--workers", "4")
+
+
+# -- kernels ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def kernelspec(jupyter_dirs: dict[str, str]) -> str:
+    """The Sandbox kernelspec, installed into the session's private Jupyter data dir."""
+    from sandbox_kernel.install import install
+
+    install(user=True)
+    return "sandbox"
+
+
+class Cell:
+    """What a cell sent back: the reply and every output message, in order."""
+
+    def __init__(self, reply: dict[str, Any], outputs: list[dict[str, Any]], seconds: float):
+        self.reply = reply["content"]
+        self.outputs = outputs
+        self.seconds = seconds
+
+    @property
+    def status(self) -> str:
+        return str(self.reply["status"])
+
+    def stream(self, name: str) -> str:
+        return "".join(
+            m["content"]["text"]
+            for m in self.outputs
+            if m["msg_type"] == "stream" and m["content"]["name"] == name
+        )
+
+    @property
+    def stdout(self) -> str:
+        return self.stream("stdout")
+
+    @property
+    def stderr(self) -> str:
+        return self.stream("stderr")
+
+    def of_type(self, msg_type: str) -> list[dict[str, Any]]:
+        return [m["content"] for m in self.outputs if m["msg_type"] == msg_type]
+
+
+class KernelSession:
+    """A Sandbox kernel started through jupyter_client, as a notebook front-end does."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        from jupyter_client.manager import KernelManager
+
+        self.manager = KernelManager(kernel_name="sandbox")
+        self.manager.start_kernel(env=env)
+        self.client = self.manager.client()
+        self.client.start_channels()
+        self.client.wait_for_ready(timeout=60)
+
+    def run(self, code: str, timeout: float = 60) -> Cell:
+        outputs: list[dict[str, Any]] = []
+
+        def keep(message: dict[str, Any]) -> None:
+            if message["msg_type"] not in ("status", "execute_input"):
+                outputs.append(message)
+
+        started = time.monotonic()
+        reply = self.client.execute_interactive(code, output_hook=keep, timeout=timeout)
+        return Cell(reply, outputs, time.monotonic() - started)
+
+    def stop(self) -> None:
+        if self.manager.has_kernel:
+            self.client.stop_channels()
+            self.manager.shutdown_kernel(now=False)
+
+
+@pytest.fixture
+def start_kernel(kernelspec: str) -> Iterator[Callable[..., KernelSession]]:
+    """``start_kernel(server=None, **env)``: a kernel on ``server`` (or its embedded default)."""
+    kernels: list[KernelSession] = []
+
+    def start(server: Server | None = None, **extra: str) -> KernelSession:
+        env = {k: v for k, v in os.environ.items() if k not in ("SANDBOX_URL", "SANDBOX_TOKEN")}
+        if server is not None:
+            env["SANDBOX_URL"] = server.url
+            env["SANDBOX_TOKEN"] = server.token or ""
+        env.update(extra)
+        kernel = KernelSession(env)
+        kernels.append(kernel)
+        return kernel
+
+    yield start
+    for kernel in kernels:
+        kernel.stop()

@@ -21,8 +21,10 @@ import signal
 import threading
 from typing import Any
 
+from ipykernel.kernelapp import IPKernelApp
 from ipykernel.kernelbase import Kernel
-from traitlets import Unicode
+from traitlets import Float, Unicode
+from traitlets.utils.importstring import import_item
 
 from .. import __version__
 from .._errors import SandboxError
@@ -62,6 +64,10 @@ class SandboxKernel(Kernel):
     token = Unicode(
         None, allow_none=True, config=True, help="Sandbox token (default: $SANDBOX_TOKEN)."
     )
+
+    # ipykernel sleeps after each cell so that Python's captured prints reach the front-end;
+    # this kernel sends its outputs itself, and that sleep would only add latency.
+    _execute_sleep = Float(0.0)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -315,3 +321,19 @@ class SandboxKernel(Kernel):
         if server is not None:
             await asyncio.to_thread(server.stop)
         return {"status": "ok", "restart": restart}
+
+
+class SandboxKernelApp(IPKernelApp):
+    """The kernel application, without Python's stdout/stderr capture.
+
+    Cells print in the sandbox, not in this process; what the kernel itself prints belongs to
+    its log. ipykernel's capture would make every message a cross-thread flush round trip.
+    """
+
+    def init_io(self) -> None:
+        # ipykernel keeps the execution count on the display hook; nothing else is needed.
+        self.displayhook = import_item(str(self.displayhook_class))(self.session, self.iopub_socket)
+
+    @classmethod
+    def launch(cls) -> None:
+        cls.launch_instance(kernel_class=SandboxKernel)

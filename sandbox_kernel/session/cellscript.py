@@ -38,56 +38,79 @@ _BASH_VARIABLES = (
     "OPTERR OPTIND OSTYPE PIPESTATUS PPID PS4 PWD RANDOM SECONDS SHELLOPTS SHLVL SRANDOM UID _"
 )
 
+# The whole prologue and exit trap use bash builtins only (no fork in the common path): each
+# fork+exec costs about a millisecond, and this runs for every cell. The state is written to
+# one of two files in turn (state-a.sh, state-b.sh) and the kernel says which one is current,
+# so that a cell killed while saving never leaves a half-written state behind.
 _PROLOGUE = r"""
 __sk_nonce=@NONCE@
 __sk_environ=' @ENVIRON@ '
 __sk_skip=' @SKIP@ '
-__sk_home=$PWD
-__sk_dir=$__sk_home/@STATE_DIR@
-mkdir -p "$__sk_dir" && rm -rf "$__sk_dir/display"
+__sk_dir=$PWD/@STATE_DIR@
+__sk_state=@STATE@
+if [ -z "$__sk_state" ]; then  # not known (a fresh or reused environment): the newest
+    __sk_state=state-a.sh
+    [ "$__sk_dir/state-b.sh" -nt "$__sk_dir/state-a.sh" ] && __sk_state=state-b.sh
+fi
+__sk_next=state-a.sh
+[ "$__sk_state" = state-a.sh ] && __sk_next=state-b.sh
+[ -d "$__sk_dir" ] || mkdir -p "$__sk_dir"
+[ -d "$__sk_dir/display" ] && rm -rf "$__sk_dir/display"
 
-__sk_names() {  # the shell variables worth saving, one per line
-    local IFS=$' \t\n' __sk_name __sk_flags
-    for __sk_name in $(compgen -v); do
+__sk_collect() {  # fill __sk_vars and __sk_funcs with what is worth saving
+    local IFS=$' \t\n' __sk_name __sk_all
+    compgen -v >"$__sk_dir/names"
+    mapfile -t __sk_all <"$__sk_dir/names"
+    __sk_vars=()
+    for __sk_name in "${__sk_all[@]}"; do
         case "$__sk_skip$__sk_environ" in *" $__sk_name "*) continue ;; esac
         case $__sk_name in __sk_*) continue ;; esac
-        __sk_flags=$(declare -p "$__sk_name" 2>/dev/null) || continue
-        __sk_flags=${__sk_flags#declare -}
-        case ${__sk_flags%% *} in *r*) continue ;; esac  # readonly
-        printf '%s\n' "$__sk_name"
+        case ${!__sk_name@a} in *r*) continue ;; esac  # readonly
+        __sk_vars+=("$__sk_name")
     done
-}
-
-__sk_functions() {
-    local IFS=$' \t\n' __sk_name
-    for __sk_name in $(compgen -A function); do
-        case $__sk_name in __sk_* | display) ;; *) printf '%s\n' "$__sk_name" ;; esac
+    compgen -A function >"$__sk_dir/names"
+    mapfile -t __sk_all <"$__sk_dir/names"
+    __sk_funcs=()
+    for __sk_name in "${__sk_all[@]}"; do
+        case $__sk_name in __sk_* | display) ;; *) __sk_funcs+=("$__sk_name") ;; esac
     done
 }
 
 __sk_save() {
-    local __sk_status=$? IFS=$' \t\n' __sk_name
+    local __sk_status=$? IFS=$' \t\n' __sk_name __sk_entries __sk_i
+    local -a __sk_vars __sk_funcs
     trap - EXIT
     printf '\003'
     printf '\003' >&2
-    mkdir -p "$__sk_dir"
+    [ -d "$__sk_dir" ] || mkdir -p "$__sk_dir"
+    __sk_collect
     {
-        for __sk_name in $(__sk_names); do declare -p "$__sk_name"; done
-        for __sk_name in $(__sk_functions); do declare -f "$__sk_name"; done
+        ((${#__sk_vars[@]})) && declare -p "${__sk_vars[@]}"
+        ((${#__sk_funcs[@]})) && declare -f "${__sk_funcs[@]}"
         alias -p
         printf 'cd -- %q 2>/dev/null || true\n' "$PWD"
-    } >"$__sk_dir/state.sh.new" 2>/dev/null && mv -f "$__sk_dir/state.sh.new" "$__sk_dir/state.sh"
+    } >"$__sk_dir/$__sk_next" 2>/dev/null
     {
-        printf '%s\n' "$__sk_nonce"
-        printf '#status %s\n#cwd %s\n' "$__sk_status" "$PWD"
-        printf '#display\n'
-        [ -d "$__sk_dir/display" ] && ls -1 "$__sk_dir/display" | sort -n
+        printf '%s\n#status %s\n#cwd %s\n#state %s\n#display\n' \
+            "$__sk_nonce" "$__sk_status" "$PWD" "$__sk_next"
+        if [ -d "$__sk_dir/display" ]; then
+            __sk_entries=("$__sk_dir"/display/*)
+            for ((__sk_i = 0; __sk_i < ${#__sk_entries[@]}; __sk_i++)); do  # N-name, in order
+                for __sk_name in "$__sk_dir/display/$__sk_i"-*; do
+                    [ -e "$__sk_name" ] && printf '%s\n' "${__sk_name##*/}"
+                done
+            done
+        fi
         printf '#files\n'
-        ls -1Ap 2>/dev/null | head -n 500
+        shopt -s nullglob dotglob
+        __sk_entries=(*)
+        for __sk_name in "${__sk_entries[@]:0:500}"; do
+            [ -d "$__sk_name" ] && printf '%s/\n' "$__sk_name" || printf '%s\n' "$__sk_name"
+        done
         printf '#variables\n'
-        __sk_names
+        ((${#__sk_vars[@]})) && printf '%s\n' "${__sk_vars[@]}"
         printf '#functions\n'
-        __sk_functions
+        ((${#__sk_funcs[@]})) && printf '%s\n' "${__sk_funcs[@]}"
         printf '#aliases\n'
         compgen -a
     } >"$__sk_dir/result" 2>/dev/null
@@ -96,35 +119,44 @@ __sk_save() {
 trap __sk_save EXIT
 
 display() {  # display FILE...: show files inline below the cell
-    local __sk_file __sk_count
-    mkdir -p "$__sk_dir/display" || return 1
+    local __sk_file __sk_shown
+    [ -d "$__sk_dir/display" ] || mkdir -p "$__sk_dir/display" || return 1
     for __sk_file in "$@"; do
         if [ ! -f "$__sk_file" ]; then
             printf 'display: %s: no such file\n' "$__sk_file" >&2
             return 1
         fi
-        __sk_count=$(ls -1 "$__sk_dir/display" | wc -l)
-        cp -- "$__sk_file" "$__sk_dir/display/$__sk_count-${__sk_file##*/}" || return 1
+        __sk_shown=("$__sk_dir"/display/*)
+        [ -e "${__sk_shown[0]}" ] || __sk_shown=()
+        cp -- "$__sk_file" "$__sk_dir/display/${#__sk_shown[@]}-${__sk_file##*/}" || return 1
     done
 }
-
-__sk_backup=$(declare -p@ENVIRON_LIST@ 2>/dev/null)
-if [ -f "$__sk_dir/state.sh" ]; then . "$__sk_dir/state.sh"; fi
-eval "$__sk_backup"  # variables sent as environ win over the saved state
-unset __sk_backup
+@ENVIRON_BACKUP@
+[ -n "$__sk_state" ] && [ -f "$__sk_dir/$__sk_state" ] && . "$__sk_dir/$__sk_state"
+@ENVIRON_RESTORE@
 shopt -s expand_aliases
 printf '\002'
 printf '\002' >&2
 """
 
 
-def build_script(code: str, nonce: str, environ_names: Iterable[str]) -> str:
-    """The whole cell as one ``bash -c`` script: prologue, then the user's code verbatim."""
+def build_script(code: str, nonce: str, environ_names: Iterable[str], state: str | None) -> str:
+    """The whole cell as one ``bash -c`` script: prologue, then the user's code verbatim.
+
+    ``state`` is the state file the previous cell wrote (its bookkeeping says which); None
+    when unknown, and the script then takes the newer of the two.
+    """
     names = sorted(environ_names)
+    backup = restore = ""
+    if names:  # variables sent as environ win over the saved state
+        backup = f'declare -p {" ".join(names)} >"$__sk_dir/environ" 2>/dev/null'
+        restore = '. "$__sk_dir/environ"'
     prologue = (
         _PROLOGUE.replace("@NONCE@", shlex.quote(nonce))
         .replace("@ENVIRON@", " ".join(names))
-        .replace("@ENVIRON_LIST@", "".join(f" {name}" for name in names) or " __sk_none")
+        .replace("@ENVIRON_BACKUP@", backup)
+        .replace("@ENVIRON_RESTORE@", restore)
+        .replace("@STATE@", shlex.quote(state) if state else "''")
         .replace("@SKIP@", _BASH_VARIABLES)
         .replace("@STATE_DIR@", STATE_DIR)
     )
@@ -137,6 +169,7 @@ class Bookkeeping:
 
     status: int | None = None
     cwd: str | None = None
+    state: str | None = None
     display: list[str] = dataclasses.field(default_factory=list)
     files: list[str] = dataclasses.field(default_factory=list)
     variables: list[str] = dataclasses.field(default_factory=list)
@@ -159,10 +192,12 @@ def parse_bookkeeping(result: str | None, nonce: str) -> Bookkeeping | None:
             book.status = int(value) if value.lstrip("-").isdigit() else None
         elif line.startswith("#cwd "):
             book.cwd = line.split(" ", 1)[1]
+        elif line.startswith("#state "):
+            book.state = line.split(" ", 1)[1].strip()
         elif line.startswith("#") and line[1:] in ("display", "files", "variables", "functions",
                                                      "aliases"):  # fmt: skip
             section = getattr(book, line[1:])
-        elif section is not None and line:
+        elif section is not None and line and line != f"{STATE_DIR}/":
             section.append(line)
     return book
 

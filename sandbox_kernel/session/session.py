@@ -106,6 +106,8 @@ class Session:
         #: Per-cell limit in seconds (``%sandbox_timeout``); None: the server's budget.
         self.timeout: float | None = None
         self.state = ShellState()
+        #: The file of ``.sandbox_kernel/`` holding the current shell state (see cellscript).
+        self.state_file: str | None = None
         self.cells = 0
 
     # -- the environment -------------------------------------------------------------------------
@@ -113,7 +115,7 @@ class Session:
     def reset(self) -> str | None:
         """Start the next cell in a fresh environment; returns the uuid left behind."""
         previous = self.environment
-        self.environment = self.expire = None
+        self.environment = self.expire = self.state_file = None
         self.state = ShellState()
         return previous
 
@@ -126,7 +128,7 @@ class Session:
                 f"environment {uuid} is not on the sandbox at {self.client.url} "
                 "(expired, or never saved there)"
             )
-        self.environment, self.expire = uuid, None
+        self.environment, self.expire, self.state_file = uuid, None, None
         self.state = ShellState()
 
     def server_timeout(self) -> float | None:
@@ -148,7 +150,7 @@ class Session:
         """Run ``code`` as one bash script in the sandbox; never raises for the cell's sake."""
         self.cells += 1
         nonce = secrets.token_hex(8)
-        script = build_script(code, nonce, self.environ)
+        script = build_script(code, nonce, self.environ, self.state_file)
         try:
             answer = self._execute(script, cancel, on_busy)
         except Sandbox404 as error:
@@ -224,6 +226,7 @@ class Session:
         return outcome
 
     def _remember(self, book: Bookkeeping) -> None:
+        self.state_file = book.state
         self.state = ShellState(
             cwd=book.cwd,
             files=book.files,
