@@ -484,6 +484,18 @@ class Sandbox:
         """The answer of ``specifications/`` as the server gives it (one GET, not cached)."""
         return self._get_json(SPECIFICATIONS)
 
+    def cached_specifications(self) -> dict[str, Any]:
+        """The answer of ``specifications/``, fetched once and kept (the attributes read it).
+
+        ``del sandbox.cpu`` (or any specification attribute) makes the next call fetch again.
+        """
+        return self._category(SPECIFICATIONS)
+
+    @property
+    def generation(self) -> int:
+        """3 for a server answering with ``host``/``container`` shapes, 2 for the flat ones."""
+        return 3 if _is_v3(self._category(SPECIFICATIONS)) else 2
+
     def usages(self) -> dict[str, Any]:
         """The answer of ``usages/`` (3.x only; ~2 s on the reference server, which samples)."""
         return self._get_json(USAGES)

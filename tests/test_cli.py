@@ -36,14 +36,24 @@ def test_run_uses_a_private_embedded_server_by_default(tmp_path: Path) -> None:
 
 
 def test_run_passes_the_exit_code_and_stderr(server: Server) -> None:
-    done = run_cli("run", "--url", server.url, "--token", server.token, "--", "sh", "-c",
-                   "echo out; echo err >&2; exit 7")  # fmt: skip
+    done = run_cli(
+        "run",
+        "--url",
+        server.url,
+        "--token",
+        server.token,
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 7",
+    )
     assert (done.returncode, done.stdout, done.stderr.strip()) == (7, "out\n", "err")
 
 
 def test_run_reports_a_timeout_with_124(server: Server) -> None:
-    done = run_cli("run", "--url", server.url, "--token", server.token, "--timeout", "0.3",
-                   "--", "sleep 5")  # fmt: skip
+    done = run_cli(
+        "run", "--url", server.url, "--token", server.token, "--timeout", "0.3", "--", "sleep 5"
+    )
     assert done.returncode == 124
     assert "Command timed out after 0.3 seconds" in done.stderr
 
@@ -64,9 +74,12 @@ def test_serve_advertises_itself_and_cleans_up(tmp_path: Path) -> None:
     runtime = tmp_path / "runtime"
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime), "JUPYTER_DATA_DIR": str(tmp_path)}
     server = subprocess.Popen(
-        [*CLI, "serve", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        [*CLI, "serve", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
         text=True,
-    )  # fmt: skip
+    )
     try:
         assert wait_until(lambda: bool(list(runtime.glob("sandbox-kernel-server-*.json"))), 20)
         [advert] = runtime.glob("sandbox-kernel-server-*.json")
@@ -88,8 +101,7 @@ def test_serve_refuses_a_busy_port(start_server: Callable[..., Server], tmp_path
     taken = start_server("--workers", "1")
     port = taken.url.rsplit(":", 1)[1].strip("/")
     started = time.monotonic()
-    done = run_cli("serve", "--port", port, "--data-dir", str(tmp_path / "data"),
-                   "--no-advertise")  # fmt: skip
+    done = run_cli("serve", "--port", port, "--data-dir", str(tmp_path / "data"), "--no-advertise")
     assert done.returncode == 1
     assert "--port 0" in done.stderr
     assert time.monotonic() - started < 30

@@ -39,8 +39,9 @@ def test_failing_cell_gives_a_readable_error(server: Server, start_kernel: Start
     cell = kernel.run("echo partial; no_such_command_here")
     assert cell.status == "error"
     assert (cell.reply["ename"], cell.reply["evalue"]) == (
-        "ExitCode", "command exited with status 127"
-    )  # fmt: skip
+        "ExitCode",
+        "command exited with status 127",
+    )
     assert cell.stdout == "partial\n"
     assert "line 1: no_such_command_here: command not found" in cell.stderr
     [error] = cell.of_type("error")

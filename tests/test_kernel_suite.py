@@ -35,11 +35,13 @@ class TestSandboxKernel(jkt.KernelTests):
     code_generate_error = "exit 3"
     code_display_data = [  # noqa: RUF012 (the suite's attribute)
         {"code": "echo '<b>bold</b>' > page.html; display page.html", "mime": "text/html"},
-        {"code": "printf '<svg xmlns=\"http://www.w3.org/2000/svg\"/>' > p.svg; display p.svg",
-         "mime": "image/svg+xml"},
+        {
+            "code": "printf '<svg xmlns=\"http://www.w3.org/2000/svg\"/>' > p.svg; display p.svg",
+            "mime": "image/svg+xml",
+        },
         {"code": "printf '# Title' > notes.md; display notes.md", "mime": "text/markdown"},
         {"code": "echo '{\"a\": 1}' > data.json; display data.json", "mime": "application/json"},
-    ]  # fmt: skip
+    ]
     completion_samples = [  # noqa: RUF012
         {"text": "ech", "matches": {"echo"}},
         {"text": "ls && whil", "matches": {"while"}},
@@ -71,12 +73,31 @@ class TestSandboxKernel(jkt.KernelTests):
         history = reply["content"]["history"]
         self.assertEqual([entry[2] for entry in history], codes)
         session, start = history[0][:2]
-        reply = self.history_helper([], output=False, raw=True, hist_access_type="range",
-                                    session=session, start=start, stop=start + 1)  # fmt: skip
+        reply = self.history_helper(
+            [],
+            output=False,
+            raw=True,
+            hist_access_type="range",
+            session=session,
+            start=start,
+            stop=start + 1,
+        )
         self.assertEqual([entry[1:] for entry in reply["content"]["history"]], [[start, codes[0]]])
-        reply = self.history_helper(codes, output=False, raw=True, hist_access_type="search",
-                                    pattern=self.code_history_pattern, unique=True)  # fmt: skip
+        reply = self.history_helper(
+            codes,
+            output=False,
+            raw=True,
+            hist_access_type="search",
+            pattern=self.code_history_pattern,
+            unique=True,
+        )
         self.assertEqual(sorted(entry[2] for entry in reply["content"]["history"]), codes)
-        reply = self.history_helper([], output=False, raw=True, hist_access_type="search",
-                                    pattern=self.code_history_pattern, n=2)  # fmt: skip
+        reply = self.history_helper(
+            [],
+            output=False,
+            raw=True,
+            hist_access_type="search",
+            pattern=self.code_history_pattern,
+            n=2,
+        )
         self.assertEqual(len(reply["content"]["history"]), 2)

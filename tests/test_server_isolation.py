@@ -33,11 +33,29 @@ from sandbox_kernel.discovery import advertisement_path
 from .conftest import Server, descendants, processes_matching, wait_until
 
 MAIN_ARGS = (
-    "--workers", "4", "--execute-timeout", "3", "--max-processes", "40",
-    "--memory-limit", "64M", "--workdir-quota", "5M", "--max-output", "64K",
-    "--cpu-limit", "1", "--max-upload", "1M", "--max-archive-entries", "20",
-    "--max-archive-bytes", "1M", "--max-storage", "3M",
-)  # fmt: skip
+    "--workers",
+    "4",
+    "--execute-timeout",
+    "3",
+    "--max-processes",
+    "40",
+    "--memory-limit",
+    "64M",
+    "--workdir-quota",
+    "5M",
+    "--max-output",
+    "64K",
+    "--cpu-limit",
+    "1",
+    "--max-upload",
+    "1M",
+    "--max-archive-entries",
+    "20",
+    "--max-archive-bytes",
+    "1M",
+    "--max-storage",
+    "3M",
+)
 HOME = "/home/student"
 
 

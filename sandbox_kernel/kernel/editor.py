@@ -127,9 +127,12 @@ def complete(code: str, cursor: int, known: Knowledge) -> dict[str, Any]:
         matches = [f"${name}" for name in names if name.startswith(token[1:])]
     elif _COMMAND_POSITION.search(before[:start]) and "/" not in token:
         candidates: Iterable[str] = (
-            *known.state.functions, *known.state.aliases, *KEYWORDS, *BUILTINS,
+            *known.state.functions,
+            *known.state.aliases,
+            *KEYWORDS,
+            *BUILTINS,
             *known.executables,
-        )  # fmt: skip
+        )
         matches = [name for name in candidates if name.startswith(token)]
     else:
         matches = [name for name in known.state.files if name.startswith(token)]
@@ -173,8 +176,12 @@ def _describe(name: str, known: Knowledge) -> list[str]:
         lines.append(f"{name}: a bash builtin")
     if name in known.executables:
         lines.append(f"{name}: an executable on the sandbox's PATH")
-    labels = {"system": "system package", "python": "Python module", "perl": "Perl module",
-              "c": "C library"}  # fmt: skip
+    labels = {
+        "system": "system package",
+        "python": "Python module",
+        "perl": "Perl module",
+        "c": "C library",
+    }
     for category, label in labels.items():
         version = known.libraries.get(category, {}).get(name)
         if version is not None:

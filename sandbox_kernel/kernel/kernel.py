@@ -13,7 +13,6 @@ closed, and the cell ends with an error reply.
 from __future__ import annotations
 
 import asyncio
-import base64
 import fnmatch
 import logging
 import os
@@ -26,11 +25,14 @@ from ipykernel.kernelbase import Kernel
 from traitlets import Float, Unicode
 from traitlets.utils.importstring import import_item
 
-from .. import __version__
+from .. import __version__, magics
 from .._errors import SandboxError
-from ..client import Cancellation, Sandbox
-from ..discovery import EmbeddedServer, open_sandbox
-from ..session import CellOutcome, Session, records
+from ..client import Cancellation
+from ..magics.cells import split_cell
+from ..session import CellError, CellOutcome, Session, records
+from ..session.connection import SandboxContext
+from ..views import render
+from ..views.render import Bundle
 from . import editor
 
 log = logging.getLogger(__name__)
@@ -71,28 +73,35 @@ class SandboxKernel(Kernel):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        info, self._private_server = open_sandbox(self.url, self.token)
-        self.sandbox_url = info.url
-        self.client = Sandbox(info.url, token=info.token)
-        # Background look-ups (specifications, libraries) get their own client: a requests
-        # session is not meant to be shared between threads.
-        self._background_client = Sandbox(info.url, timeout=10, token=info.token)
-        self.sandbox = Session(self.client)
+        self.context = SandboxContext(self.url, self.token)
+        self.context.connection  # noqa: B018  (connect now: a private server starts here)
         self._cancel: Cancellation | None = None
         self._history: list[str] = []
         self._libraries: dict[str, Any] | None = None
         self._libraries_thread: threading.Thread | None = None
         self._pending_notices = self._reopened_notice()
 
+    @property
+    def sandbox(self) -> Session:
+        """The notebook's session (replaced by ``%sandbox_connect``)."""
+        return self.context.session
+
+    @property
+    def sandbox_url(self) -> str:
+        return self.context.connection.url
+
     # -- kernel_info -------------------------------------------------------------------------------
 
     @property
     def banner(self) -> str:  # type: ignore[override]
-        lines = [f"Sandbox (bash) kernel {__version__}: cells run as bash in the sandbox at "
-                 f"{self.sandbox_url}"]  # fmt: skip
+        lines = [
+            f"Sandbox (bash) kernel {__version__}: cells run as bash in the sandbox at "
+            f"{self.sandbox_url}"
+        ]
+        background = self.context.connection.background
         try:
-            version = self._background_client.sandbox_version
-            isolation = self._background_client.isolation
+            version = background.sandbox_version
+            isolation = background.isolation
         except SandboxError as error:
             return "\n".join([*lines, f"The sandbox does not answer yet: {error}"])
         lines.append(f"Sandbox version {version or 'unknown'}.")
@@ -120,7 +129,13 @@ class SandboxKernel(Kernel):
         self._pending_notices = []
         if not code.strip():
             return self._ok()
-        outcome = await self._run_cell(code)
+        try:
+            outcome = await self._execute_cell(code, silent)
+        except (magics.MagicUsageError, magics.MagicFailed) as problem:
+            name = "UsageError" if isinstance(problem, magics.MagicUsageError) else "MagicError"
+            outcome = CellOutcome(error=CellError(name, str(problem)))
+        if outcome is None:
+            return self._ok()
         if not silent:
             self._publish(outcome)
         self._remember_environment()
@@ -142,6 +157,35 @@ class SandboxKernel(Kernel):
             "traceback": traceback,
         }
 
+    async def _execute_cell(self, code: str, silent: bool) -> CellOutcome | None:
+        """Magics of the leading lines first (nothing runs after a bad one), then the bash."""
+        split = split_cell(code)
+        for name, arguments in split.line_magics:
+            outcome = await self._run_magic(name, arguments, None, silent)
+            if outcome is not None and outcome.error is not None:
+                return outcome
+        if split.cell_magic is not None:
+            return await self._run_magic(*split.cell_magic, silent)
+        if not split.code.strip():
+            return None
+        return await self._run_cell(split.code)
+
+    async def _run_magic(
+        self, name: str, arguments: str, body: str | None, silent: bool
+    ) -> CellOutcome | None:
+        magic = magics.find(name)
+        if body is None and magic.kind == "cell":
+            raise magics.MagicUsageError(f"%%{name} is a cell magic: put it on the first line")
+        if body is not None and magic.kind == "line":
+            raise magics.MagicUsageError(f"%{name} is a line magic: write it with one %")
+        result = await asyncio.to_thread(magic.run, self.context, arguments, body)
+        if not silent:
+            for bundle in result.bundles:
+                self._display(bundle)
+        if result.script is not None:
+            return await self._run_cell(result.script)
+        return None
+
     def _ok(self) -> dict[str, Any]:
         return {
             "status": "ok",
@@ -161,8 +205,11 @@ class SandboxKernel(Kernel):
             text = _BUSY_TEXT.format(attempt=attempt, elapsed=elapsed)
             kind = "update_display_data" if busy_shown else "display_data"
             busy_shown = True
-            content = {"data": {"text/plain": text}, "metadata": {},
-                       "transient": {"display_id": f"sandbox-busy-{id(parent)}"}}  # fmt: skip
+            content = {
+                "data": {"text/plain": text},
+                "metadata": {},
+                "transient": {"display_id": f"sandbox-busy-{id(parent)}"},
+            }
             loop.call_soon_threadsafe(self.send_response, self.iopub_socket, kind, content)
 
         self._cancel = cancel = Cancellation()
@@ -183,14 +230,10 @@ class SandboxKernel(Kernel):
         if outcome.stderr:
             self._stream("stderr", outcome.stderr)
         for display in outcome.displays:
-            data: dict[str, Any]
-            if display.mime.startswith("image/") and display.mime != "image/svg+xml":
-                data = {display.mime: base64.b64encode(display.data).decode("ascii")}
-            else:
-                data = {display.mime: display.data.decode("utf-8", errors="replace")}
-            if display.mime != "text/plain":
-                data["text/plain"] = f"<{display.name}>"
-            self.send_response(self.iopub_socket, "display_data", {"data": data, "metadata": {}})
+            self._display(render.file_bundle(display.name, display.mime, display.data))
+
+    def _display(self, data: Bundle) -> None:
+        self.send_response(self.iopub_socket, "display_data", {"data": data, "metadata": {}})
 
     def _stream(self, name: str, text: str) -> None:
         self.send_response(self.iopub_socket, "stream", {"name": name, "text": text})
@@ -260,7 +303,7 @@ class SandboxKernel(Kernel):
 
     def _fetch_libraries(self) -> None:
         try:
-            self._libraries = self._background_client.libraries()
+            self._libraries = self.context.connection.background.libraries()
         except SandboxError as error:
             log.warning("could not list the sandbox's libraries: %s", error)
             self._libraries_thread = None
@@ -304,22 +347,18 @@ class SandboxKernel(Kernel):
                 seen: set[str] = set()
                 cells = [c for c in cells if not (c[2] in seen or seen.add(c[2]))]  # type: ignore[func-returns-value]
             cells = cells[-n:] if n else cells
-        history: list[Any] = [(s, line, (code, None)) if output else (s, line, code)
-                              for s, line, code in cells]  # fmt: skip
+        history: list[Any] = [
+            (s, line, (code, None)) if output else (s, line, code) for s, line, code in cells
+        ]
         return {"status": "ok", "history": history}
 
     # -- shutdown ----------------------------------------------------------------------------------
 
     async def do_shutdown(self, restart: bool) -> dict[str, Any]:
         self._interrupt()
-        if self.sandbox.environment:
+        if self.context.started and self.sandbox.environment:
             log.info("previous sandbox environment: %s", self.sandbox.environment)
-        self.client.close()
-        self._background_client.close()
-        server: EmbeddedServer | None = self._private_server
-        self._private_server = None
-        if server is not None:
-            await asyncio.to_thread(server.stop)
+        await asyncio.to_thread(self.context.close)
         return {"status": "ok", "restart": restart}
 
 

@@ -194,8 +194,13 @@ def parse_bookkeeping(result: str | None, nonce: str) -> Bookkeeping | None:
             book.cwd = line.split(" ", 1)[1]
         elif line.startswith("#state "):
             book.state = line.split(" ", 1)[1].strip()
-        elif line.startswith("#") and line[1:] in ("display", "files", "variables", "functions",
-                                                     "aliases"):  # fmt: skip
+        elif line.startswith("#") and line[1:] in (
+            "display",
+            "files",
+            "variables",
+            "functions",
+            "aliases",
+        ):
             section = getattr(book, line[1:])
         elif section is not None and line and line != f"{STATE_DIR}/":
             section.append(line)

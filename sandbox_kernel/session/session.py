@@ -82,6 +82,22 @@ class CellOutcome:
     answer: dict[str, Any] | None = None
     state_saved: bool = False
 
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def environment(self) -> str | None:
+        """The environment this cell saved (None if it never reached the sandbox)."""
+        return (self.answer or {}).get("environment")
+
+    def __repr__(self) -> str:
+        state = "ok" if self.error is None else f"{self.error.ename}: {self.error.evalue}"
+        return (
+            f"<sandbox cell {state}, exit code {self.exit_code}, "
+            f"{len(self.stdout)} chars of stdout, {len(self.stderr)} of stderr>"
+        )
+
 
 @dataclasses.dataclass
 class ShellState:

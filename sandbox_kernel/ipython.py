@@ -1,0 +1,155 @@
+"""The IPython front-end: ``%load_ext sandbox_kernel`` in an ordinary Python notebook.
+
+Registers every sandbox magic with IPython (the same operations as in the Sandbox kernel), and
+``%%sandbox [--out NAME]``, which runs its cell as bash in the sandbox, carrying environment and
+shell state from one ``%%sandbox`` cell to the next exactly as the kernel does. Teaching cells
+are ``%%sandbox_python3``, ``%%sandbox_c``...: ``%%python3``, ``%%perl`` and ``%%bash`` belong
+to IPython and keep running locally.
+
+Magics return Python objects (``specs = %sandbox_specs``) that display as the magic's table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import shlex
+import sys
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.display import publish_display_data
+
+from . import magics
+from .session import CellOutcome
+from .session.connection import SandboxContext
+from .views import render
+from .views.render import Bundle
+
+_CONTEXTS: dict[int, SandboxContext] = {}
+
+
+def context_of(shell: InteractiveShell) -> SandboxContext:
+    """The sandbox context of this IPython shell (connected on first use)."""
+    context = _CONTEXTS.get(id(shell))
+    if context is None:
+        context = _CONTEXTS[id(shell)] = SandboxContext()
+        context.teaching_prefix = "sandbox_"
+        atexit.register(context.close)
+    return context
+
+
+def load_ipython_extension(shell: InteractiveShell) -> None:
+    register: Any = shell.register_magic_function  # IPython's stub mistypes it
+    for magic in magics.REGISTRY.values():
+        name = f"sandbox_{magic.name}" if magic.kind == "cell" else magic.name
+        register(_adapter(shell, magic), magic_kind=magic.kind, magic_name=name)
+    register(_sandbox_cell(shell), magic_kind="cell", magic_name="sandbox")
+
+
+def unload_ipython_extension(shell: InteractiveShell) -> None:
+    context = _CONTEXTS.pop(id(shell), None)
+    if context is not None:
+        context.close()
+
+
+def _adapter(shell: InteractiveShell, magic: magics.Magic) -> Any:
+    def run(line: str, cell: str | None = None) -> Any:
+        try:
+            result = magic.run(context_of(shell), line, cell)
+        except (magics.MagicUsageError, magics.MagicFailed) as problem:
+            raise UsageError(str(problem)) from None
+        if result.script is not None:
+            return _run_cell(shell, result.script)
+        return _shown(result.value, result.bundles)
+
+    run.__doc__ = f"{magic.summary}\n\n{magic.parser.format_help()}"
+    return run
+
+
+def _shown(value: Any, bundles: list[Bundle]) -> Any:
+    """``value``, displaying as the magic's bundle when it is the only one (no double output)."""
+    kind = _SHOWN_TYPES.get(type(value))
+    if kind is not None and len(bundles) == 1:
+        shown = kind(value)
+        shown.sandbox_bundle = bundles[0]
+        return shown
+    for bundle in bundles:
+        publish_display_data(bundle)  # type: ignore[no-untyped-call]
+    return value
+
+
+class _Shown:
+    """A magic's value that IPython displays as the magic's table or line."""
+
+    sandbox_bundle: Bundle
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Bundle:
+        return dict(self.sandbox_bundle)
+
+
+class ShownDict(_Shown, dict):  # type: ignore[type-arg]
+    pass
+
+
+class ShownList(_Shown, list):  # type: ignore[type-arg]
+    pass
+
+
+class ShownFloat(_Shown, float):
+    pass
+
+
+class ShownStr(_Shown, str):
+    pass
+
+
+_SHOWN_TYPES: dict[type, type[Any]] = {
+    dict: ShownDict,
+    list: ShownList,
+    float: ShownFloat,
+    str: ShownStr,
+}
+
+
+def _sandbox_cell(shell: InteractiveShell) -> Any:
+    parser = argparse.ArgumentParser(prog="%%sandbox", add_help=False)
+    parser.add_argument("--out", metavar="NAME", help="store the execution result in NAME")
+
+    def sandbox(line: str, cell: str) -> None:
+        """Run the cell as bash in the sandbox (environment and shell state carried across
+        %%sandbox cells); --out NAME keeps the result object in NAME.
+
+        Usage: %%sandbox [--out NAME]
+        """
+        try:
+            args, unknown = parser.parse_known_args(shlex.split(line))
+        except (SystemExit, ValueError):
+            raise UsageError("usage: %%sandbox [--out NAME]") from None
+        if unknown or (args.out and not args.out.isidentifier()):
+            raise UsageError("usage: %%sandbox [--out NAME] (NAME a Python identifier)")
+        outcome = _run_cell(shell, cell)
+        if args.out:
+            shell.user_ns[args.out] = outcome
+
+    return sandbox
+
+
+def _run_cell(shell: InteractiveShell, code: str) -> CellOutcome:
+    outcome = context_of(shell).session.run_cell(code)
+    for notice in outcome.notices:
+        print(notice, file=sys.stderr)
+    if outcome.stdout:
+        sys.stdout.write(outcome.stdout)
+        sys.stdout.flush()
+    if outcome.stderr:
+        sys.stderr.write(outcome.stderr)
+        sys.stderr.flush()
+    for display in outcome.displays:
+        bundle = render.file_bundle(display.name, display.mime, display.data)
+        publish_display_data(bundle)  # type: ignore[no-untyped-call]
+    if outcome.error is not None:
+        error = outcome.error
+        print("\n".join([f"{error.ename}: {error.evalue}", *error.advice]), file=sys.stderr)
+    return outcome

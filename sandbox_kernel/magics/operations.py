@@ -1,0 +1,438 @@
+"""The sandbox magics. Each is registered once (see :mod:`.core`); both front-ends use them."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import posixpath
+from pathlib import Path
+from typing import Any
+
+from .. import protocol
+from .._errors import SandboxError
+from ..archive import ArchiveError, build_archive
+from ..protocol import WORKING_DIR
+from ..session import mime_type
+from ..session.connection import SandboxContext
+from ..views import render
+from .core import REGISTRY, MagicFailed, MagicResult, MagicUsageError, _Parser, magic
+
+CATEGORIES = {"system": "system", "python": "python", "perl": "perl", "c": "c", "bin": "bin"}
+_LIBRARY_ROWS = 200
+
+
+def _sandbox_error(action: str, error: SandboxError) -> MagicFailed:
+    return MagicFailed(f"Could not {action}: {error}")
+
+
+# -- connection and status ---------------------------------------------------------------------
+
+
+def _connect_arguments(parser: _Parser) -> None:
+    parser.add_argument("url", help="base URL of the sandbox server")
+    parser.add_argument("--token", help="its token, if it needs one")
+
+
+@magic(
+    "sandbox_connect",
+    "use another sandbox server (a fresh environment there)",
+    arguments=_connect_arguments,
+)
+def sandbox_connect(
+    context: SandboxContext, args: argparse.Namespace, cell: str | None
+) -> MagicResult:
+    try:
+        connection = context.connect(args.url, args.token)
+    except SandboxError as error:
+        raise _sandbox_error(f"connect to {args.url}", error) from None
+    version = connection.background.sandbox_version or "unknown version"
+    return MagicResult(
+        value=connection.url,
+        bundles=[
+            render.text(
+                f"Connected to {connection.url} ({version}); the next cell starts "
+                "in a fresh environment there."
+            )
+        ],
+    )
+
+
+@magic("sandbox_status", "URL, environment uuid and expiry, isolation, limits")
+def sandbox_status(
+    context: SandboxContext, args: argparse.Namespace, cell: str | None
+) -> MagicResult:
+    connection, session = context.connection, context.session
+    try:
+        isolation = render.isolation_text(connection.background.isolation)
+        server_timeout = connection.background.execute_timeout
+    except SandboxError as error:
+        isolation, server_timeout = f"unknown (sandbox unreachable: {error})", None
+    status = {
+        "url": connection.url,
+        "private embedded server": "yes" if connection.private else "no",
+        "environment": session.environment or "none yet (the next cell starts a fresh one)",
+        "expires": session.expire or render.UNKNOWN,
+        "isolation": isolation,
+        "cell time limit": _timeout_text(session.timeout, server_timeout),
+        "environ": ", ".join(f"{k}={v}" for k, v in session.environ.items()) or "none",
+        "current directory": session.state.cwd or WORKING_DIR,
+        "cells run": session.cells,
+    }
+    return MagicResult(
+        value=status,
+        bundles=[render.table(["", "value"], list(status.items()), caption="Sandbox status")],
+    )
+
+
+def _timeout_text(own: float | None, server: float | None) -> str:
+    server_text = f"{server:g} s" if server is not None else "unknown"
+    if own is None:
+        return f"the server's execute_timeout ({server_text})"
+    return f"{own:g} s (%sandbox_timeout; the server allows up to {server_text})"
+
+
+@magic("sandbox_reset", "start the next cell in a fresh environment")
+def sandbox_reset(
+    context: SandboxContext, args: argparse.Namespace, cell: str | None
+) -> MagicResult:
+    previous = context.session.reset()
+    message = "The next cell starts in a fresh environment."
+    if previous:
+        message += f" The previous one was {previous} (%sandbox_use {previous} goes back to it)."
+    return MagicResult(value=previous, bundles=[render.text(message)])
+
+
+def _use_arguments(parser: _Parser) -> None:
+    parser.add_argument("uuid", help="a saved environment of this sandbox")
+
+
+@magic("sandbox_use", "continue from a saved environment", arguments=_use_arguments)
+def sandbox_use(context: SandboxContext, args: argparse.Namespace, cell: str | None) -> MagicResult:
+    if not protocol.is_uuid(args.uuid):
+        raise MagicUsageError(
+            f"%sandbox_use: {args.uuid!r} is not an environment uuid "
+            "(like e8c5995b-7049-4b04-8440-5d9d914360fc)"
+        )
+    try:
+        context.session.use(args.uuid.lower())
+    except LookupError as error:
+        raise MagicFailed(f"Cannot continue from it: {error}.") from None
+    except SandboxError as error:
+        raise _sandbox_error(f"check environment {args.uuid}", error) from None
+    return MagicResult(
+        value=args.uuid,
+        bundles=[render.text(f"The next cell continues from environment {args.uuid}.")],
+    )
+
+
+@magic("sandbox_help", "every sandbox magic with a one-line description")
+def sandbox_help(
+    context: SandboxContext, args: argparse.Namespace, cell: str | None
+) -> MagicResult:
+    rows = [
+        (
+            f"%%{context.teaching_prefix}{m.name}" if m.kind == "cell" else f"%{m.name}",
+            m.summary,
+            m.usage.replace(f"%%{m.name}", f"%%{context.teaching_prefix}{m.name}"),
+        )
+        for m in REGISTRY.values()
+    ]
+    bundle = render.table(["magic", "what it does", "usage"], rows, caption="Sandbox magics")
+    return MagicResult(value=None, bundles=[bundle])
+
+
+# -- what the sandbox is ---------------------------------------------------------------------------
+
+
+def _specs_arguments(parser: _Parser) -> None:
+    parser.add_argument("--refresh", action="store_true", help="fetch them again")
+
+
+@magic("sandbox_specs", "the sandbox's specifications as a table", arguments=_specs_arguments)
+def sandbox_specs(
+    context: SandboxContext, args: argparse.Namespace, cell: str | None
+) -> MagicResult:
+    client = context.connection.background
+    if args.refresh:
+        del client.sandbox_version  # every specification attribute goes with it
+    try:
+        facts = {
+            name: getattr(client, name)
+            for name in (
+                "sandbox_version",
+                "docker_version",
+                "containers",
+                "memory",
+                "cpu",
+                "execute_timeout",
+                "expiration",
+                "isolation",
+            )
+        }
+        specs = client.cached_specifications()
+    except SandboxError as error:
+        raise _sandbox_error("read the specifications", error) from None
+    return MagicResult(value=dict(specs), bundles=[render.specifications(client.url, specs, facts)])
+
+
+def _libraries_arguments(parser: _Parser) -> None:
+    parser.add_argument("pattern", nargs="?", default="", help="part of a name, or a glob")
+    parser.add_argument("--category", choices=list(CATEGORIES), help="only this category")
+
+
+@magic("sandbox_libraries", "search what the sandbox has installed", arguments=_libraries_arguments)
+def sandbox_libraries(
+    context: SandboxContext, args: argparse.Namespace, cell: str | None
+) -> MagicResult:
+    client = context.connection.background
+    try:
+        libraries: Any = client.libraries or {}
+        executables: Any = client.bin or []
+    except SandboxError as error:
+        raise _sandbox_error("list the libraries", error) from None
+    rows = [
+        row
+        for row in _library_rows(libraries, executables, args.category)
+        if _matches(row[1], args.pattern)
+    ]
+    shown = rows[:_LIBRARY_ROWS]
+    return MagicResult(value=rows, bundles=[render.libraries(shown, len(rows), _LIBRARY_ROWS)])
+
+
+def _library_rows(
+    libraries: Any, executables: Any, category: str | None
+) -> list[tuple[str, str, str]]:
+    rows: list[tuple[str, str, str]] = []
+    for name in ("system", "python", "perl", "c"):
+        if category in (None, name):
+            entries = libraries.get(name) or {}
+            rows += [(name, str(k), str(v)) for k, v in sorted(entries.items())]
+    if category in (None, "bin"):
+        names = executables if isinstance(executables, list) else list(executables)
+        rows += [("bin", str(name), "") for name in sorted(names)]
+    return rows
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if not pattern:
+        return True
+    if any(char in pattern for char in "*?["):
+        return fnmatch.fnmatch(name.lower(), pattern.lower())
+    return pattern.lower() in name.lower()
+
+
+@magic("sandbox_usage", "the sandbox's load now: busy/total, CPU, memory")
+def sandbox_usage(
+    context: SandboxContext, args: argparse.Namespace, cell: str | None
+) -> MagicResult:
+    client = context.connection.background
+    usages: dict[str, Any] = {}
+    try:
+        specs = client.cached_specifications()
+        if client.generation == 3:  # live load in usages/; 2.x tells it in specifications/
+            usages = client.usages()
+            total, busy = (specs.get("container") or {}).get("count"), usages.get("container")
+        else:
+            containers = client.specifications().get("containers") or {}
+            total, busy = containers.get("total"), containers.get("running")
+    except SandboxError as error:
+        raise _sandbox_error("read the load", error) from None
+    load = busy / total if isinstance(busy, int) and isinstance(total, int) and total else 0.0
+    cpu = (usages.get("cpu") or {}).get("usage")
+    memory = None
+    used = (usages.get("memory") or {}).get("ram")
+    if used is not None:
+        host_ram = ((specs.get("host") or {}).get("memory") or {}).get("ram")
+        memory = f"{render.human_bytes(used)} / {render.human_bytes(host_ram)}"
+    return MagicResult(
+        value=float(load), bundles=[render.usage_line(load, busy, total, cpu, memory)]
+    )
+
+
+# -- the environment's files ---------------------------------------------------------------------
+
+
+def _environment_path(context: SandboxContext, path: str) -> str:
+    """A path of the environment, relative to its root: relative paths start at the shell's
+    current directory, absolute ones must be under the working directory."""
+    cwd = context.session.state.cwd or WORKING_DIR
+    full = posixpath.normpath(posixpath.join(cwd, path))
+    if full != WORKING_DIR and not full.startswith(WORKING_DIR + "/"):
+        raise MagicUsageError(f"{path!r} is outside the environment ({WORKING_DIR})")
+    return posixpath.relpath(full, WORKING_DIR)
+
+
+def _download_arguments(parser: _Parser) -> None:
+    parser.add_argument(
+        "path", nargs="?", help="a file of the environment (default: all of it, as .tgz)"
+    )
+    parser.add_argument("--uuid", help="another saved environment (default: the current one)")
+    parser.add_argument("--to", default=".", help="local folder to save into (default: here)")
+    parser.add_argument("--show", action="store_true", help="also show it below the cell")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing local file")
+
+
+@magic(
+    "sandbox_download",
+    "save a file (or the whole environment) locally",
+    arguments=_download_arguments,
+)
+def sandbox_download(
+    context: SandboxContext, args: argparse.Namespace, cell: str | None
+) -> MagicResult:
+    uuid = args.uuid or context.session.environment
+    if not uuid:
+        raise MagicFailed("There is no environment yet: run a cell first, or give --uuid UUID.")
+    remote = _environment_path(context, args.path) if args.path else None
+    name = posixpath.basename(remote) if remote and remote != "." else f"{uuid}.tgz"
+    if remote == ".":
+        remote = None
+    target = _local_target(context, args.to, name, args.force)
+    try:
+        data = context.connection.background.download(uuid, remote).getvalue()
+    except SandboxError as error:
+        raise _sandbox_error(f"download {args.path or 'the environment'}", error) from None
+    _write_new(target, data, args.force)
+    bundles = [
+        render.text(f"Saved {args.path or f'environment {uuid}'} ({len(data)} bytes) to {target}")
+    ]
+    if args.show and remote:
+        bundles.append(_shown(name, data))
+    return MagicResult(value=str(target), bundles=bundles)
+
+
+def _local_target(context: SandboxContext, folder: str, name: str, force: bool) -> Path:
+    """Where a download goes: ``name`` (a base name) directly in ``folder``, never elsewhere."""
+    base = (context.local_dir / folder).resolve()
+    if not base.is_dir():
+        raise MagicFailed(f"--to {folder}: no such local folder ({base}); create it first.")
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise MagicUsageError(f"{name!r} cannot be a local file name")
+    target = base / name
+    if target.is_symlink():
+        raise MagicFailed(f"{target} is a symbolic link: refusing to write through it.")
+    if target.exists() and not force:
+        raise MagicFailed(f"{target} already exists: add --force to overwrite it.")
+    return target
+
+
+def _write_new(target: Path, data: bytes, force: bool) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(target, flags, 0o644)
+    except FileExistsError:
+        raise MagicFailed(f"{target} already exists: add --force to overwrite it.") from None
+    except OSError as error:
+        raise MagicFailed(f"Cannot write {target}: {error}") from None
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+
+
+def _shown(name: str, data: bytes) -> render.Bundle:
+    return render.file_bundle(name, mime_type(name), data)
+
+
+def _upload_arguments(parser: _Parser) -> None:
+    parser.add_argument("paths", nargs="+", metavar="LOCAL", help="local files or folders")
+    parser.add_argument("--as", dest="name", help="name in the environment (one LOCAL only)")
+
+
+@magic(
+    "sandbox_upload",
+    "put local files or folders into the current environment",
+    arguments=_upload_arguments,
+)
+def sandbox_upload(
+    context: SandboxContext, args: argparse.Namespace, cell: str | None
+) -> MagicResult:
+    if args.name and len(args.paths) != 1:
+        raise MagicUsageError("%sandbox_upload: --as names one file; give a single LOCAL path")
+    local = [(context.local_dir / path) for path in args.paths]
+    missing = [str(path) for path in local if not path.exists()]
+    if missing:
+        raise MagicFailed(f"No such local file or folder: {', '.join(missing)}")
+    names = [args.name] if args.name else [path.resolve().name for path in local]
+    try:
+        archive = build_archive(local, names)
+    except (ArchiveError, OSError) as error:
+        raise MagicFailed(f"Cannot upload: {error}") from None
+    session = context.session
+    config: dict[str, Any] = {"commands": ["true"], "save": True}
+    if session.environment:
+        config["environment"] = session.environment
+    try:
+        answer = context.connection.client.execute(config, archive)
+    except SandboxError as error:
+        raise _sandbox_error("upload", error) from None
+    session.environment, session.expire = answer["environment"], answer.get("expire")
+    return MagicResult(
+        value=names,
+        bundles=[
+            render.text(
+                f"Uploaded {', '.join(names)}: there for the next cell "
+                f"(environment {session.environment})."
+            )
+        ],
+    )
+
+
+# -- what every cell gets -------------------------------------------------------------------------
+
+
+def _env_arguments(parser: _Parser) -> None:
+    parser.add_argument("assignments", nargs="*", metavar="NAME=VALUE")
+    parser.add_argument("--unset", action="append", default=[], metavar="NAME")
+
+
+@magic("sandbox_env", "variables sent as environ with every cell", arguments=_env_arguments)
+def sandbox_env(context: SandboxContext, args: argparse.Namespace, cell: str | None) -> MagicResult:
+    environ = context.session.environ
+    updates = {}
+    for assignment in args.assignments:
+        name, equals, value = assignment.partition("=")
+        ok, reason = protocol.validate_config({"commands": ["true"], "environ": {name: value}})
+        if not equals or not ok:
+            raise MagicUsageError(
+                f"%sandbox_env: {assignment!r}: write NAME=VALUE"
+                + (f" ({reason})" if equals else "")
+            )
+        updates[name] = value
+    environ.update(updates)
+    for name in args.unset:
+        environ.pop(name, None)
+    rows = sorted(environ.items())
+    bundle = (
+        render.table(["name", "value"], rows, caption="Sent with every cell")
+        if rows
+        else (render.text("No variables are sent with the cells."))
+    )
+    return MagicResult(value=dict(environ), bundles=[bundle])
+
+
+def _timeout_arguments(parser: _Parser) -> None:
+    parser.add_argument("seconds", nargs="?", type=float, help="per-cell limit (default: show)")
+
+
+@magic("sandbox_timeout", "the per-cell time limit", arguments=_timeout_arguments)
+def sandbox_timeout(
+    context: SandboxContext, args: argparse.Namespace, cell: str | None
+) -> MagicResult:
+    session = context.session
+    server = session.server_timeout()
+    if args.seconds is not None:
+        if not args.seconds > 0:
+            raise MagicUsageError("%sandbox_timeout: give a positive number of seconds")
+        if server is not None and args.seconds > server:
+            raise MagicFailed(
+                f"The sandbox allows at most {server:g} s per request: that is its "
+                "execute_timeout, set on the server (sandbox-kernel serve --execute-timeout "
+                "SECONDS for the embedded one). The limit stays "
+                f"{_timeout_text(session.timeout, server)}."
+            )
+        session.timeout = args.seconds
+    limit = session.timeout if session.timeout is not None else server
+    return MagicResult(
+        value=limit,
+        bundles=[render.text(f"Cell time limit: {_timeout_text(session.timeout, server)}.")],
+    )

@@ -1,0 +1,168 @@
+"""Teaching cells: a cell in one of the sandbox's languages is written to a file in the
+environment, compiled when the language needs it, and run; the file stays for later cells.
+
+The file gets one blank first line, so that a compiler's line numbers are the cell's own (the
+cell's first line is the ``%%c`` line). A failed compilation does not run anything. The JVM is
+given a heap that fits the sandbox's memory limit, or it would not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import posixpath
+import secrets
+import shlex
+
+from .._errors import SandboxError
+from ..session.connection import SandboxContext
+from .core import MagicFailed, MagicResult, MagicUsageError, _Parser, magic
+
+_DEFAULT_HEAP_MB = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Language:
+    name: str
+    file: str
+    needs: tuple[str, ...]
+    run: str  # {file} {stem} {args} {heap}
+    compile: str | None = None  # {file} {stem} {flags} {heap}
+    flags: str = ""
+    title: str = ""
+
+
+LANGUAGES = [
+    Language("python3", "main.py", ("python3",), "python3 {file} {args}", title="Python 3"),
+    Language(
+        "c", "main.c", ("gcc",), "./{stem} {args}", "gcc {flags} -o {stem} {file} -lm", "-Wall", "C"
+    ),
+    Language(
+        "cpp",
+        "main.cpp",
+        ("g++",),
+        "./{stem} {args}",
+        "g++ {flags} -o {stem} {file}",
+        "-Wall",
+        "C++",
+    ),
+    Language(
+        "java",
+        "Main.java",
+        ("javac", "java"),
+        "java -Xmx{heap}m -Xss1m -XX:+UseSerialGC -cp . {stem} {args}",
+        "javac -J-Xmx{heap}m {flags} {file}",
+        "",
+        "Java",
+    ),
+    Language("perl", "main.pl", ("perl",), "perl {file} {args}", title="Perl"),
+    Language("ruby", "main.rb", ("ruby",), "ruby {file} {args}", title="Ruby"),
+    Language("node", "main.js", ("node",), "node {file} {args}", title="JavaScript (Node.js)"),
+    Language("php", "main.php", ("php",), "php {file} {args}", title="PHP"),
+    Language("lua", "main.lua", ("lua",), "lua {file} {args}", title="Lua"),
+    Language("R", "main.R", ("Rscript",), "Rscript {file} {args}", title="R"),
+    Language("python2", "main.py", ("python2",), "python2 {file} {args}", title="Python 2"),
+]
+
+
+def _arguments(language: Language) -> object:
+    def add(parser: _Parser) -> None:
+        parser.add_argument(
+            "--file",
+            default=language.file,
+            help=f"file to write in the environment (default {language.file})",
+        )
+        parser.add_argument("--args", default="", help="command-line arguments, as one string")
+        parser.add_argument("--stdin", help="text given on standard input (\\n for new lines)")
+        if language.compile:
+            parser.add_argument(
+                "--flags",
+                default=language.flags,
+                help=f"compiler flags (default: {language.flags or 'none'})",
+            )
+
+    return add
+
+
+def _register(language: Language) -> None:
+    summary = f"{language.title}: write the cell to {language.file}, "
+    summary += "compile it and run it" if language.compile else "and run it"
+
+    @magic(language.name, summary, kind="cell", arguments=_arguments(language))  # type: ignore[arg-type]
+    def teaching_cell(
+        context: SandboxContext, args: argparse.Namespace, cell: str | None
+    ) -> MagicResult:
+        return run_teaching_cell(context, language, args, cell or "")
+
+
+for _language in LANGUAGES:
+    _register(_language)
+
+
+def run_teaching_cell(
+    context: SandboxContext, language: Language, args: argparse.Namespace, source: str
+) -> MagicResult:
+    _check_file_name(args.file)
+    _check_available(context, language)
+    return MagicResult(script=build(language, args, source, _heap_mb(context)))
+
+
+def build(language: Language, args: argparse.Namespace, source: str, heap: int) -> str:
+    """The bash script of a teaching cell."""
+    stem = posixpath.splitext(posixpath.basename(args.file))[0]
+    values = {
+        "file": shlex.quote(args.file),
+        "stem": shlex.quote(stem),
+        "args": " ".join(shlex.quote(a) for a in shlex.split(args.args)),
+        "heap": str(heap),
+        "flags": " ".join(shlex.quote(f) for f in shlex.split(getattr(args, "flags", "") or "")),
+    }
+    delimiter = f"SANDBOX_SOURCE_{secrets.token_hex(6)}"
+    folder = posixpath.dirname(args.file)
+    lines = [f"mkdir -p {shlex.quote(folder)}"] if folder else []
+    lines.append(f"cat > {values['file']} <<'{delimiter}'\n\n{source.rstrip(chr(10))}\n{delimiter}")
+    run = language.run.format(**values).strip()
+    if args.stdin is not None:
+        run = f"printf '%s\\n' {shlex.quote(args.stdin.replace(chr(92) + 'n', chr(10)))} | {run}"
+    if language.compile:
+        if folder:
+            lines.append(f"cd {shlex.quote(folder)}")
+            values["file"] = shlex.quote(posixpath.basename(args.file))
+        lines.append(f"{language.compile.format(**values).strip()} && {run}")
+        if folder:
+            lines.append("__sk_status=$?; cd - >/dev/null; (exit $__sk_status)")
+    else:
+        lines.append(run)
+    return "\n".join(lines) + "\n"
+
+
+def _check_file_name(name: str) -> None:
+    parts = name.split("/")
+    if not name or name.startswith("/") or ".." in parts or "\0" in name:
+        raise MagicUsageError(f"--file {name!r}: give a relative path inside the environment")
+
+
+def _check_available(context: SandboxContext, language: Language) -> None:
+    try:
+        executables = set(context.connection.background.bin or [])
+    except SandboxError as error:
+        raise MagicFailed(f"Could not list the sandbox's executables: {error}") from None
+    missing = [program for program in language.needs if program not in executables]
+    if missing:
+        raise MagicFailed(
+            f"This sandbox cannot run {language.title} cells: it has no "
+            f"{' and no '.join(missing)} on its PATH (%sandbox_libraries {missing[0]} searches "
+            "what it has)."
+        )
+
+
+def _heap_mb(context: SandboxContext) -> int:
+    """Half the sandbox's memory limit for the JVM heap (the rest: metaspace, threads)."""
+    try:
+        memory = context.connection.background.memory or {}
+    except SandboxError:
+        return _DEFAULT_HEAP_MB
+    ram = memory.get("ram")
+    if isinstance(ram, int) and ram > 0:
+        return max(32, ram // 2 // 1024**2)
+    return _DEFAULT_HEAP_MB

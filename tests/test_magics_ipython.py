@@ -1,0 +1,130 @@
+"""The same magics through the IPython extension (``%load_ext sandbox_kernel``), in a real
+IPython shell, against the embedded server."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.testing.globalipapp import start_ipython
+
+from sandbox_kernel.session import CellOutcome
+
+from .conftest import Server
+
+
+@pytest.fixture(scope="module")
+def shell(server: Server) -> Iterator[InteractiveShell]:
+    saved = {name: os.environ.get(name) for name in ("SANDBOX_URL", "SANDBOX_TOKEN")}
+    os.environ["SANDBOX_URL"], os.environ["SANDBOX_TOKEN"] = server.url, server.token or ""
+    ip = start_ipython()
+    assert ip is not None
+    ip.run_line_magic("load_ext", "sandbox_kernel")
+    yield ip
+    ip.run_line_magic("unload_ext", "sandbox_kernel")
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def run(shell: InteractiveShell, code: str) -> Any:
+    result = shell.run_cell(code)
+    return result
+
+
+def test_sandbox_cells_carry_environment_and_shell_state(
+    shell: InteractiveShell, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(shell, "%%sandbox --out first\nx=41; mkdir -p d && cd d && echo kept > f\necho hello")
+    first = shell.user_ns["first"]
+    assert isinstance(first, CellOutcome)
+    assert (first.ok, first.stdout, first.exit_code) == (True, "hello\n", 0)
+    run(shell, "%%sandbox --out second\necho $((x + 1)); pwd; cat f; exit 3")
+    second = shell.user_ns["second"]
+    assert second.stdout == "42\n/home/student/d\nkept\n"
+    assert not second.ok and second.error.ename == "ExitCode"
+    assert "ExitCode: command exited with status 3" in capsys.readouterr().err
+    assert second.environment and second.environment != first.environment
+
+
+def test_magics_return_python_objects(shell: InteractiveShell) -> None:
+    specs = shell.run_line_magic("sandbox_specs", "")
+    assert isinstance(specs, dict) and "container" in specs
+    assert "isolation" in specs._repr_mimebundle_()["text/plain"]
+    load = shell.run_line_magic("sandbox_usage", "")
+    assert isinstance(load, float) and 0.0 <= load <= 1.0
+    assert "load" in load._repr_mimebundle_()["text/plain"]
+    found = shell.run_line_magic("sandbox_libraries", "bash --category bin")
+    assert ("bin", "bash", "") in found
+    status = shell.run_line_magic("sandbox_status", "")
+    assert status["url"] == os.environ["SANDBOX_URL"]
+    environ = shell.run_line_magic("sandbox_env", "COURSE=intro")
+    assert environ == {"COURSE": "intro"}
+    run(shell, "%%sandbox --out shown\necho $COURSE")
+    assert shell.user_ns["shown"].stdout == "intro\n"
+    shell.run_line_magic("sandbox_env", "--unset COURSE")
+    assert shell.run_line_magic("sandbox_timeout", "4") == 4.0
+
+
+def test_teaching_cells_keep_ipythons_own_names(shell: InteractiveShell) -> None:
+    outcome = shell.run_cell_magic(
+        "sandbox_c",
+        "--stdin '2 5'",
+        '#include <stdio.h>\nint main(void) { int a, b; scanf("%d %d", &a, &b); '
+        'printf("%d\\n", a * b); return 0; }',
+    )
+    assert outcome.stdout == "10\n"
+    java = shell.run_cell_magic(
+        "sandbox_java",
+        "",
+        'public class Main { public static void main(String[] a) { System.out.println("j"); } }',
+    )
+    assert java.stdout == "j\n"
+    assert shell.run_cell_magic("sandbox_python3", "", "print(6 * 7)").stdout == "42\n"
+    assert shell.run_cell_magic("sandbox_perl", "", "print 1+1").stdout == "2"
+    # IPython's own %%python3, %%perl and %%bash still run locally.
+    for name in ("python3", "perl", "bash"):
+        magic = shell.find_cell_magic(name)
+        assert magic is not None and magic.__module__.startswith("IPython"), name
+
+
+def test_bad_uses_are_usage_errors_and_send_nothing(
+    shell: InteractiveShell, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    for line in (
+        "%sandbox_timeout soon",
+        "%sandbox_timeout 3600",
+        "%sandbox_use junk",
+        "%sandbox_env bad-name=1",
+        f"%sandbox_download ../../etc/passwd --to {tmp_path}",
+        "%%sandbox --bogus\necho no",
+        "%%sandbox_ruby\nputs 1",
+    ):
+        result = run(shell, line)
+        assert result.error_in_exec is not None or result.error_before_exec is not None, line
+    err = capsys.readouterr()
+    text = err.out + err.err
+    assert "usage: %sandbox_timeout" in text
+    assert "execute_timeout" in text
+    assert "outside the environment" in text
+    assert "no ruby" in text
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_and_upload(shell: InteractiveShell, tmp_path: Path) -> None:
+    (tmp_path / "local.txt").write_text("from here\n")
+    shell.run_line_magic("sandbox_upload", str(tmp_path / "local.txt"))
+    assert shell.run_cell_magic("sandbox", "--out up", "cat ~/local.txt") is None
+    assert shell.user_ns["up"].stdout == "from here\n"
+    run(shell, "%%sandbox\necho result > ~/out.txt")
+    saved = shell.run_line_magic(
+        "sandbox_download", f"~/out.txt --to {tmp_path}".replace("~", "/home/student")
+    )
+    assert Path(saved).read_text() == "result\n"
+    assert Path(saved).parent == tmp_path
