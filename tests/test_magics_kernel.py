@@ -194,13 +194,15 @@ def test_teaching_cells(kernel: KernelSession) -> None:
     assert "broken.c:3:" in broken.stderr  # the cell's own line 3
     assert kernel.run("ls broken 2>/dev/null; echo $?").stdout == "2\n"  # never ran
     cpp = kernel.run(
-        "%%cpp --flags '-O2 -std=c++17'\n#include <iostream>\nint main() { std::cout << \"cpp\" << std::endl; }"
+        "%%cpp --flags '-O2 -std=c++17'\n#include <iostream>\n"
+        'int main() { std::cout << "cpp" << std::endl; }'
     )
     assert cpp.stdout == "cpp\n", cpp.stderr
     java = kernel.run(
         "%%java --args 'x y'\npublic class Main {\n"
         "    public static void main(String[] args) {\n"
-        '        System.out.println("java " + args.length + " " + Runtime.getRuntime().maxMemory() / 1024 / 1024);\n'
+        "        long heap = Runtime.getRuntime().maxMemory() / 1024 / 1024;\n"
+        '        System.out.println("java " + args.length + " " + heap);\n'
         "    }\n}"
     )
     assert java.stdout.startswith("java 2 "), java.stderr
