@@ -128,3 +128,30 @@ def test_download_and_upload(shell: InteractiveShell, tmp_path: Path) -> None:
     )
     assert Path(saved).read_text() == "result\n"
     assert Path(saved).parent == tmp_path
+
+
+def test_connect_reset_use_help_and_cpp(
+    shell: InteractiveShell, start_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(shell, "%%sandbox --out before\nmarker=1; touch here")
+    uuid = shell.user_ns["before"].environment
+    previous = shell.run_line_magic("sandbox_reset", "")
+    assert previous == uuid
+    run(shell, "%%sandbox --out fresh\necho ${marker:-none}; ls | wc -l")
+    assert shell.user_ns["fresh"].stdout == "none\n0\n"
+    assert shell.run_line_magic("sandbox_use", uuid) == uuid
+    run(shell, "%%sandbox --out back\necho $marker; ls here")
+    assert shell.user_ns["back"].stdout == "1\nhere\n"
+    cpp = shell.run_cell_magic(
+        "sandbox_cpp", "", '#include <iostream>\nint main() { std::cout << "c++" << "\\n"; }'
+    )
+    assert cpp.stdout == "c++\n"
+    shell.run_line_magic("sandbox_help", "")
+    assert "%%sandbox_java" in capsys.readouterr().out
+    other = start_server("--workers", "1")
+    url = shell.run_line_magic("sandbox_connect", f"{other.url} --token {other.token}")
+    assert url == other.url
+    assert shell.run_line_magic("sandbox_status", "")["url"] == other.url
+    shell.run_line_magic(
+        "sandbox_connect", f"{os.environ['SANDBOX_URL']} --token {os.environ['SANDBOX_TOKEN']}"
+    )

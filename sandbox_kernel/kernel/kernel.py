@@ -357,7 +357,12 @@ class SandboxKernel(Kernel):
     async def do_shutdown(self, restart: bool) -> dict[str, Any]:
         self._interrupt()
         if self.context.started and self.sandbox.environment:
-            log.info("previous sandbox environment: %s", self.sandbox.environment)
+            # Kept in the kernel's log: after a restart, %sandbox_use UUID goes back to it.
+            self.log.warning(
+                "%s: the notebook's sandbox environment was %s",
+                "restarting" if restart else "shutting down",
+                self.sandbox.environment,
+            )
         await asyncio.to_thread(self.context.close)
         return {"status": "ok", "restart": restart}
 
