@@ -22,8 +22,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
 
-if not hasattr(tarfile, "data_filter"):  # pragma: no cover - Python < 3.10.12 / 3.11.4
-    raise ImportError("sandbox_kernel needs a Python with tarfile extraction filters (PEP 706)")
+#: tarfile's extraction filters (PEP 706) exist from Python 3.10.12 and 3.11.4; Debian 12's
+#: Python 3.11.2 lacks them. There, :func:`_legacy_checks` refuses what the filter would.
+_HAS_FILTERS = hasattr(tarfile, "data_filter")
+_FILTER_ERRORS: tuple[type[Exception], ...] = (
+    (tarfile.FilterError,) if _HAS_FILTERS else ()  # type: ignore[attr-defined,unused-ignore]
+)
 
 
 class ArchiveError(ValueError):
@@ -115,6 +119,20 @@ def _checked(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
     return member
 
 
+def _legacy_checks(member: tarfile.TarInfo) -> tarfile.TarInfo:
+    """What the ``data`` filter does, for Pythons without it: no link may point out (absolute
+    or ``..`` targets), no set-id bits, no ownership from the archive."""
+    if member.issym() or member.islnk():
+        target = member.linkname
+        if target.startswith("/") or ".." in target.split("/"):
+            raise ArchiveError(f"{member.name!r} is a link pointing outside the environment")
+    member.mode &= 0o777 if not member.isreg() else 0o755
+    if member.isreg():
+        member.mode |= 0o600
+    member.uid, member.gid, member.uname, member.gname = os.getuid(), os.getgid(), "", ""
+    return member
+
+
 def extract_archive(
     source: IO[bytes] | bytes, target: str | os.PathLike[str], limits: ArchiveLimits | None = None
 ) -> list[str]:
@@ -147,12 +165,15 @@ def extract_archive(
                     )
                 if total > limits.max_bytes:
                     raise ArchiveError(f"the environment holds more than {limits.max_bytes} bytes")
-                archive.extract(member, target, filter="data")
+                if _HAS_FILTERS:
+                    archive.extract(member, target, filter="data")
+                else:
+                    archive.extract(_legacy_checks(member), target)
                 names.append(member.name)
     except ArchiveError:
         _undo(target, before)
         raise
-    except tarfile.FilterError as error:
+    except _FILTER_ERRORS as error:
         _undo(target, before)
         raise ArchiveError(str(error)) from None
     except (tarfile.TarError, EOFError, OSError) as error:

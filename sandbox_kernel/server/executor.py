@@ -59,7 +59,7 @@ class Executor:
                 raise EnvironmentNotFound(config["environment"])
         try:
             await asyncio.wait_for(self._slots.acquire(), protocol.SLOT_WAIT_SECONDS)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # the builtin one only from Python 3.11
             raise Overloaded() from None
         self.busy += 1
         try:

@@ -139,7 +139,7 @@ class Runner:
         started = time.monotonic()
         try:
             code = await asyncio.wait_for(self._execute(command, environ), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # the builtin one only from Python 3.11
             code = -2
             await self.stop()
         elapsed = time.monotonic() - started
@@ -234,7 +234,7 @@ class BwrapRunner(Runner):
         asyncio.get_running_loop().add_reader(status_r, self._read_status)
         try:
             line = await asyncio.wait_for(self._status.readline(), _START_TIMEOUT)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # the builtin one only from Python 3.11
             line = b""
         if line != b"ready\n":
             message = self.stderr.take().decode(errors="replace").strip()
