@@ -126,9 +126,11 @@ def _legacy_checks(member: tarfile.TarInfo) -> tarfile.TarInfo:
         target = member.linkname
         if target.startswith("/") or ".." in target.split("/"):
             raise ArchiveError(f"{member.name!r} is a link pointing outside the environment")
-    member.mode &= 0o777 if not member.isreg() else 0o755
-    if member.isreg():
+    if member.isreg() or member.islnk():
+        member.mode &= 0o755 if member.mode & 0o100 else 0o644
         member.mode |= 0o600
+    else:  # directories get the usual mode, as with the filter
+        member.mode = 0o755
     member.uid, member.gid, member.uname, member.gname = os.getuid(), os.getgid(), "", ""
     return member
 
