@@ -197,3 +197,25 @@ def test_banner_says_not_isolated(start_server: StartServer, start_kernel: Start
     server = start_server("--isolation", "none", "--workers", "1")
     kernel = start_kernel(server)
     assert "NOT ISOLATED" in kernel.client.kernel_info(reply=True)["content"]["banner"]
+
+
+def test_shell_options_and_exit_traps_of_the_cell_are_respected(
+    server: Server, start_kernel: StartKernel
+) -> None:
+    kernel = start_kernel(server)
+    strict = kernel.run("set -euo pipefail; set -C; strict=1")
+    assert strict.status == "ok", strict.reply
+    exited = kernel.run("set -e; inner=2; exit 3")
+    assert exited.reply["evalue"] == "command exited with status 3"
+    trapped = kernel.run("trap 'echo cleanup ran' EXIT; trapped=3; cd /tmp")
+    assert trapped.stdout == "cleanup ran\n"
+    after = kernel.run('echo "$strict $inner $trapped"; pwd')
+    assert after.stdout == "1 2 3\n/tmp\n"
+    assert "shell state" not in after.stderr
+
+
+def test_an_internal_error_still_gets_a_reply(server: Server, start_kernel: StartKernel) -> None:
+    kernel = start_kernel(server)
+    cell = kernel.run('%%c --args "it\'s"\nint main(void) { return 0; }')
+    assert cell.status == "error" and cell.reply["ename"] == "UsageError"
+    assert kernel.run("echo alive").stdout == "alive\n"

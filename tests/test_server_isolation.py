@@ -581,3 +581,36 @@ def test_shutdown_kills_running_commands(start_server: Callable[..., Server]) ->
     assert not problems, "; ".join(problems)
     client.join(10)
     assert outcome, "the client never got an answer"
+
+
+def test_not_isolated_root_launcher_ignores_the_requests_environment(
+    start_server: Any, tmp_path: Path
+) -> None:
+    """With --isolation none, a request's PATH, LD_PRELOAD or launcher variables never reach
+    the part that runs as root."""
+    plain = start_server("--isolation", "none", "--workers", "1")
+    target = tmp_path / "must-stay-empty"
+    target.write_text("")
+    answer = plain.run(
+        "id -u; echo $MARKER",
+        environ={
+            "PATH": ".:/usr/bin:/bin",
+            "SK_CGROUP_PROCS": str(target),
+            "LD_PRELOAD": "/nonexistent.so",
+            "MARKER": "seen",
+        },
+    )
+    lines = answer["execution"][0]["stdout"].splitlines()
+    assert lines[0] != "0" and lines[1] == "seen"
+    assert target.read_text() == ""
+    killed = plain.run("kill -9 $$")
+    assert killed["execution"][0]["exit_code"] == 137
+
+
+def test_permissions_taken_away_by_a_command_do_not_break_the_environment(
+    server: Any,
+) -> None:
+    first = server.run("echo x > f; chmod 000 f; mkdir d; touch d/in; chmod 000 d", save=True)
+    again = server.run("chmod 700 d; ls d; echo ok", environment=first["environment"], save=True)
+    assert again["execution"][0]["stdout"] == "in\nok"
+    assert server.get(f"environments/{again['environment']}/").status_code == 200

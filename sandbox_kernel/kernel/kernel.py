@@ -134,6 +134,18 @@ class SandboxKernel(Kernel):
         except (magics.MagicUsageError, magics.MagicFailed) as problem:
             name = "UsageError" if isinstance(problem, magics.MagicUsageError) else "MagicError"
             outcome = CellOutcome(error=CellError(name, str(problem)))
+        except Exception as bug:  # a reply is owed whatever happens, or the cell hangs
+            self.log.exception("internal error running a cell")
+            outcome = CellOutcome(
+                error=CellError(
+                    "InternalError",
+                    f"{type(bug).__name__}: {bug}",
+                    [
+                        "This is a bug of the Sandbox kernel, not of the cell; the kernel log has "
+                        "the details. The kernel keeps running."
+                    ],
+                )
+            )
         if outcome is None:
             return self._ok()
         if not silent:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import math
 import os
 import posixpath
 from pathlib import Path
@@ -86,7 +87,10 @@ def sandbox_status(
 
 
 def _timeout_text(own: float | None, server: float | None) -> str:
-    server_text = f"{server:g} s" if server is not None else "unknown"
+    if server is None:  # a 3.x public server does not tell its execute_timeout
+        server_text = "its own execute_timeout, which it does not tell"
+    else:
+        server_text = f"{server:g} s"
     if own is None:
         return f"the server's execute_timeout ({server_text})"
     return f"{own:g} s (%sandbox_timeout; the server allows up to {server_text})"
@@ -421,7 +425,7 @@ def sandbox_timeout(
     session = context.session
     server = session.server_timeout()
     if args.seconds is not None:
-        if not args.seconds > 0:
+        if not (args.seconds > 0 and math.isfinite(args.seconds)):
             raise MagicUsageError("%sandbox_timeout: give a positive number of seconds")
         if server is not None and args.seconds > server:
             raise MagicFailed(

@@ -104,7 +104,11 @@ def run_teaching_cell(
 ) -> MagicResult:
     _check_file_name(args.file)
     _check_available(context, language)
-    return MagicResult(script=build(language, args, source, _heap_mb(context)))
+    try:
+        script = build(language, args, source, _heap_mb(context))
+    except ValueError as error:  # unbalanced quotes in --args or --flags
+        raise MagicUsageError(f"%%{language.name}: --args/--flags: {error}") from None
+    return MagicResult(script=script)
 
 
 def build(language: Language, args: argparse.Namespace, source: str, heap: int) -> str:

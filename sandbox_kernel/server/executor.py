@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -72,14 +73,16 @@ class Executor:
         self, config: Mapping[str, Any], base: Path | None, upload: Path | None
     ) -> dict[str, Any]:
         started = time.monotonic()
-        runner = await self.pool.take()
-        workdir = runner.workdir
+        current = _Current(await self.pool.take())
+        workdir = current.runner.workdir
         saved = False
         try:
             snapshot = await self._prepare(workdir, base, upload)
-            status, execution, runner = await self._run_commands(runner, config)
-            # The agent killed every process of the last command before reporting its exit
-            # code: nothing touches the directory any more while it is read and saved.
+            status, execution = await self._run_commands(current, config)
+            runner = current.runner
+            # Nothing may write to the directory while it is read and saved: stop the
+            # sandbox and wait until it is empty (see BwrapRunner.stop).
+            await runner.stop()
             response: dict[str, Any] = {"status": status, "execution": execution}
             if "result_path" in config:
                 result, error = await asyncio.to_thread(_read_result, workdir, config)
@@ -96,7 +99,7 @@ class Executor:
         finally:
             # Torn down in the background (also when the client went away and this handler
             # is cancelled): the answer does not wait for it.
-            self.pool.release(runner, remove_workdir=not saved)
+            self.pool.release(current.runner, remove_workdir=not saved)
 
     async def _prepare(self, workdir: Path, base: Path | None, upload: Path | None) -> Snapshot:
         iso = self.isolation
@@ -113,22 +116,23 @@ class Executor:
         return snapshot
 
     async def _run_commands(
-        self, runner: Runner, config: Mapping[str, Any]
-    ) -> tuple[int, list[dict[str, Any]], Runner]:
+        self, current: _Current, config: Mapping[str, Any]
+    ) -> tuple[int, list[dict[str, Any]]]:
         # The budget is spent by the commands' own times, as on the public server (3.x); the
         # effective timeout keeps its type because it is printed back ("after 1 seconds").
         budget: float = self.settings.execute_timeout
-        environ = self.isolation.base_environ(runner.workdir)
+        environ = self.isolation.base_environ(current.runner.workdir)
         environ.update({name: str(value) for name, value in config.get("environ", {}).items()})
         execution: list[dict[str, Any]] = []
         status = protocol.STATUS_OK
         for item in config["commands"]:
             command, own_timeout, may_fail = protocol.split_command(item)
             timeout = budget if own_timeout is None or own_timeout > budget else own_timeout
-            if runner.spent:  # the previous command timed out or flooded its output
-                await self.pool.discard(runner, remove_workdir=False)
-                runner = await self.pool.create(runner.workdir)
-            outcome = await self._run_one(runner, command, environ, timeout)
+            if current.runner.spent:  # the previous command timed out or flooded its output
+                workdir = current.runner.workdir
+                await self.pool.discard(current.runner, remove_workdir=False)
+                current.runner = await self.pool.create(workdir)
+            outcome = await self._run_one(current.runner, command, environ, timeout)
             execution.append(_entry(command, outcome, timeout))
             budget -= outcome.elapsed
             code = outcome.exit_code
@@ -136,7 +140,7 @@ class Executor:
             if (code < 0 and code != protocol.STATUS_TIMEOUT) or (code != 0 and not may_fail):
                 status = code
                 break
-        return status, execution, runner
+        return status, execution
 
     async def _run_one(
         self, runner: Runner, command: str, environ: Mapping[str, str], timeout: float
@@ -155,6 +159,14 @@ class Executor:
                 0.0,
                 notes=[f"{protocol.UNKNOWN_ERROR_TEXT.strip()} ({error})"],
             )
+
+
+@dataclasses.dataclass
+class _Current:
+    """The runner of a request: a timed-out command replaces it midway, and whoever cleans
+    up (also after a cancellation) must see the latest one."""
+
+    runner: Runner
 
 
 def _entry(command: str, outcome: CommandOutcome, timeout: float) -> dict[str, Any]:
@@ -212,7 +224,7 @@ def _merge(source: Path, target: Path) -> None:
                     shutil.rmtree(destination)
                 else:
                     destination.unlink()
-            os.rename(entry.path, destination)
+            shutil.move(entry.path, destination)  # a rename, or a copy across file systems
     with contextlib.suppress(OSError):
         source.rmdir()
 

@@ -240,6 +240,7 @@ class BwrapRunner(Runner):
             message = self.stderr.take().decode(errors="replace").strip()
             await self.close()
             raise IsolationError(f"bubblewrap runner did not start: {message or 'no message'}")
+        self._init_pid, self._pid_namespace = _namespace_of(self.process.pid)
 
     def _read_status(self) -> None:
         try:
@@ -269,15 +270,29 @@ class BwrapRunner(Runner):
         return int(line)
 
     async def stop(self) -> None:
+        """Kill the sandbox and wait until none of its processes is left.
+
+        Callers rely on the wait: a command may fake the agent's "done" (it can reach the
+        agent's pipes through /proc as the same user), so the working directory is read and
+        saved only once nothing in the sandbox can write to it any more.
+        """
         self.spent = True
         process, self.process = self.process, None
-        if process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+        if process is None:
             await super().stop()
-            await process.wait()
-        else:
-            await super().stop()
+            return
+        for pid in (getattr(self, "_init_pid", None), process.pid):
+            if pid:  # killing the namespace's PID 1 kills every process in it at once
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        counted = self.cgroup is not None  # then the cgroup tells when the sandbox is empty
+        await super().stop()
+        await process.wait()
+        namespace = getattr(self, "_pid_namespace", None)
+        if namespace is not None and not counted:
+            await asyncio.to_thread(_wait_for_empty_namespace, namespace)
 
     async def close(self) -> None:
         await self.stop()
@@ -304,28 +319,63 @@ class PlainRunner(Runner):
 
     async def _execute(self, command: str, environ: Mapping[str, str]) -> int:
         iso = self.isolation
+        # The request's variables are applied by `env -i` after privileges are dropped: a
+        # PATH or LD_PRELOAD of the request must never reach the root launcher.
         wrapper = iso.rlimit_shell() + 'exec /bin/bash -c "$0"'
         process = await asyncio.create_subprocess_exec(
             *iso.launcher(self.cgroup),
+            iso.env_program,
+            "-i",
+            *(f"{name}={value}" for name, value in environ.items()),
             "/bin/bash",
             "-c",
             wrapper,
             command,
             cwd=self.workdir,
-            env={**iso.launcher_env(self.cgroup), **environ},
+            env=iso.launcher_env(self.cgroup),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=self._out_w,
             stderr=self._err_w,
             start_new_session=True,
         )
         try:
-            return await process.wait()
+            code = await process.wait()
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             if self.cgroup is not None:
                 await asyncio.to_thread(self.cgroup.kill)
             await process.wait()
+        return 128 - code if code < 0 else code  # killed by a signal, as bash reports it
+
+
+def _namespace_of(bwrap_pid: int) -> tuple[int | None, str | None]:
+    """The PID (outside) and PID-namespace id of a bubblewrap sandbox's PID 1."""
+    try:
+        children = Path(f"/proc/{bwrap_pid}/task/{bwrap_pid}/children").read_text().split()
+        init = int(children[0])
+        return init, os.readlink(f"/proc/{init}/ns/pid")
+    except (OSError, IndexError, ValueError):
+        return None, None
+
+
+def _wait_for_empty_namespace(namespace: str, deadline: float = 5.0) -> None:
+    """Until no process of that PID namespace is left (they die asynchronously)."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        alive = False
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if os.readlink(f"/proc/{entry}/ns/pid") == namespace:
+                        alive = True
+                        break
+                except OSError:
+                    continue
+        if not alive:
+            return
+        time.sleep(0.001)
+    log.warning("processes of a stopped sandbox are still alive after %.0f s", deadline)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -351,6 +401,9 @@ class Isolation:
             account = pwd.getpwnam(settings.run_as)
             self.uid, self.gid = account.pw_uid, account.pw_gid
         self._names = itertools.count()
+        # Absolute paths: the launcher runs as root and must not search a request's PATH.
+        self.setpriv_program = shutil.which("setpriv", path=_PATH) or "/usr/bin/setpriv"
+        self.env_program = shutil.which("env", path=_PATH) or "/usr/bin/env"
 
     @property
     def isolated(self) -> bool:
@@ -414,7 +467,7 @@ class Isolation:
             prefix += ["/bin/sh", "-c", _JOIN_CGROUPS, "sh"]
         if self.as_root:
             prefix += [
-                "setpriv",
+                self.setpriv_program,
                 f"--reuid={self.uid}",
                 f"--regid={self.gid}",
                 "--clear-groups",

@@ -41,6 +41,8 @@ from .settings import ServerSettings, format_size
 log = logging.getLogger(__name__)
 
 _CACHED_ARCHIVES = 16
+#: A description without its directory is left alone this long (a save in progress).
+_SAVE_GRACE = 60.0
 
 
 class StorageFull(Exception):
@@ -53,10 +55,11 @@ class NotConfined(Exception):
 
 @dataclasses.dataclass
 class Snapshot:
-    """What a working directory was filled with: ``relative path -> (ino, ctime_ns, source)``."""
+    """What a working directory was filled with: relative path -> identity of the copy (see
+    :func:`_identity`) and the saved file it was copied from."""
 
     base: Path | None = None
-    files: dict[str, tuple[int, int, Path]] = dataclasses.field(default_factory=dict)
+    files: dict[str, tuple[int, int, int, int, Path]] = dataclasses.field(default_factory=dict)
 
 
 class Storage:
@@ -113,10 +116,16 @@ class Storage:
         removed = 0
         names = {entry.name.removesuffix(".json") for entry in self.environments.iterdir()}
         for name in names:
-            with self._lock:  # a save renames and describes its directory under this lock
+            with self._lock:  # a save describes, then renames its directory under this lock
                 expire = _read_expire(self.environments / f"{name}.json")
                 if expire is not None and expire > now and (self.environments / name).is_dir():
                     continue
+                if (
+                    expire is not None
+                    and expire > now
+                    and _younger_than(self.environments / f"{name}.json", _SAVE_GRACE)
+                ):
+                    continue  # another server sharing the data dir is saving it right now
                 doomed = self._detach(name)
             self._delete(doomed)
             removed += 1
@@ -180,7 +189,7 @@ class Storage:
                     os.lchown(target, uid, gid)
             elif stat.S_ISREG(entry_stat.st_mode):
                 copied = _copy_file(source, target, entry_stat, uid if chown else -1, gid)
-                snapshot.files[relative] = (copied.st_ino, copied.st_ctime_ns, source)
+                snapshot.files[relative] = (*_identity(copied), source)
         return snapshot
 
     def usage_of(self, workdir: Path) -> int:
@@ -199,6 +208,8 @@ class Storage:
         The directory is moved, not copied; files the run did not change become links to the
         base environment's. Raises :class:`StorageFull` rather than evicting anything.
         """
+        if os.geteuid() != 0:
+            _make_readable(workdir)
         size = self.usage_of(workdir)
         if size > self.settings.workdir_quota:
             raise StorageFull(
@@ -225,9 +236,9 @@ class Storage:
             shutil.copytree(workdir, moved, symlinks=True)
             shutil.rmtree(workdir)
             workdir = moved
-        with self._lock:
-            os.rename(workdir, self.environments / name)
+        with self._lock:  # description first: a sweep never sees a directory without one
             self._write_json(self.environments / f"{name}.json", {"expire": expire})
+            os.rename(workdir, self.environments / name)
         return name, expire
 
     def _deduplicate(self, workdir: Path, snapshot: Snapshot) -> int:
@@ -242,10 +253,10 @@ class Storage:
                 path.unlink()
                 continue
             recorded = snapshot.files.get(relative)
-            if recorded and recorded[:2] == (entry_stat.st_ino, entry_stat.st_ctime_ns):
+            if recorded and recorded[:4] == _identity(entry_stat):
                 temporary = path.with_name(f".{path.name}.sk-link")
                 try:
-                    os.link(recorded[2], temporary)
+                    os.link(recorded[4], temporary)
                 except OSError:  # another file system, or the base is gone: keep the copy
                     new_bytes += entry_stat.st_size
                     continue
@@ -373,6 +384,38 @@ def open_beneath(root: Path, relative: str) -> int:
         raise NotConfined(relative)
     os.set_blocking(fd, True)
     return fd
+
+
+def _identity(info: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells that a copied file was not touched: same inode, ctime (a command cannot set
+    it back), and, for kernels whose timestamps are coarse, same mtime and size."""
+    return info.st_ino, info.st_ctime_ns, info.st_mtime_ns, info.st_size
+
+
+def _younger_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime < seconds
+    except OSError:
+        return False
+
+
+def _make_readable(root: Path) -> None:
+    """Give the owner read (and search) access everywhere (``chmod 000`` by a command).
+
+    A server that is not root would otherwise fail to copy or archive such files later.
+    """
+    os.chmod(root, stat.S_IMODE(root.lstat().st_mode) | 0o700)
+    for directory, subdirectories, files in os.walk(root):
+        for name in subdirectories:
+            path = os.path.join(directory, name)
+            mode = os.lstat(path).st_mode
+            if not stat.S_ISLNK(mode):
+                os.chmod(path, stat.S_IMODE(mode) | 0o700)
+        for name in files:
+            path = os.path.join(directory, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISREG(mode):
+                os.chmod(path, stat.S_IMODE(mode) | 0o600)
 
 
 def _as_student(info: tarfile.TarInfo) -> tarfile.TarInfo:

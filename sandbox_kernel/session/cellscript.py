@@ -35,7 +35,9 @@ _BASH_VARIABLES = (
     "BASH_EXECUTION_STRING BASH_LINENO BASH_LOADABLES_PATH BASH_REMATCH BASH_SOURCE "
     "BASH_SUBSHELL BASH_VERSINFO BASH_VERSION COLUMNS COMP_WORDBREAKS DIRSTACK EPOCHREALTIME "
     "EPOCHSECONDS EUID FUNCNAME GROUPS HISTCMD HOSTNAME HOSTTYPE IFS LINENO LINES MACHTYPE "
-    "OPTERR OPTIND OSTYPE PIPESTATUS PPID PS4 PWD RANDOM SECONDS SHELLOPTS SHLVL SRANDOM UID _"
+    "OPTERR OPTIND OSTYPE PIPESTATUS PPID PS4 PWD RANDOM SECONDS SHELLOPTS SHLVL SRANDOM UID _ "
+    # Set by the server for every run (the working directory may move between runs).
+    "HOME OLDPWD"
 )
 
 # The whole prologue and exit trap use bash builtins only (no fork in the common path): each
@@ -46,7 +48,9 @@ _PROLOGUE = r"""
 __sk_nonce=@NONCE@
 __sk_environ=' @ENVIRON@ '
 __sk_skip=' @SKIP@ '
+__sk_root=$PWD
 __sk_dir=$PWD/@STATE_DIR@
+__sk_user_exit=
 __sk_state=@STATE@
 if [ -z "$__sk_state" ]; then  # not known (a fresh or reused environment): the newest
     __sk_state=state-a.sh
@@ -72,27 +76,38 @@ __sk_collect() {  # fill __sk_vars and __sk_funcs with what is worth saving
     mapfile -t __sk_all <"$__sk_dir/names"
     __sk_funcs=()
     for __sk_name in "${__sk_all[@]}"; do
-        case $__sk_name in __sk_* | display) ;; *) __sk_funcs+=("$__sk_name") ;; esac
+        case $__sk_name in __sk_* | display | trap) ;; *) __sk_funcs+=("$__sk_name") ;; esac
     done
 }
 
 __sk_save() {
     local __sk_status=$? IFS=$' \t\n' __sk_name __sk_entries __sk_i
     local -a __sk_vars __sk_funcs
-    trap - EXIT
+    set +eu +C +o pipefail  # the user's shell options must not break the saving
+    builtin trap - EXIT
+    if [ -n "$__sk_user_exit" ]; then  # the cell's own EXIT trap runs first
+        (exit "$__sk_status")
+        eval "$__sk_user_exit"
+    fi
     printf '\003'
     printf '\003' >&2
     [ -d "$__sk_dir" ] || mkdir -p "$__sk_dir"
     __sk_collect
+    __sk_cwd=$PWD  # as the protocol names it (/home/student/...), whatever the real path
+    [ "${PWD#"$__sk_root"}" != "$PWD" ] && __sk_cwd=/home/student${PWD#"$__sk_root"}
     {
         ((${#__sk_vars[@]})) && declare -p "${__sk_vars[@]}"
         ((${#__sk_funcs[@]})) && declare -f "${__sk_funcs[@]}"
         alias -p
-        printf 'cd -- %q 2>/dev/null || true\n' "$PWD"
+        if [ "$PWD" = "$__sk_root" ] || [ "${PWD#"$__sk_root"/}" != "$PWD" ]; then
+            printf 'cd -- "$PWD"%q 2>/dev/null || true\n' "${PWD#"$__sk_root"}"
+        else
+            printf 'cd -- %q 2>/dev/null || true\n' "$PWD"
+        fi
     } >"$__sk_dir/$__sk_next" 2>/dev/null
     {
         printf '%s\n#status %s\n#cwd %s\n#state %s\n#display\n' \
-            "$__sk_nonce" "$__sk_status" "$PWD" "$__sk_next"
+            "$__sk_nonce" "$__sk_status" "$__sk_cwd" "$__sk_next"
         if [ -d "$__sk_dir/display" ]; then
             __sk_entries=("$__sk_dir"/display/*)
             for ((__sk_i = 0; __sk_i < ${#__sk_entries[@]}; __sk_i++)); do  # N-name, in order
@@ -112,11 +127,30 @@ __sk_save() {
         printf '#functions\n'
         ((${#__sk_funcs[@]})) && printf '%s\n' "${__sk_funcs[@]}"
         printf '#aliases\n'
-        compgen -a
+        compgen -a || true
     } >"$__sk_dir/result" 2>/dev/null
     exit "$__sk_status"
 }
 trap __sk_save EXIT
+
+trap() {  # an EXIT trap of the cell's runs before the state is saved, not instead
+    local __sk_action __sk_signal
+    local -a __sk_others=()
+    [ "$1" = -- ] && shift
+    if [ "$#" -lt 2 ] || { [ "${1:0:1}" = - ] && [ "$1" != - ]; }; then
+        builtin trap "$@"
+        return
+    fi
+    __sk_action=$1
+    shift
+    for __sk_signal in "$@"; do
+        case $__sk_signal in
+        EXIT | 0) __sk_user_exit=$__sk_action && [ "$__sk_action" = - ] && __sk_user_exit= ;;
+        *) __sk_others+=("$__sk_signal") ;;
+        esac
+    done
+    ((${#__sk_others[@]} == 0)) || builtin trap -- "$__sk_action" "${__sk_others[@]}"
+}
 
 display() {  # display FILE...: show files inline below the cell
     local __sk_file __sk_shown

@@ -288,7 +288,10 @@ def _exit_code(code: int) -> CellError:
 def _timed_out(session: Session) -> CellError:
     server = session.server_timeout()
     server_text = f"{server:g} s" if server is not None else "its execute_timeout"
-    if session.timeout is not None and (server is None or session.timeout < server):
+    if session.timeout is not None and server is None:  # which one struck is not known
+        limit = (f"the limit in force: {session.timeout:g} s (%sandbox_timeout) or the "
+                 "server's own execute_timeout, whichever is shorter")  # fmt: skip
+    elif session.timeout is not None and session.timeout < server:  # type: ignore[operator]
         limit = f"{session.timeout:g} s, set with %sandbox_timeout"
     else:
         limit = f"{server_text}, the server's execute_timeout"
