@@ -492,6 +492,11 @@ class Sandbox:
         return self._category(SPECIFICATIONS)
 
     @property
+    def has_specifications(self) -> bool:
+        """Whether the specifications are cached already (reading them costs nothing)."""
+        return SPECIFICATIONS in self._cache
+
+    @property
     def generation(self) -> int:
         """3 for a server answering with ``host``/``container`` shapes, 2 for the flat ones."""
         return 3 if _is_v3(self._category(SPECIFICATIONS)) else 2

@@ -46,6 +46,13 @@ def load_ipython_extension(shell: InteractiveShell) -> None:
         name = f"sandbox_{magic.name}" if magic.kind == "cell" else magic.name
         register(_adapter(shell, magic), magic_kind=magic.kind, magic_name=name)
     register(_sandbox_cell(shell), magic_kind="cell", magic_name="sandbox")
+    shell.events.register("post_run_cell", lambda result: _cell_done(shell))
+
+
+def _cell_done(shell: InteractiveShell) -> None:
+    context = _CONTEXTS.get(id(shell))
+    if context is not None and context.started:
+        context.cell_done()
 
 
 def unload_ipython_extension(shell: InteractiveShell) -> None:
@@ -62,6 +69,10 @@ def _adapter(shell: InteractiveShell, magic: magics.Magic) -> Any:
             raise UsageError(str(problem)) from None
         if result.script is not None:
             return _run_cell(shell, result.script)
+        if result.view is not None:
+            publish_display_data(result.view._repr_mimebundle_())  # type: ignore[no-untyped-call]
+            result.view.start()
+            return None
         return _shown(result.value, result.bundles)
 
     run.__doc__ = f"{magic.summary}\n\n{magic.parser.format_help()}"

@@ -80,6 +80,7 @@ class SandboxKernel(Kernel):
         self._libraries: dict[str, Any] | None = None
         self._libraries_thread: threading.Thread | None = None
         self._pending_notices = self._reopened_notice()
+        self._wire_comms()
 
     @property
     def sandbox(self) -> Session:
@@ -89,6 +90,22 @@ class SandboxKernel(Kernel):
     @property
     def sandbox_url(self) -> str:
         return self.context.connection.url
+
+    def _wire_comms(self) -> None:
+        """Comms for widgets (the panel): a kernelbase.Kernel gets no comm handlers of its own.
+
+        The same wiring as ipykernel's Python kernel: one CommManager, the comm package told
+        to create ipykernel comms, and the three comm messages routed to the manager (which
+        ipykernel 7 dispatches even while a cell runs).
+        """
+        import comm
+        from ipykernel.comm import Comm, CommManager
+
+        self.comm_manager = CommManager(parent=self, kernel=self)
+        comm.create_comm = Comm
+        comm.get_comm_manager = lambda: self.comm_manager
+        for message in ("comm_open", "comm_msg", "comm_close"):
+            self.shell_handlers[message] = getattr(self.comm_manager, message)
 
     # -- kernel_info -------------------------------------------------------------------------------
 
@@ -146,6 +163,8 @@ class SandboxKernel(Kernel):
                     ],
                 )
             )
+        if self.context.started:
+            self.context.cell_done()
         if outcome is None:
             return self._ok()
         if not silent:
@@ -190,10 +209,16 @@ class SandboxKernel(Kernel):
             raise magics.MagicUsageError(f"%%{name} is a cell magic: put it on the first line")
         if body is not None and magic.kind == "line":
             raise magics.MagicUsageError(f"%{name} is a line magic: write it with one %")
-        result = await asyncio.to_thread(magic.run, self.context, arguments, body)
+        if name == "sandbox_panel":  # widgets are made on the event loop's thread
+            result = magic.run(self.context, arguments, body)
+        else:
+            result = await asyncio.to_thread(magic.run, self.context, arguments, body)
         if not silent:
             for bundle in result.bundles:
                 self._display(bundle)
+        if result.view is not None:
+            self._display(result.view._repr_mimebundle_())
+            result.view.start()
         if result.script is not None:
             return await self._run_cell(result.script)
         return None

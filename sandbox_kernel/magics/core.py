@@ -37,6 +37,8 @@ class MagicResult:
     bundles: list[Bundle] = dataclasses.field(default_factory=list)
     #: A bash script the front-end runs as a cell (teaching cells), with interrupts and all.
     script: str | None = None
+    #: A live view to display, then ``start()`` on the front-end's event loop (the panel).
+    view: Any = None
 
 
 Operation = Callable[[SandboxContext, argparse.Namespace, "str | None"], MagicResult]

@@ -440,3 +440,23 @@ def sandbox_timeout(
         value=limit,
         bundles=[render.text(f"Cell time limit: {_timeout_text(session.timeout, server)}.")],
     )
+
+
+# -- the panel -------------------------------------------------------------------------------------
+
+
+def _panel_arguments(parser: _Parser) -> None:
+    parser.add_argument("--interval", type=float, default=2.0,
+                        help="seconds between load refreshes (default 2)")  # fmt: skip
+
+
+@magic("sandbox_panel", "a live panel: overview, specs, libraries, load, files",
+       arguments=_panel_arguments)  # fmt: skip
+def sandbox_panel(
+    context: SandboxContext, args: argparse.Namespace, cell: str | None
+) -> MagicResult:
+    if not (0.5 <= args.interval <= 600):
+        raise MagicUsageError("%sandbox_panel: --interval is between 0.5 and 600 seconds")
+    from ..views.panel import SandboxPanel  # ipywidgets is only needed here
+
+    return MagicResult(view=SandboxPanel(context, interval=args.interval))

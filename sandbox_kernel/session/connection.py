@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Any
 
 from .._errors import SandboxError
 from ..client import Sandbox
@@ -53,6 +54,8 @@ class SandboxContext:
         #: How this front-end names teaching cells: ``%%c`` in the kernel, ``%%sandbox_c``
         #: in IPython, where ``%%python3`` and friends already run locally.
         self.teaching_prefix = ""
+        #: Open panels (``%sandbox_panel``): told after each cell, closed with the context.
+        self.panels: list[Any] = []
 
     @property
     def connection(self) -> Connection:
@@ -87,7 +90,16 @@ class SandboxContext:
         self._session = Session(candidate.client)
         return candidate
 
+    def cell_done(self) -> None:
+        """After each cell: open panels show the new environment."""
+        for panel in list(self.panels):
+            with contextlib.suppress(Exception):
+                panel.refresh_environment()
+
     def close(self) -> None:
+        for panel in list(self.panels):
+            with contextlib.suppress(Exception):
+                panel.close()
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 self._connection.close()

@@ -1,0 +1,385 @@
+"""The sandbox panel (``%sandbox_panel``): an ipywidgets view of the sandbox that stays live.
+
+Tabs: Overview, Specifications, Libraries (search as you type), Load (gauge, CPU, memory and
+a small history, refreshed in the background) and Files (download or show a file).
+
+Everything slow happens off the kernel's event loop, in worker threads, with the panel's own
+client (a requests session is not meant to be shared between threads). Polling keeps at most
+one request in flight: the next one starts after the previous one answered, and the interval
+stretches to 1.5 times the last round trip (``usages/`` takes 2 s on the public server). While
+the sandbox is unreachable the wait doubles up to a minute, the panel says so, and it recovers
+by itself. Polling stops when the panel is closed and when the kernel shuts down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import html
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ipywidgets as widgets
+
+from .._errors import SandboxError
+from ..client import Sandbox
+from ..session import mime_type
+from ..session.connection import SandboxContext
+from . import render
+
+log = logging.getLogger(__name__)
+
+CATEGORIES = ["all", "system", "python", "perl", "c", "bin"]
+_ROWS = 100
+_HISTORY_SECONDS = 300.0
+_MAX_BACKOFF = 60.0
+
+
+@dataclasses.dataclass
+class LoadSample:
+    """The load at one moment: busy / total containers, and the host's CPU and memory."""
+
+    busy: int | None
+    total: int | None
+    cpu: float | None = None
+    memory_used: int | None = None
+    memory_total: int | None = None
+    at: float = dataclasses.field(default_factory=time.time)
+
+    @property
+    def load(self) -> float:
+        if not self.busy or not self.total:
+            return 0.0
+        return max(0.0, min(1.0, self.busy / self.total))
+
+    def line(self) -> render.Bundle:
+        memory = None
+        if self.memory_used is not None:
+            memory = (
+                f"{render.human_bytes(self.memory_used)} / {render.human_bytes(self.memory_total)}"
+            )
+        return render.usage_line(self.load, self.busy, self.total, self.cpu, memory)
+
+
+def sample_load(client: Sandbox) -> LoadSample:
+    """One load sample: ``usages/`` on 3.x servers, ``specifications/`` counts on 2.x."""
+    specs = client.cached_specifications()
+    if client.generation == 3:
+        usages = client.usages()
+        host_memory = (specs.get("host") or {}).get("memory") or {}
+        return LoadSample(
+            busy=_int(usages.get("container")),
+            total=_int((specs.get("container") or {}).get("count")),
+            cpu=(usages.get("cpu") or {}).get("usage"),
+            memory_used=_int((usages.get("memory") or {}).get("ram")),
+            memory_total=_int(host_memory.get("ram")),
+        )
+    containers = client.specifications().get("containers") or {}
+    return LoadSample(busy=_int(containers.get("running")), total=_int(containers.get("total")))
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class Poller:
+    """Calls ``sample`` in a worker thread, one call at a time, until stopped.
+
+    ``interval`` is the wish; the real wait is at least 1.5 times the last round trip, and
+    doubles (up to a minute) while ``sample`` fails.
+    """
+
+    def __init__(
+        self,
+        sample: Callable[[], LoadSample],
+        on_sample: Callable[[LoadSample, float], None],
+        on_error: Callable[[Exception, float], None],
+        interval: float = 2.0,
+    ) -> None:
+        self.sample, self.on_sample, self.on_error = sample, on_sample, on_error
+        self.interval = interval
+        self.paused = False
+        self.failures = 0
+        self.polls = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        if not self.running:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def poke(self) -> None:
+        """Re-evaluate now (resumed, interval changed)."""
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            if self.paused:
+                await self._sleep(3600)
+                continue
+            started = time.monotonic()
+            try:
+                sample = await asyncio.to_thread(self.sample)
+            except (SandboxError, OSError) as error:
+                self.failures += 1
+                wait = min(_MAX_BACKOFF, self.interval * 2**self.failures)
+                self.on_error(error, wait)
+            else:
+                self.failures = 0
+                took = time.monotonic() - started
+                wait = max(self.interval, 1.5 * took)
+                self.on_sample(sample, wait)
+            self.polls += 1
+            await self._sleep(wait)
+
+    async def _sleep(self, seconds: float) -> None:
+        self._wake.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+
+class SandboxPanel:
+    """The widgets and the live refresh of one panel."""
+
+    def __init__(self, context: SandboxContext, interval: float = 2.0) -> None:
+        self.context = context
+        connection = context.connection
+        # Specifications and libraries come from the connection's cache (fetched once, shared
+        # with the magics and with other panels); the load is polled with this panel's client.
+        self.cache = connection.background
+        self.client = Sandbox(connection.url, timeout=10, token=connection.token)
+        self.history: collections.deque[tuple[float, float]] = collections.deque()
+        self._libraries: dict[str, Any] | None = None
+        self.overview = widgets.HTML()
+        self.specifications = widgets.HTML(value="<i>Loading the specifications…</i>")
+        self.search = widgets.Text(placeholder="search libraries…", continuous_update=True,
+                                   description="Search")  # fmt: skip
+        self.category = widgets.Dropdown(options=CATEGORIES, value="all", description="Category")
+        self.library_list = widgets.HTML(value="<i>Loading the library list…</i>")
+        self.gauge = widgets.FloatProgress(min=0.0, max=1.0, description="Load")
+        self.load_text = widgets.HTML()
+        self.plot = widgets.HTML()
+        self.state = widgets.HTML()
+        self.interval = widgets.BoundedFloatText(value=interval, min=0.5, max=600.0, step=0.5,
+                                                 description="Every (s)")  # fmt: skip
+        self.pause = widgets.ToggleButton(value=False, description="Pause", icon="pause")
+        self.files = widgets.Select(options=[], rows=8, description="Files")
+        self.download = widgets.Button(description="Download", icon="download")
+        self.show = widgets.Button(description="Show", icon="eye")
+        self.file_view = widgets.HTML()
+        self.close_button = widgets.Button(description="Close panel", icon="times")
+        self.tabs = widgets.Tab(children=[
+            self.overview,
+            self.specifications,
+            widgets.VBox([widgets.HBox([self.search, self.category]), self.library_list]),
+            widgets.VBox([self.gauge, self.load_text, self.plot,
+                          widgets.HBox([self.interval, self.pause]), self.state]),
+            widgets.VBox([self.files, widgets.HBox([self.download, self.show]), self.file_view]),
+        ])  # fmt: skip
+        self.tabs.titles = ("Overview", "Specifications", "Libraries", "Load", "Files")
+        self.widget = widgets.VBox([self.tabs, self.close_button])
+        self.poller = Poller(self._sample, self._on_sample, self._on_error, interval)
+        self.connected: bool | None = None
+        self._wire()
+        self.refresh_environment()
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin the background work; call on the kernel's event loop."""
+        self._static = asyncio.get_running_loop().create_task(self._load_static())
+        self.poller.start()
+        self.context.panels.append(self)
+
+    def close(self) -> None:
+        self.poller.stop()
+        with contextlib.suppress(ValueError):
+            self.context.panels.remove(self)
+        self.client.close()
+        for value in vars(self).values():
+            if isinstance(value, widgets.Widget):
+                value.close()
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def _wire(self) -> None:
+        self.search.observe(lambda _: self._filter(), names="value")
+        self.category.observe(lambda _: self._filter(), names="value")
+        self.interval.observe(self._interval_changed, names="value")
+        self.pause.observe(self._pause_changed, names="value")
+        self.download.on_click(lambda _: self._file_action(save=True))
+        self.show.on_click(lambda _: self._file_action(save=False))
+        self.close_button.on_click(lambda _: self.close())
+
+    # -- overview, specifications, libraries --
+
+    def refresh_environment(self) -> None:
+        """After each cell: the environment uuid, its expiry and the file list."""
+        session = self.context.session
+        facts = self._facts()
+        rows = [
+            ("URL", self.client.url),
+            ("sandbox version", facts.get("sandbox_version") or render.UNKNOWN),
+            ("isolation", render.isolation_text(facts.get("isolation"))),
+            ("execute timeout", render.human_seconds(facts.get("execute_timeout"))),
+            ("expiration", render.human_seconds(facts.get("expiration"))),
+            ("environment", session.environment or "none yet"),
+            ("expires", session.expire or render.UNKNOWN),
+            ("connection", {None: "checking…", True: "connected", False: "unreachable"}[
+                self.connected]),
+        ]  # fmt: skip
+        self.overview.value = render.table(["", "value"], rows)["text/html"]
+        files = [name for name in session.state.files if not name.endswith("/")]
+        self.files.options = files
+
+    def _facts(self) -> dict[str, Any]:
+        """The cached specification attributes; empty until they are fetched."""
+        if not self.cache.has_specifications:
+            return {}
+        with contextlib.suppress(SandboxError):
+            return {name: getattr(self.cache, name) for name in (
+                "sandbox_version", "isolation", "execute_timeout", "expiration")}  # fmt: skip
+        return {}
+
+    async def _load_static(self) -> None:
+        try:
+            specs = await asyncio.to_thread(self.cache.cached_specifications)
+            facts = await asyncio.to_thread(self._all_facts)
+            self.specifications.value = render.specifications(self.client.url, specs, facts)[
+                "text/html"
+            ]
+            self.refresh_environment()
+        except SandboxError as error:
+            self.specifications.value = f"<b>Unreachable:</b> {html.escape(str(error))}"
+        try:
+            self._libraries = await asyncio.to_thread(self.cache.libraries)
+        except SandboxError as error:
+            self.library_list.value = f"<b>Could not list libraries:</b> {html.escape(str(error))}"
+            return
+        self._filter()
+
+    def _all_facts(self) -> dict[str, Any]:
+        return {name: getattr(self.cache, name) for name in (
+            "sandbox_version", "docker_version", "containers", "memory", "cpu",
+            "execute_timeout", "expiration", "isolation")}  # fmt: skip
+
+    def library_rows(self, pattern: str, category: str) -> list[tuple[str, str, str]]:
+        from ..magics.operations import _library_rows, _matches
+
+        if self._libraries is None:
+            return []
+        chosen = None if category == "all" else category
+        rows = _library_rows(self._libraries.get("libraries") or {},
+                             self._libraries.get("bin") or [], chosen)  # fmt: skip
+        return [row for row in rows if _matches(row[1], pattern)]
+
+    def _filter(self) -> None:
+        if self._libraries is None:
+            return
+        rows = self.library_rows(self.search.value, self.category.value)
+        self.library_list.value = render.libraries(rows[:_ROWS], len(rows), _ROWS)["text/html"]
+
+    # -- load --
+
+    def _sample(self) -> LoadSample:
+        return sample_load(self.client)
+
+    def _on_sample(self, sample: LoadSample, wait: float) -> None:
+        first = self.connected is not True
+        self.connected = True
+        self.gauge.value = sample.load
+        self.load_text.value = html.escape(sample.line()["text/plain"])
+        self.history.append((sample.at, sample.load))
+        while self.history and self.history[0][0] < sample.at - _HISTORY_SECONDS:
+            self.history.popleft()
+        self.plot.value = history_svg(list(self.history))
+        self.state.value = f"live; next refresh in {wait:.1f} s"
+        if first:
+            self.refresh_environment()
+
+    def _on_error(self, error: Exception, wait: float) -> None:
+        first = self.connected is not False
+        self.connected = False
+        self.state.value = (
+            f"<b>sandbox unreachable</b> ({html.escape(str(error)[:200])}); "
+            f"retrying in {wait:.0f} s"
+        )
+        if first:
+            self.refresh_environment()
+
+    def _interval_changed(self, change: dict[str, Any]) -> None:
+        self.poller.interval = float(change["new"])
+        self.poller.poke()
+
+    def _pause_changed(self, change: dict[str, Any]) -> None:
+        self.poller.paused = bool(change["new"])
+        self.pause.description = "Resume" if self.poller.paused else "Pause"
+        self.pause.icon = "play" if self.poller.paused else "pause"
+        self.state.value = "paused" if self.poller.paused else "resuming…"
+        self.poller.poke()
+
+    # -- files --
+
+    def _file_action(self, save: bool) -> None:
+        name = self.files.value
+        if not name:
+            self.file_view.value = "<i>Choose a file first.</i>"
+            return
+        self._fetching = asyncio.get_running_loop().create_task(self._fetch_file(name, save))
+
+    async def _fetch_file(self, name: str, save: bool) -> None:
+        from ..magics.operations import _environment_path, _local_target, _write_new
+
+        session = self.context.session
+        try:
+            remote = _environment_path(self.context, name)
+            data = (await asyncio.to_thread(self.client.download, session.environment or "",
+                                            remote)).getvalue()  # fmt: skip
+            if save:
+                target = _local_target(self.context, ".", name.rsplit("/", 1)[-1], force=False)
+                _write_new(target, data, force=False)
+                self.file_view.value = f"Saved to {html.escape(str(target))}"
+            else:
+                self.file_view.value = file_html(name, data)
+        except Exception as error:  # shown in the panel, never raised into the event loop
+            self.file_view.value = f"<b>{html.escape(str(error))}</b>"
+
+
+def file_html(name: str, data: bytes) -> str:
+    """A file shown inside the panel (an HTML widget): images inline, text escaped."""
+    bundle = render.file_bundle(name, mime_type(name), data)
+    for mime, value in bundle.items():
+        if mime.startswith("image/") and mime != "image/svg+xml":
+            return f"<img alt='{html.escape(name)}' src='data:{mime};base64,{value}'/>"
+    return f"<pre>{html.escape(data.decode('utf-8', errors='replace')[:100_000])}</pre>"
+
+
+def history_svg(points: list[tuple[float, float]], width: int = 320, height: int = 60) -> str:
+    """The load history as a small inline SVG line (last minutes, 0 to 1)."""
+    if not points:
+        return ""
+    start, end = points[0][0], max(points[-1][0], points[0][0] + 1)
+    coordinates = " ".join(
+        f"{(t - start) / (end - start) * width:.1f},{height - load * height:.1f}"
+        for t, load in points
+    )
+    minutes = (end - start) / 60
+    return (
+        f"<svg width='{width}' height='{height}' style='border:1px solid #ccc'>"
+        f"<polyline fill='none' stroke='#c28a1e' stroke-width='2' points='{coordinates}'/>"
+        f"</svg><div style='font-size:smaller'>load over the last {minutes:.1f} min</div>"
+    )

@@ -1,0 +1,347 @@
+"""Notebooks on the Sandbox kernel in a real JupyterLab, driven by a real (headless) Chromium.
+
+Nothing is mocked: a JupyterLab server runs as a process with the session's private Jupyter
+directories, its kernels talk to the session's embedded sandbox server (``SANDBOX_URL`` and
+``SANDBOX_TOKEN``), and Debian's Chromium is driven through Playwright for Python. Screenshots
+go to ``tests/artifacts/`` (git-ignored).
+
+Helper API for browser tests (see the section "Helper API" below)::
+
+    write_notebook(lab, name, cells)        # an .ipynb on disk, kernelspec "sandbox"
+    page = open_notebook(new_page(), lab, name)   # open in JupyterLab, wait for kernel idle
+    run_all(page)                           # Run > Run All Cells, wait until all cells ran
+    start_run_all(page); wait_until_run(page)     # the same in two steps (run in background)
+    output_texts(page)                      # text of every output, in page order
+    screenshot(page, "name")                # tests/artifacts/name.png
+
+Each ``open_notebook`` uses its own JupyterLab workspace, so that several pages (tabs of one
+browser context, made with ``new_page()``) can show different notebooks at the same time, e.g.
+a panel in one tab while cells run in a notebook of another tab.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from .conftest import Server, _alive, descendants, wait_until
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).parent / "artifacts"
+KERNELSPEC = {"name": "sandbox", "display_name": "Sandbox (bash)", "language": "bash"}
+
+# Timeouts in milliseconds (Playwright's unit). JupyterLab's first load can take 10-20 s.
+LOAD_TIMEOUT = 60_000
+KERNEL_TIMEOUT = 60_000
+RUN_TIMEOUT = 60_000
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+
+# JupyterLab user settings: no news, no update checks (no network, no notification toasts).
+USER_SETTINGS = {
+    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
+        "fetchNews": "false",
+        "checkForUpdates": False,
+    },
+}
+
+
+def _playwright() -> Any:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail(
+            "playwright (Python) is missing: /work/venv/bin/pip install playwright "
+            "(no browser download needed: Debian's chromium is used)",
+            pytrace=False,
+        )
+    return sync_playwright
+
+
+def _require_jupyterlab() -> None:
+    try:
+        import jupyterlab  # noqa: F401
+        import nbformat  # noqa: F401
+    except ImportError as error:
+        pytest.fail(
+            f"{error.name} is missing: /work/venv/bin/pip install jupyterlab nbformat",
+            pytrace=False,
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+class Lab:
+    """A running JupyterLab: ``url`` (ending in /), ``token``, ``root`` (notebook directory)."""
+
+    def __init__(self, process: subprocess.Popen[bytes], port: int, token: str, root: Path):
+        self.process = process
+        self.port = port
+        self.token = token
+        self.root = root
+        self.url = f"http://127.0.0.1:{port}/"
+        self.log = root.parent / "jupyterlab.log"
+
+    def api(self, path: str) -> requests.Response:
+        return requests.get(
+            self.url + "api/" + path,
+            headers={"Authorization": f"token {self.token}"},
+            timeout=10,
+        )
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+@pytest.fixture(scope="module")
+def lab(
+    tmp_path_factory: pytest.TempPathFactory,
+    jupyter_dirs: dict[str, str],
+    kernelspec: str,
+    server: Server,
+) -> Iterator[Lab]:
+    """JupyterLab on a free loopback port, its kernels on the session's sandbox server."""
+    _require_jupyterlab()
+    home = tmp_path_factory.mktemp("lab")
+    root = home / "notebooks"
+    settings = home / "user-settings"
+    for relative, values in USER_SETTINGS.items():
+        path = settings / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
+    root.mkdir()
+    port = _free_port()
+    token = secrets.token_hex(16)
+    command = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root}",
+        f"--LabApp.user_settings_dir={settings}",
+        f"--LabApp.workspaces_dir={home / 'workspaces'}",
+        "--LabApp.news_url=None",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--LabApp.extension_manager=readonly",
+    ]
+    if os.geteuid() == 0:  # containers and CI run as root; JupyterLab refuses without this
+        command.append("--allow-root")
+    env = dict(os.environ, **jupyter_dirs)
+    env["SANDBOX_URL"] = server.url
+    env["SANDBOX_TOKEN"] = server.token or ""
+    log = (home / "jupyterlab.log").open("wb")
+    process = subprocess.Popen(
+        command, env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    )
+    instance = Lab(process, port, token, root)
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            return True
+        try:
+            return instance.api("status").status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_until(ready, timeout=60)
+        if process.poll() is not None or not ready():
+            pytest.fail(
+                f"JupyterLab did not start ({' '.join(command)}):\n{instance.log_tail()}",
+                pytrace=False,
+            )
+        yield instance
+    finally:
+        before = descendants(process.pid)
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+        left = _alive(before)
+        if left and not wait_until(lambda: not _alive(before), timeout=10):
+            for pid in _alive(before):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        log.close()
+        assert not _alive(before), f"processes left behind by JupyterLab: {_alive(before)}"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Debian Chromium through Playwright (no browser download)."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"chromium is missing: apt-get install -y chromium ({CHROMIUM})", pytrace=False)
+    with _playwright()() as playwright:
+        instance = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            yield instance
+        finally:
+            instance.close()
+
+
+@pytest.fixture
+def new_page(browser: Any) -> Iterator[Callable[[], Any]]:
+    """``new_page()``: a new tab (all tabs of a test share one browser context and its cookies)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(LOAD_TIMEOUT)
+    try:
+        yield context.new_page
+    finally:
+        context.close()
+
+
+# -- Helper API -------------------------------------------------------------------------------
+# For browser tests of the Sandbox kernel and its panel (``%sandbox_panel``).
+
+
+def write_notebook(lab: Lab, name: str, cells: list[str]) -> Path:
+    """Write ``<lab.root>/<name>.ipynb`` with one code cell per source, on the Sandbox kernel."""
+    import nbformat
+
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = dict(KERNELSPEC)
+    notebook.metadata["language_info"] = {"name": "bash"}
+    notebook.cells = [nbformat.v4.new_code_cell(source) for source in cells]
+    path = lab.root / f"{name}.ipynb"
+    nbformat.write(notebook, path)
+    return path
+
+
+def open_notebook(page: Any, lab: Lab, name: str, workspace: str | None = None) -> Any:
+    """Open ``<name>.ipynb`` in JupyterLab in ``page``; return once its kernel is idle.
+
+    Each page gets its own workspace (``workspace`` or the notebook name), so that two tabs
+    never fight over JupyterLab's layout. Returns ``page``.
+    """
+    from playwright.sync_api import expect
+
+    workspace = workspace or re.sub(r"[^A-Za-z0-9_-]", "-", name)
+    page.goto(
+        f"{lab.url}lab/workspaces/{workspace}/tree/{name}.ipynb?reset&token={lab.token}",
+        timeout=LOAD_TIMEOUT,
+    )
+    panel = notebook_panel(page)
+    expect(panel).to_be_visible(timeout=LOAD_TIMEOUT)
+    expect(panel.locator(".jp-Cell").first).to_be_visible(timeout=LOAD_TIMEOUT)
+    wait_for_kernel_idle(page)
+    return page
+
+
+def notebook_panel(page: Any) -> Any:
+    """Locator of the notebook panel currently shown in the main area."""
+    return page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)").first
+
+
+def wait_for_kernel_idle(page: Any, timeout: float = KERNEL_TIMEOUT) -> None:
+    """Wait until the notebook's kernel is connected and idle (toolbar indicator)."""
+    from playwright.sync_api import expect
+
+    panel = notebook_panel(page)
+    expect(panel.locator(".jp-KernelName")).to_have_text(KERNELSPEC["display_name"], timeout=timeout)
+    expect(panel.locator(".jp-Notebook-ExecutionIndicator")).to_have_attribute(
+        "data-status", "idle", timeout=timeout
+    )
+
+
+def start_run_all(page: Any) -> None:
+    """Click Run > Run All Cells and return at once (cells go on running)."""
+    page.locator("#jp-MainMenu .lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
+    page.locator('.lm-Menu-item[data-command="notebook:run-all-cells"]').click()
+
+
+def wait_until_run(page: Any, timeout: float = RUN_TIMEOUT) -> None:
+    """Wait until every code cell has an execution count and the kernel is idle again."""
+    panel = notebook_panel(page)
+    prompts = panel.locator(".jp-CodeCell .jp-InputPrompt")
+    page.wait_for_function(
+        """(panel) => {
+            const prompts = [...panel.querySelectorAll('.jp-CodeCell .jp-InputPrompt')];
+            return prompts.length > 0
+                && prompts.every((p) => /^\\[\\d+\\]:$/.test(p.textContent.trim()));
+        }""",
+        arg=panel.element_handle(),
+        timeout=timeout,
+    )
+    assert prompts.count() > 0
+    wait_for_kernel_idle(page, timeout)
+
+
+def run_all(page: Any, timeout: float = RUN_TIMEOUT) -> None:
+    """Run all cells of the open notebook and wait until they have all run."""
+    start_run_all(page)
+    wait_until_run(page, timeout)
+
+
+def output_texts(page: Any) -> list[str]:
+    """Visible text of every output of the open notebook, in page order."""
+    texts: list[str] = notebook_panel(page).locator(".jp-OutputArea-output").all_inner_texts()
+    return texts
+
+
+def screenshot(page: Any, name: str) -> Path:
+    """Save a screenshot of ``page`` to ``tests/artifacts/<name>.png``; return its path."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path))
+    return path
+
+
+# -- tests ------------------------------------------------------------------------------------
+
+
+def test_notebook_runs_in_the_browser(lab: Lab, new_page: Callable[[], Any]) -> None:
+    from playwright.sync_api import expect
+
+    write_notebook(lab, "notebook", ["echo hello from the browser", "x=41; echo $((x+1))"])
+    page = open_notebook(new_page(), lab, "notebook")
+    try:
+        run_all(page)
+    finally:
+        screenshot(page, "notebook")
+    outputs = notebook_panel(page).locator(".jp-OutputArea-output")
+    expect(outputs.filter(has_text="hello from the browser")).to_be_visible()
+    expect(outputs.filter(has_text=re.compile(r"^\s*42\s*$"))).to_be_visible()
+    assert [text.strip() for text in output_texts(page)] == ["hello from the browser", "42"]
+    screenshot(page, "notebook")
