@@ -21,6 +21,7 @@ a panel in one tab while cells run in a notebook of another tab.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -63,6 +64,8 @@ USER_SETTINGS = {
         "fetchNews": "false",
         "checkForUpdates": False,
     },
+    # Every cell stays in the DOM (no virtual scrolling), so prompts and outputs can be read.
+    "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
 }
 
 
@@ -198,10 +201,8 @@ def lab(
         left = _alive(before)
         if left and not wait_until(lambda: not _alive(before), timeout=10):
             for pid in _alive(before):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
         log.close()
         assert not _alive(before), f"processes left behind by JupyterLab: {_alive(before)}"
 
@@ -279,7 +280,9 @@ def wait_for_kernel_idle(page: Any, timeout: float = KERNEL_TIMEOUT) -> None:
     from playwright.sync_api import expect
 
     panel = notebook_panel(page)
-    expect(panel.locator(".jp-KernelName")).to_have_text(KERNELSPEC["display_name"], timeout=timeout)
+    expect(panel.locator(".jp-KernelName")).to_have_text(
+        KERNELSPEC["display_name"], timeout=timeout
+    )
     expect(panel.locator(".jp-Notebook-ExecutionIndicator")).to_have_attribute(
         "data-status", "idle", timeout=timeout
     )
@@ -288,7 +291,11 @@ def wait_for_kernel_idle(page: Any, timeout: float = KERNEL_TIMEOUT) -> None:
 def start_run_all(page: Any) -> None:
     """Click Run > Run All Cells and return at once (cells go on running)."""
     page.locator("#jp-MainMenu .lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
-    page.locator('.lm-Menu-item[data-command="notebook:run-all-cells"]').click()
+    menu = page.locator(".lm-Menu").last
+    menu.locator(
+        ".lm-Menu-item",
+        has=page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")),
+    ).click()
 
 
 def wait_until_run(page: Any, timeout: float = RUN_TIMEOUT) -> None:
@@ -345,3 +352,20 @@ def test_notebook_runs_in_the_browser(lab: Lab, new_page: Callable[[], Any]) -> 
     expect(outputs.filter(has_text=re.compile(r"^\s*42\s*$"))).to_be_visible()
     assert [text.strip() for text in output_texts(page)] == ["hello from the browser", "42"]
     screenshot(page, "notebook")
+
+
+def test_two_notebooks_in_two_tabs(lab: Lab, new_page: Callable[[], Any]) -> None:
+    """A notebook runs in one tab while another tab runs its own: the harness for panel tests."""
+    write_notebook(lab, "slow", ["sleep 3; echo slow done"])
+    write_notebook(lab, "quick", ["echo quick done"])
+    slow = open_notebook(new_page(), lab, "slow")
+    quick = open_notebook(new_page(), lab, "quick")
+    start_run_all(slow)
+    notebook_panel(slow).locator(".jp-InputPrompt", has_text="[*]").wait_for()
+    run_all(quick)
+    assert [text.strip() for text in output_texts(quick)] == ["quick done"]
+    assert output_texts(slow) == [], "the slow notebook finished before the quick one ran"
+    wait_until_run(slow)
+    assert [text.strip() for text in output_texts(slow)] == ["slow done"]
+    screenshot(quick, "two-tabs-quick")
+    screenshot(slow, "two-tabs-slow")

@@ -65,10 +65,14 @@ class LoadSample:
         return render.usage_line(self.load, self.busy, self.total, self.cpu, memory)
 
 
-def sample_load(client: Sandbox) -> LoadSample:
-    """One load sample: ``usages/`` on 3.x servers, ``specifications/`` counts on 2.x."""
-    specs = client.cached_specifications()
-    if client.generation == 3:
+def sample_load(client: Sandbox, specs: dict[str, Any] | None = None) -> LoadSample:
+    """One load sample: ``usages/`` on 3.x servers, ``specifications/`` counts on 2.x.
+
+    ``specs``: the (cached) specifications, when the caller has them already.
+    """
+    if specs is None:
+        specs = client.cached_specifications()
+    if "host" in specs or "container" in specs:  # 3.x shapes
         usages = client.usages()
         host_memory = (specs.get("host") or {}).get("memory") or {}
         return LoadSample(
@@ -296,7 +300,7 @@ class SandboxPanel:
     # -- load --
 
     def _sample(self) -> LoadSample:
-        return sample_load(self.client)
+        return sample_load(self.client, self.cache.cached_specifications())
 
     def _on_sample(self, sample: LoadSample, wait: float) -> None:
         first = self.connected is not True

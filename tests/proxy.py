@@ -1,0 +1,64 @@
+"""A real HTTP proxy on loopback, for tests that must see or disturb the traffic between a
+client and a sandbox server (never a mock: it forwards over real sockets)."""
+
+from __future__ import annotations
+
+import collections
+import http.client
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+
+class CountingProxy:
+    """Forwards every request to ``target`` and counts them by method and path."""
+
+    def __init__(self, target: str) -> None:
+        parts = urlsplit(target)
+        self.target_host, self.target_port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _forward(self) -> None:
+                with proxy._lock:
+                    proxy.counts[f"{self.command} {self.path}"] += 1
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                upstream = http.client.HTTPConnection(proxy.target_host, proxy.target_port)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                headers["Host"] = f"127.0.0.1:{proxy.target_port}"
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                answer = upstream.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_POST = do_HEAD = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def count(self, method: str, path: str) -> int:
+        with self._lock:
+            return self.counts[f"{method} /{path}"]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
