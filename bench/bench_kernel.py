@@ -1,6 +1,7 @@
 """Kernel overhead: a ``true`` cell through the Sandbox kernel vs the same execute sent raw.
 
     python bench/bench_kernel.py [--quick] [--cells N]
+    python bench/bench_kernel.py --panel [--quick]   # with vs without a live panel (1 s refresh)
 
 Both run against one embedded server, side by side in one run, alternating so that machine
 noise hits both alike. "raw" sends exactly what the kernel sends for the cell (the cell
@@ -60,12 +61,55 @@ def kernel_cell(client: Any) -> float:
     return elapsed
 
 
+def start_kernel(env: dict[str, str]) -> tuple[KernelManager, Any]:
+    manager = KernelManager(kernel_name="sandbox")
+    manager.start_kernel(env=env)
+    client = manager.client()
+    client.start_channels()
+    client.wait_for_ready(timeout=60)
+    return manager, client
+
+
+def panel_comparison(cells: int) -> int:
+    """Cells in a kernel showing a panel refreshed every second vs a kernel without one."""
+    with tempfile.TemporaryDirectory() as home, EmbeddedServer("--workers", "8") as server:
+        os.environ["JUPYTER_DATA_DIR"] = os.path.join(home, "data")
+        install(user=True)
+        env = {**os.environ, "SANDBOX_URL": server.url, "SANDBOX_TOKEN": server.token or ""}
+        plain, with_panel = start_kernel(env), start_kernel(env)
+        try:
+            with_panel[1].execute_interactive("%sandbox_panel --interval 1", timeout=60,
+                                              output_hook=lambda message: None)  # fmt: skip
+            time.sleep(2)
+            for _ in range(5):
+                kernel_cell(plain[1]), kernel_cell(with_panel[1])
+            without, beside = [], []
+            for _ in range(cells):
+                without.append(kernel_cell(plain[1]))
+                beside.append(kernel_cell(with_panel[1]))
+        finally:
+            for manager, client in (plain, with_panel):
+                client.stop_channels()
+                manager.shutdown_kernel()
+    a, b = statistics.median(without) * 1000, statistics.median(beside) * 1000
+    print(f"machine: {os.cpu_count()} cores; {cells} cells each, alternating\n")
+    print("| measure | median |")
+    print("|---|---|")
+    print(f"| `true` cell, no panel | {a:.1f} ms |")
+    print(f"| `true` cell, panel refreshing every 1 s | {b:.1f} ms |")
+    print(f"| ratio | {b / a:.2f} (target <= 1.10) |")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="smoke mode: 10 cells")
+    parser.add_argument("--panel", action="store_true", help="with vs without a live panel")
     args = parser.parse_args()
     cells = 10 if args.quick else args.cells
+    if args.panel:
+        return panel_comparison(cells)
     with tempfile.TemporaryDirectory() as home, EmbeddedServer("--workers", "8") as server:
         os.environ["JUPYTER_DATA_DIR"] = os.path.join(home, "data")
         install(user=True)

@@ -369,3 +369,50 @@ def test_two_notebooks_in_two_tabs(lab: Lab, new_page: Callable[[], Any]) -> Non
     assert [text.strip() for text in output_texts(slow)] == ["slow done"]
     screenshot(quick, "two-tabs-quick")
     screenshot(slow, "two-tabs-slow")
+
+
+def test_panel_in_the_browser(lab: Lab, new_page: Callable[[], Any]) -> None:
+    """%sandbox_panel in JupyterLab: every tab shows real values, the library search filters
+    as one types, and the load moves while another notebook runs cells."""
+    from playwright.sync_api import expect
+
+    write_notebook(lab, "panel", ["echo seed > seed.txt", "%sandbox_panel --interval 0.5"])
+    write_notebook(lab, "busy", ["sleep 4; echo busy done"])
+    page = open_notebook(new_page(), lab, "panel")
+    run_all(page)
+    panel = notebook_panel(page)
+    tabs = panel.locator(".lm-TabBar-tab, .p-TabBar-tab")
+    tabs.first.wait_for(timeout=30_000)
+    titles = [title.strip() for title in tabs.all_inner_texts()]
+    for title in ("Overview", "Specifications", "Libraries", "Load", "Files"):
+        assert title in titles, titles
+
+    def show(title: str) -> Any:
+        panel.locator(".lm-TabBar-tab, .p-TabBar-tab", has_text=title).first.click()
+        # The visible page of the tab widget (the others stay in the DOM, hidden).
+        return panel.locator(".widget-tab-contents > :not(.lm-mod-hidden):not(.p-mod-hidden)").first
+
+    contents = show("Overview")
+    expect(contents).to_contain_text("sandbox version", timeout=20_000)
+    expect(contents).to_contain_text("3.0.3+sandbox-kernel", timeout=20_000)
+    expect(contents).to_contain_text("connected", timeout=20_000)
+    expect(show("Specifications")).to_contain_text("bubblewrap", timeout=20_000)
+    libraries = show("Libraries")
+    expect(libraries).to_contain_text("matches", timeout=30_000)
+    before = libraries.locator("caption").first.inner_text()
+    libraries.locator("input[type=text]").first.fill("bash")
+    expect(libraries.locator("caption").first).not_to_have_text(before, timeout=10_000)
+    expect(libraries).to_contain_text("bash")
+    after = int(libraries.locator("caption").first.inner_text().split()[0])
+    assert after < int(before.split()[0])
+    files = show("Files")
+    expect(files).to_contain_text("seed.txt", timeout=10_000)
+    load = show("Load")
+    expect(load).to_contain_text("0/4 busy", timeout=20_000)
+    busy = open_notebook(new_page(), lab, "busy")
+    start_run_all(busy)
+    page.bring_to_front()
+    expect(load).to_contain_text("1/4 busy", timeout=20_000)
+    screenshot(page, "panel")
+    wait_until_run(busy)
+    expect(load).to_contain_text("0/4 busy", timeout=20_000)
