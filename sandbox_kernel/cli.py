@@ -30,6 +30,7 @@ def _add_sandbox_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .install import add_arguments as add_install_arguments
+    from .lab import add_arguments as add_lab_arguments
     from .server import add_arguments as add_serve_arguments
 
     parser = argparse.ArgumentParser(
@@ -69,6 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--sys-prefix inside a virtual environment, --user otherwise.",
     )
     add_install_arguments(install)
+
+    lab = commands.add_parser(
+        "lab",
+        help="the whole thing: sandbox, kernelspec and JupyterLab on the notebooks",
+        description="Start the embedded sandbox (unless --url or SANDBOX_URL), install the "
+        "Sandbox kernelspec if missing, and start JupyterLab on notebooks/. Ctrl-C stops all.",
+    )
+    add_lab_arguments(lab, demo=False)
+    demo = commands.add_parser(
+        "demo",
+        help="run every notebook headless and say how each went",
+        description="Run every notebook of notebooks/ headless (nbclient) against the sandbox, "
+        "write the executed copies and print one line per notebook.",
+    )
+    add_lab_arguments(demo, demo=True)
     return parser
 
 
@@ -83,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         from .install import run as run_install
 
         return run_install(args)
+    if args.command in ("lab", "demo"):
+        from . import lab
+
+        return lab.lab(args) if args.command == "lab" else lab.demo(args)
     return _run(parser, args)
 
 
