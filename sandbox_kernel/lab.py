@@ -181,7 +181,7 @@ def demo(args: argparse.Namespace) -> int:
             ran, errors = _count(notebook)
             failures += bool(problem)
             verdict = f"FAILED: {problem}" if problem else "ok"
-            print(f"{path.name}: {ran} cells run, {errors} errors (expected), "
+            print(f"{path.name}: {ran} cells run, {errors} errors, "
                   f"{time.monotonic() - started:.1f} s, {verdict}", flush=True)  # fmt: skip
     return 1 if failures else 0
 

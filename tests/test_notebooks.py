@@ -1,0 +1,166 @@
+"""The main jobs: ``sandbox-kernel demo`` runs the four notebooks (and their outputs are what
+they teach), ``sandbox-kernel lab`` brings JupyterLab up and Ctrl-C takes everything down."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+
+from .conftest import Server, descendants, wait_until
+
+NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
+CLI = [sys.executable, "-m", "sandbox_kernel.cli"]
+
+
+def outputs(notebook: Any) -> list[list[dict[str, Any]]]:
+    return [cell.outputs for cell in notebook.cells if cell.cell_type == "code"]
+
+
+def text_of(cell_outputs: list[dict[str, Any]]) -> str:
+    parts = []
+    for output in cell_outputs:
+        if output["output_type"] == "stream":
+            parts.append(output["text"])
+        elif output["output_type"] == "error":
+            parts.append(f"{output['ename']}: {output['evalue']}")
+        else:
+            parts.append(str(output.get("data", {}).get("text/plain", "")))
+    return "".join(parts)
+
+
+@pytest.fixture(scope="module")
+def demo(server: Server, kernelspec: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("demo")
+    done = subprocess.run(
+        [*CLI, "demo", "--url", server.url, "--token", server.token or "",
+         "--notebooks", str(NOTEBOOKS), "--output", str(output)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.endswith(", ok")]
+    assert len(lines) == 4, done.stdout
+    return output
+
+
+def read(demo: Path, name: str) -> list[list[dict[str, Any]]]:
+    return outputs(nbformat.read(demo / f"{name}.ipynb", as_version=4))
+
+
+def test_quickstart(demo: Path) -> None:
+    cells = read(demo, "1-quickstart")
+    assert "Hello from the sandbox: Linux, user" in text_of(cells[0])
+    assert (
+        text_of(cells[2])
+        == "Course: Systems 101, in /home/student/project\nfruit.txt has 3 lines\n"
+    )
+    assert "ExitCode: command exited with status 2" in text_of(cells[3])
+    assert "Timeout: the cell ran longer than 2 s" in text_of(cells[4])
+    assert "back to normal in /home/student/project" in text_of(cells[5])
+    [chart] = [o for o in cells[6] if o["output_type"] == "display_data"]
+    assert chart["data"]["image/svg+xml"].count("<rect") == 3
+    assert (demo / "fruit.txt").read_text() == "apples 3\npears 5\nplums 2\n"
+
+
+def test_teaching(demo: Path) -> None:
+    cells = read(demo, "2-teaching")
+    assert text_of(cells[0]) == "5\n" and text_of(cells[1]) == "5\n"
+    verdicts = text_of(cells[2]).splitlines()
+    assert len(verdicts) == 8 and all(line.startswith("PASS") for line in verdicts)
+    broken = text_of(cells[3])
+    assert "broken.c:4:" in broken and "undefined_name" in broken
+    assert "ExitCode: command exited with status 1" in broken
+
+
+def test_inspecting(demo: Path) -> None:
+    cells = read(demo, "3-inspecting-a-sandbox")
+    assert "bubblewrap" in text_of(cells[0]) and "execute timeout" in text_of(cells[0])
+    assert "gcc" in text_of(cells[1]) and "matches" in text_of(cells[1])
+    assert "json" in text_of(cells[2])
+    assert "load " in text_of(cells[3]) and "busy" in text_of(cells[3])
+    assert "environment" in text_of(cells[4])
+    [panel] = cells[5]
+    assert "application/vnd.jupyter.widget-view+json" in panel["data"]
+    metadata = nbformat.read(demo / "3-inspecting-a-sandbox.ipynb", as_version=4).metadata
+    state = metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    assert any(entry["model_name"] == "TabModel" for entry in state.values())
+
+
+def test_from_python(demo: Path) -> None:
+    cells = read(demo, "4-from-python")
+    assert text_of(cells[1]).startswith("hello from the sandbox\n")
+    assert text_of(cells[2]).startswith("(True, 0, ['hello from the sandbox'")
+    assert text_of(cells[3]) == "still the sandbox\n"
+    assert text_of(cells[4]).startswith("(4, '3.0.3+sandbox-kernel")
+    assert text_of(cells[5]).startswith("load now: ")
+    [table] = [o for o in cells[9] if o["output_type"] == "execute_result"]
+    rows = table["data"]["text/markdown"].splitlines()
+    assert rows[2].startswith("| sort | True | 0 | 100000 |")
+    assert rows[3].startswith("| python | True | 0 | 499999500000 |")
+    assert rows[4].startswith("| fail | False | 1 |")
+
+
+def test_demo_reports_an_unexpected_error(server: Server, kernelspec: str, tmp_path: Path) -> None:
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {"name": "sandbox", "display_name": "Sandbox (bash)",
+                                       "language": "bash"}  # fmt: skip
+    notebook.cells = [nbformat.v4.new_code_cell("exit 4"), nbformat.v4.new_code_cell("echo never")]
+    nbformat.write(notebook, folder / "broken.ipynb")
+    done = subprocess.run(
+        [*CLI, "demo", "--url", server.url, "--token", server.token or "",
+         "--notebooks", str(folder), "--output", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "broken.ipynb: 1 cells run, 1 errors" in done.stdout and "FAILED" in done.stdout
+    assert (tmp_path / "out" / "broken.ipynb").exists()
+
+
+def test_lab_starts_everything_and_ctrl_c_stops_it(kernelspec: str, tmp_path: Path) -> None:
+    shutil.copytree(NOTEBOOKS, tmp_path / "notebooks")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("SANDBOX_URL", "SANDBOX_TOKEN")}
+    lab = subprocess.Popen(
+        [*CLI, "lab", "--no-browser", "--port", str(port)], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    assert lab.stdout is not None
+    banner = "".join(lab.stdout.readline() for _ in range(7))
+    try:
+        token = banner.split("token=")[1].split()[0]
+        assert "sandbox:" in banner and "notebooks:" in banner and "log:" in banner
+
+        def answers() -> bool:
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/api/kernelspecs",
+                    headers={"Authorization": f"token {token}"},
+                )
+                with urllib.request.urlopen(request, timeout=2) as response:
+                    return "sandbox" in json.load(response)["kernelspecs"]
+            except OSError:
+                return False
+
+        assert wait_until(answers, 60), banner
+        started = descendants(lab.pid)
+        assert started
+    finally:
+        lab.send_signal(signal.SIGINT)
+        lab.wait(60)
+    assert lab.returncode == 0
+    assert wait_until(lambda: not [p for p in started if Path(f"/proc/{p}").exists()], 30)
