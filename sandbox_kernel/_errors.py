@@ -169,6 +169,8 @@ def _describe(response: requests.Response, advice: str | None) -> str:
     if snippet:
         text += f": {snippet!r}"
     hint = advice or _HINTS.get(status) or _CLASS_HINTS.get(status // 100, "see the server's log")
+    if method == "POST" and status >= 500 and status != 503 and advice is None:
+        hint += " (the commands may have run: the request was not sent again)"
     return f"{text}. {hint[0].upper()}{hint[1:]}."
 
 

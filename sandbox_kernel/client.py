@@ -871,9 +871,9 @@ def _timeout_message(method: str, url: str, timeout: float) -> str:
     if method == "POST":
         text += " The commands may still be running on the server, which cannot cancel them."
     return (
-        text + " If the server is only slow, allow more time: Sandbox(url, timeout=...) "
-        "(execute/ also gets the server's execute_timeout + 10 s once the specifications "
-        "are known)."
+        text + " If the server is only slow, allow more time: Sandbox(url, timeout=...), or "
+        "SANDBOX_TIMEOUT / c.SandboxKernel.timeout for the kernel (execute/ also gets the "
+        "server's execute_timeout + 10 s once the specifications are known)."
     )
 
 

@@ -66,6 +66,13 @@ class SandboxKernel(Kernel):
     token = Unicode(
         None, allow_none=True, config=True, help="Sandbox token (default: $SANDBOX_TOKEN)."
     )
+    timeout = Float(
+        None,
+        allow_none=True,
+        config=True,
+        help="Seconds to wait for the sandbox's answers (default: $SANDBOX_TIMEOUT, else 60; "
+        "an execute/ also gets the server's execute_timeout + 10 s).",
+    )
 
     # ipykernel sleeps after each cell so that Python's captured prints reach the front-end;
     # this kernel sends its outputs itself, and that sleep would only add latency.
@@ -73,7 +80,7 @@ class SandboxKernel(Kernel):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.context = SandboxContext(self.url, self.token)
+        self.context = SandboxContext(self.url, self.token, self.timeout)
         self.context.connection  # noqa: B018  (connect now: a private server starts here)
         self._cancel: Cancellation | None = None
         self._history: list[str] = []

@@ -8,6 +8,7 @@ and the :class:`Session` of the notebook. ``%sandbox_connect`` replaces both.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,14 @@ from .session import Session
 class Connection:
     """A sandbox URL with its clients; owns the private embedded server if it started one."""
 
-    def __init__(self, url: str | None = None, token: str | None = None) -> None:
+    def __init__(
+        self, url: str | None = None, token: str | None = None, timeout: float | None = None
+    ) -> None:
         info, self.server = open_sandbox(url, token)
         self.url = info.url
         self.token = info.token
-        self.client = Sandbox(info.url, token=info.token)
+        self.timeout = timeout or _timeout_from_environment()
+        self.client = Sandbox(info.url, timeout=self.timeout, token=info.token)
         # Look-ups made beside a running cell (specifications, libraries, load) get their own
         # client: a requests session is not meant to be shared between threads.
         self.background = Sandbox(info.url, timeout=10, token=info.token)
@@ -42,11 +46,23 @@ class Connection:
             server.stop()
 
 
+def _timeout_from_environment() -> float:
+    """``SANDBOX_TIMEOUT``: seconds to wait for the sandbox's answers (default 60)."""
+    try:
+        value = float(os.environ.get("SANDBOX_TIMEOUT", "") or 60)
+    except ValueError:
+        return 60.0
+    return value if value > 0 else 60.0
+
+
 class SandboxContext:
     """The connection and session of one notebook, created on first use."""
 
-    def __init__(self, url: str | None = None, token: str | None = None) -> None:
+    def __init__(
+        self, url: str | None = None, token: str | None = None, timeout: float | None = None
+    ) -> None:
         self._settings = (url, token)
+        self._timeout = timeout
         self._connection: Connection | None = None
         self._session: Session | None = None
         #: Where local files are read and written (downloads, uploads): the notebook's folder.
@@ -60,7 +76,7 @@ class SandboxContext:
     @property
     def connection(self) -> Connection:
         if self._connection is None:
-            self._connection = Connection(*self._settings)
+            self._connection = Connection(*self._settings, timeout=self._timeout)
         return self._connection
 
     @property
@@ -78,7 +94,7 @@ class SandboxContext:
 
         The new sandbox is checked first, so that a typo keeps the current connection.
         """
-        candidate = Connection(url, token)
+        candidate = Connection(url, token, timeout=self._timeout)
         try:
             candidate.background.specifications()
         except SandboxError:

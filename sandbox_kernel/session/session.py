@@ -24,6 +24,7 @@ from .._errors import (
     SandboxCancelled,
     SandboxError,
     SandboxHTTPError,
+    SandboxProtocolError,
 )
 from ..client import Cancellation, Sandbox
 from .cellscript import (
@@ -170,7 +171,10 @@ class Session:
         try:
             answer = self._execute(script, cancel, on_busy)
         except Sandbox404 as error:
-            if self.environment is None:  # not about an environment: a wrong URL
+            # Only the server's own sentence about this uuid means the environment is gone
+            # (contract: "No environment with UUID '<uuid>' found"); any other 404 (a wrong
+            # URL, a proxy's page) keeps the environment.
+            if self.environment is None or self.environment not in error.response.text:
                 return CellOutcome(error=_unreachable(error, self))
             lost = self.reset()
             outcome = self.run_cell(code, cancel=cancel, on_busy=on_busy)
@@ -335,6 +339,8 @@ def _interrupted() -> CellError:
 def _unreachable(error: SandboxError, session: Session) -> CellError:
     if isinstance(error, Sandbox503):
         name = "SandboxBusy"
+    elif isinstance(error, SandboxProtocolError):
+        name = "SandboxBadAnswer"
     elif isinstance(error, SandboxHTTPError):
         name = f"SandboxHTTP{error.status_code}"
     else:
