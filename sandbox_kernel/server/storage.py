@@ -106,9 +106,14 @@ class Storage:
         self.used = total
 
     def close(self) -> None:
-        """Remove this server's working and staging folders (its runners are gone)."""
+        """Remove this server's working and staging folders (its runners are gone), and the
+        shared work area outside the data dir once no server uses it any more."""
         for directory in (self.work, self.staging):
             _remove(directory)
+        area = self.work.parent
+        if area != self.root / "work":
+            with contextlib.suppress(OSError):  # still used by another server: kept
+                area.rmdir()
 
     def sweep(self) -> int:
         """Delete expired environments (and orphans of a crash). Returns how many went."""
