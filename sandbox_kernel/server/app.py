@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .. import protocol
 from ..archive import ArchiveError
@@ -101,7 +102,9 @@ class SandboxApp:
         token = self.settings.token
         if token:
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
+            # Bytes: compare_digest refuses str with non-ASCII characters (a 500 otherwise).
+            offered = given.strip().encode("utf-8", "surrogateescape")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(offered, token.encode()):
                 return web.Response(
                     status=401,
                     text="Missing or wrong token: send 'Authorization: Bearer <token>'. The token "
@@ -114,9 +117,11 @@ class SandboxApp:
 
     # -- execute/ -------------------------------------------------------------------------------
 
+    def _body_limit(self) -> int:
+        return self.settings.max_upload + self.settings.max_config_bytes + 64 * 1024
+
     async def execute(self, request: web.Request) -> web.StreamResponse:
-        limit = self.settings.max_upload + self.settings.max_config_bytes + 64 * 1024
-        if request.content_length is not None and request.content_length > limit:
+        if request.content_length is not None and request.content_length > self._body_limit():
             return self._too_large()
         staging = self.storage.staging / os.urandom(8).hex()  # made if there is an upload
         try:
@@ -132,8 +137,9 @@ class SandboxApp:
                     await asyncio.to_thread(
                         unpack_upload, archive, upload, self.settings, iso.uid, iso.gid
                     )
-                except ArchiveError as error:
-                    return text(400, f"Invalid environment archive: {error}")
+                except ArchiveError as error:  # without the server's own paths in it
+                    reason = str(error).replace(str(upload), "the working directory")
+                    return text(400, f"Invalid environment archive: {reason}")
             return web.json_response(await self.executor.execute(config, upload))
         except EnvironmentNotFound as missing:
             return text(404, f"No environment with UUID '{missing}' found")
@@ -159,12 +165,12 @@ class SandboxApp:
         raw_config: str | None = None
         archive: Path | None = None
         if request.content_type == "multipart/form-data":
+            # The whole body is bounded too, not only the parts we keep: a chunked body has no
+            # Content-Length to check up front, and unknown parts are read to be skipped.
+            body = _Budget(request, self._body_limit())
             try:
                 reader = await request.multipart()
-            except (ValueError, AssertionError) as error:
-                return text(400, f"Malformed multipart body: {error}")
-            parts = 0
-            try:
+                parts = 0
                 while (part := await reader.next()) is not None:
                     parts += 1
                     if parts > self.settings.max_parts:
@@ -172,18 +178,18 @@ class SandboxApp:
                     if not isinstance(part, BodyPartReader):
                         return text(400, "Nested multipart bodies are not accepted.")
                     if part.name == "config":
-                        data = await _read_capped(part, self.settings.max_config_bytes)
+                        data = await _read_capped(part, self.settings.max_config_bytes, body)
                         if data is None:
                             return self._too_large()
                         raw_config = data.decode("utf-8", errors="replace")
                     elif part.name == "environment":
                         staging.mkdir(mode=0o700, exist_ok=True)
                         archive = staging / "upload.tgz"
-                        if not await _save_capped(part, archive, self.settings.max_upload):
+                        if not await _save_capped(part, archive, self.settings.max_upload, body):
                             return self._too_large()
-                    else:
-                        await _read_capped(part, 0, drain=True)
-            except ValueError as error:
+                    elif await _read_capped(part, 0, body, drain=True) is None:
+                        return self._too_large()
+            except (ValueError, AssertionError, HttpProcessingError) as error:
                 return text(400, f"Malformed multipart body: {error}")
         elif request.content_type == "application/x-www-form-urlencoded":
             try:
@@ -262,10 +268,24 @@ async def _send_file(
         os.close(fd)
 
 
-async def _read_capped(part: BodyPartReader, cap: int, drain: bool = False) -> bytes | None:
-    """A part's bytes, or None past ``cap`` (``drain`` reads and drops everything)."""
+class _Budget:
+    """How much of a request body may still be read."""
+
+    def __init__(self, request: web.Request, limit: int) -> None:
+        self.request, self.limit = request, limit
+
+    def exceeded(self) -> bool:
+        return self.request.content.total_bytes > self.limit
+
+
+async def _read_capped(
+    part: BodyPartReader, cap: int, body: _Budget, drain: bool = False
+) -> bytes | None:
+    """A part's bytes, or None past ``cap`` or the body's budget (``drain`` drops them)."""
     data = bytearray()
     while chunk := await part.read_chunk(_CHUNK):
+        if body.exceeded():
+            return None
         if drain:
             continue
         data += chunk
@@ -274,12 +294,12 @@ async def _read_capped(part: BodyPartReader, cap: int, drain: bool = False) -> b
     return bytes(data)
 
 
-async def _save_capped(part: BodyPartReader, target: Path, cap: int) -> bool:
+async def _save_capped(part: BodyPartReader, target: Path, cap: int, body: _Budget) -> bool:
     size = 0
     with open(target, "wb") as file:
         while chunk := await part.read_chunk(_CHUNK):
             size += len(chunk)
-            if size > cap:
+            if size > cap or body.exceeded():
                 return False
             file.write(chunk)
     return True
