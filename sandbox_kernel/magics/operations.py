@@ -197,14 +197,14 @@ def sandbox_libraries(
         raise _sandbox_error("list the libraries", error) from None
     rows = [
         row
-        for row in _library_rows(libraries, executables, args.category)
-        if _matches(row[1], args.pattern)
+        for row in library_rows(libraries, executables, args.category)
+        if matches(row[1], args.pattern)
     ]
     shown = rows[:_LIBRARY_ROWS]
     return MagicResult(value=rows, bundles=[render.libraries(shown, len(rows), _LIBRARY_ROWS)])
 
 
-def _library_rows(
+def library_rows(
     libraries: Any, executables: Any, category: str | None
 ) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
@@ -218,7 +218,7 @@ def _library_rows(
     return rows
 
 
-def _matches(name: str, pattern: str) -> bool:
+def matches(name: str, pattern: str) -> bool:
     if not pattern:
         return True
     if any(char in pattern for char in "*?["):
@@ -257,7 +257,7 @@ def sandbox_usage(
 # -- the environment's files ---------------------------------------------------------------------
 
 
-def _environment_path(context: SandboxContext, path: str) -> str:
+def environment_path(context: SandboxContext, path: str) -> str:
     """A path of the environment, relative to its root: relative paths start at the shell's
     current directory, absolute ones must be under the working directory."""
     cwd = context.session.state.cwd or WORKING_DIR
@@ -288,16 +288,16 @@ def sandbox_download(
     uuid = args.uuid or context.session.environment
     if not uuid:
         raise MagicFailed("There is no environment yet: run a cell first, or give --uuid UUID.")
-    remote = _environment_path(context, args.path) if args.path else None
+    remote = environment_path(context, args.path) if args.path else None
     name = posixpath.basename(remote) if remote and remote != "." else f"{uuid}.tgz"
     if remote == ".":
         remote = None
-    target = _local_target(context, args.to, name, args.force)
+    target = local_target(context, args.to, name, args.force)
     try:
         data = context.connection.background.download(uuid, remote).getvalue()
     except SandboxError as error:
         raise _sandbox_error(f"download {args.path or 'the environment'}", error) from None
-    _write_new(target, data, args.force)
+    write_new(target, data, args.force)
     bundles = [
         render.text(f"Saved {args.path or f'environment {uuid}'} ({len(data)} bytes) to {target}")
     ]
@@ -306,7 +306,7 @@ def sandbox_download(
     return MagicResult(value=str(target), bundles=bundles)
 
 
-def _local_target(context: SandboxContext, folder: str, name: str, force: bool) -> Path:
+def local_target(context: SandboxContext, folder: str, name: str, force: bool) -> Path:
     """Where a download goes: ``name`` (a base name) directly in ``folder``, never elsewhere."""
     base = (context.local_dir / folder).resolve()
     if not base.is_dir():
@@ -321,7 +321,7 @@ def _local_target(context: SandboxContext, folder: str, name: str, force: bool) 
     return target
 
 
-def _write_new(target: Path, data: bytes, force: bool) -> None:
+def write_new(target: Path, data: bytes, force: bool) -> None:
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if force else os.O_EXCL)
     try:
         fd = os.open(target, flags, 0o644)

@@ -27,6 +27,7 @@ import ipywidgets as widgets
 
 from .._errors import SandboxError
 from ..client import Sandbox
+from ..magics.operations import environment_path, library_rows, local_target, matches, write_new
 from ..session import mime_type
 from ..session.connection import SandboxContext
 from . import render
@@ -282,14 +283,12 @@ class SandboxPanel:
             "execute_timeout", "expiration", "isolation")}  # fmt: skip
 
     def library_rows(self, pattern: str, category: str) -> list[tuple[str, str, str]]:
-        from ..magics.operations import _library_rows, _matches
-
         if self._libraries is None:
             return []
         chosen = None if category == "all" else category
-        rows = _library_rows(self._libraries.get("libraries") or {},
+        rows = library_rows(self._libraries.get("libraries") or {},
                              self._libraries.get("bin") or [], chosen)  # fmt: skip
-        return [row for row in rows if _matches(row[1], pattern)]
+        return [row for row in rows if matches(row[1], pattern)]
 
     def _filter(self) -> None:
         if self._libraries is None:
@@ -346,16 +345,14 @@ class SandboxPanel:
         self._fetching = asyncio.get_running_loop().create_task(self._fetch_file(name, save))
 
     async def _fetch_file(self, name: str, save: bool) -> None:
-        from ..magics.operations import _environment_path, _local_target, _write_new
-
         session = self.context.session
         try:
-            remote = _environment_path(self.context, name)
+            remote = environment_path(self.context, name)
             data = (await asyncio.to_thread(self.client.download, session.environment or "",
                                             remote)).getvalue()  # fmt: skip
             if save:
-                target = _local_target(self.context, ".", name.rsplit("/", 1)[-1], force=False)
-                _write_new(target, data, force=False)
+                target = local_target(self.context, ".", name.rsplit("/", 1)[-1], force=False)
+                write_new(target, data, force=False)
                 self.file_view.value = f"Saved to {html.escape(str(target))}"
             else:
                 self.file_view.value = file_html(name, data)
