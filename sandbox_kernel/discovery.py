@@ -138,6 +138,8 @@ class EmbeddedServer:
             self.token = None
         self._scratch = Path(tempfile.mkdtemp(prefix="sandbox-kernel-server-"))
         self.log_path = log_path or self._scratch / "server.log"
+        #: ``{url, token, pid}`` of the running server (mode 0600): the token file.
+        self.info_file = self._scratch / "server.json"
         self.env = env
         self.process: subprocess.Popen[bytes] | None = None
         self.info: ServerInfo | None = None
@@ -149,7 +151,7 @@ class EmbeddedServer:
         return self.info.url
 
     def start(self, timeout: float = 30.0) -> ServerInfo:
-        info_file = self._scratch / "server.json"
+        info_file = self.info_file
         command = [
             sys.executable,
             "-m",

@@ -65,7 +65,17 @@ def ensure_kernelspec() -> str:
 class Sandbox:
     info: ServerInfo
     log: Path | None
-    data_dir: str
+    token_file: Path | None = None
+
+    def describe(self) -> list[str]:
+        """Where things are, for the user."""
+        if self.log is None:
+            return [f"sandbox:    {self.info.url} (configured)"]
+        return [
+            f"sandbox:    {self.info.url} (embedded, started now)",
+            f"token file: {self.token_file}",
+            f"server log: {self.log}",
+        ]
 
 
 @contextlib.contextmanager
@@ -73,13 +83,13 @@ def sandbox(url: str | None, token: str | None, logs: Path) -> Iterator[Sandbox]
     """The configured sandbox, or an embedded server stopped on the way out."""
     info = configured_sandbox(url, token) if url or os.environ.get("SANDBOX_URL") else None
     if info is not None:
-        yield Sandbox(info, None, "(remote)")
+        yield Sandbox(info, None)
         return
     log = logs / "sandbox-server.log"
     server = EmbeddedServer(log_path=log)
     try:
         started = server.start()
-        yield Sandbox(ServerInfo(started.url, server.token, started.pid), log, "default")
+        yield Sandbox(ServerInfo(started.url, server.token, started.pid), log, server.info_file)
     finally:
         server.stop()
 
@@ -91,7 +101,20 @@ def _environment(box: Sandbox) -> dict[str, str]:
     return env
 
 
+def _require(module: str) -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        print(f"sandbox-kernel: {module} is not installed. Install the extra: "
+              "pip install 'sandbox-kernel[lab]' (or pip install -e '.[lab]' in a clone).",
+              file=sys.stderr)  # fmt: skip
+        return False
+    return True
+
+
 def lab(args: argparse.Namespace) -> int:
+    if not _require("jupyterlab"):
+        return 2
     notebooks = notebooks_folder(args.notebooks)
     logs = Path(tempfile.mkdtemp(prefix="sandbox-kernel-lab-"))
     with sandbox(args.url, args.token, logs) as box:
@@ -108,9 +131,7 @@ def lab(args: argparse.Namespace) -> int:
         if os.geteuid() == 0:
             command.append("--allow-root")
         log_path = logs / "jupyterlab.log"
-        print(f"sandbox:    {box.info.url}" + (" (embedded, started now)" if box.log else ""))
-        if box.log:
-            print(f"            its token goes to the kernels (SANDBOX_TOKEN); log: {box.log}")
+        print("\n".join(box.describe()))
         print(f"kernelspec: {KERNEL_NAME} ({spec})")
         print(f"notebooks:  {notebooks}")
         print(f"JupyterLab: http://127.0.0.1:{args.port}/lab?token={token}")
@@ -147,6 +168,8 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def demo(args: argparse.Namespace) -> int:
+    if not _require("nbclient"):
+        return 2
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
@@ -162,7 +185,7 @@ def demo(args: argparse.Namespace) -> int:
     failures = 0
     with sandbox(args.url, args.token, output) as box, _environ(_environment(box)):
         ensure_kernelspec()
-        print(f"sandbox: {box.info.url}", flush=True)
+        print("\n".join(box.describe()), flush=True)
         for path in paths:
             notebook = nbformat.read(path, as_version=4)
             started = time.monotonic()
