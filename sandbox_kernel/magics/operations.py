@@ -19,7 +19,9 @@ from ..session.connection import SandboxContext
 from ..views import render
 from .core import REGISTRY, MagicFailed, MagicResult, MagicUsageError, _Parser, magic
 
-CATEGORIES = {"system": "system", "python": "python", "perl": "perl", "c": "c", "bin": "bin"}
+#: What ``libraries/`` answers with (contract): four library categories, then executables.
+LIBRARY_CATEGORIES = ("system", "python", "perl", "c")
+CATEGORIES = (*LIBRARY_CATEGORIES, "bin")
 _LIBRARY_ROWS = 200
 
 
@@ -208,7 +210,7 @@ def library_rows(
     libraries: Any, executables: Any, category: str | None
 ) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
-    for name in ("system", "python", "perl", "c"):
+    for name in LIBRARY_CATEGORIES:
         if category in (None, name):
             entries = libraries.get(name) or {}
             rows += [(name, str(k), str(v)) for k, v in sorted(entries.items())]

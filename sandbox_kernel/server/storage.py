@@ -58,7 +58,6 @@ class Snapshot:
     """What a working directory was filled with: relative path -> identity of the copy (see
     :func:`_identity`) and the saved file it was copied from."""
 
-    base: Path | None = None
     files: dict[str, tuple[int, int, int, int, Path]] = dataclasses.field(default_factory=dict)
 
 
@@ -173,14 +172,11 @@ class Storage:
             return None
         return directory
 
-    def expire_of(self, uuid: str) -> float | None:
-        return _read_expire(self.environments / f"{uuid.lower()}.json")
-
     # -- a run's working directory --------------------------------------------------------------
 
     def populate(self, base: Path, workdir: Path, uid: int, gid: int) -> Snapshot:
         """Copy a saved environment into an empty working directory owned by ``uid``."""
-        snapshot = Snapshot(base=base)
+        snapshot = Snapshot()
         chown = os.geteuid() == 0
         for source, relative, entry_stat in _walk(base):
             target = workdir / relative

@@ -27,6 +27,7 @@ import ipywidgets as widgets
 
 from .._errors import SandboxError
 from ..client import Sandbox
+from ..magics import operations
 from ..magics.operations import environment_path, library_rows, local_target, matches, write_new
 from ..session import mime_type
 from ..session.connection import SandboxContext
@@ -34,7 +35,7 @@ from . import render
 
 log = logging.getLogger(__name__)
 
-CATEGORIES = ["all", "system", "python", "perl", "c", "bin"]
+CATEGORIES = ["all", *operations.CATEGORIES]
 _ROWS = 100
 _HISTORY_SECONDS = 300.0
 _MAX_BACKOFF = 60.0
