@@ -27,13 +27,22 @@ from jupyter_client.manager import KernelManager
 
 from sandbox_kernel.discovery import EmbeddedServer
 from sandbox_kernel.install import install
-from sandbox_kernel.session.cellscript import RESULT_PATH, build_script, parse_bookkeeping
+from sandbox_kernel.session.cellscript import (
+    RESULT_PATH,
+    build_script,
+    next_state_file,
+    parse_bookkeeping,
+)
+
+#: The raw cells' kernel session, as a Session names its state files.
+_SESSION = secrets.token_hex(8)
 
 
 def raw_cell(http: requests.Session, url: str, state: dict[str, Any]) -> float:
     nonce = secrets.token_hex(8)
+    next_state = next_state_file(_SESSION, state.get("file"))
     config: dict[str, Any] = {
-        "commands": [build_script("true", nonce, [], state.get("file"))],
+        "commands": [build_script("true", nonce, [], state.get("file"), next_state)],
         "save": True,
         "result_path": RESULT_PATH,
         "environ": {},

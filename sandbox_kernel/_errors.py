@@ -65,6 +65,7 @@ __all__ = [
     "Sandbox508",
     "Sandbox510",
     "Sandbox511",
+    "SandboxAnswerTooLarge",
     "SandboxCancelled",
     "SandboxConfigError",
     "SandboxConnectionError",
@@ -105,21 +106,37 @@ class SandboxConnectionError(SandboxError):
 
 
 class SandboxCancelled(SandboxError):
-    """The caller cancelled an ``execute`` (an interrupted cell, say) before it was answered.
+    """The caller cancelled a request (an interrupted cell, say) before its answer was whole.
 
-    Its connection was closed: a server that watches for disconnects (the embedded one) kills
-    the command; the public server cannot, and runs it until its own timeout.
+    ``Cancellation.cancel()`` ends an ``execute(..., cancel=...)``, and any request made in a
+    ``cancel_scope`` (downloads, uploads, specifications...), at once, body included. Its
+    connection was closed: a server that watches for disconnects (the embedded one) kills an
+    ``execute``'s command; the public server cannot, and runs it until its own timeout.
     """
 
 
 class SandboxTimeout(SandboxError):
-    """The server accepted the connection but did not answer within the client's timeout."""
+    """The server did not give its whole answer within the client's timeout.
+
+    The timeout is a deadline for the whole exchange (connecting, sending, the headers and the
+    body), not for each read: a server trickling its answer a byte at a time ends here too.
+    """
 
 
 class SandboxProtocolError(SandboxError):
     """A successful (2xx) answer that is not what the protocol says: not JSON, not a JSON
     object, a body cut short, a missing ``Content-Length``... Usually the URL points to
     something that is not a sandbox server, or a proxy in between mangled the answer.
+    """
+
+
+class SandboxAnswerTooLarge(SandboxProtocolError):
+    """An answer larger than the client accepts: it was cut there and nothing of it was kept.
+
+    A download is capped by what the caller asked for (``download(..., max_bytes=...)``, the
+    size ``check()`` announced), a JSON answer by ``Sandbox(url, max_json=...)``; a body longer
+    than its own ``Content-Length`` is refused too. The client never reads more than the cap
+    plus one byte, so a hostile or broken server cannot fill the memory of the kernel.
     """
 
 

@@ -18,14 +18,14 @@ EXIT_SANDBOX_ERROR = 125
 
 
 def _add_sandbox_options(parser: argparse.ArgumentParser) -> None:
+    from .lab import add_token_options
+
     parser.add_argument(
         "--url",
         help="sandbox URL (default: SANDBOX_URL, a local server "
         "advertised by 'sandbox-kernel serve', else a private embedded one)",
     )
-    parser.add_argument(
-        "--token", help="sandbox token (default: SANDBOX_TOKEN or the advertised one)"
-    )
+    add_token_options(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +123,7 @@ def _sandbox(url: str | None, token: str | None) -> Iterator[Any]:
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from ._errors import SandboxError
+    from .discovery import token_from_options
 
     words = args.words[1:] if args.words[:1] == ["--"] else args.words
     if not words:
@@ -135,7 +136,12 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.environment:
         config["environment"] = args.environment
     try:
-        with _sandbox(args.url, args.token) as sandbox:
+        token = token_from_options(args.token, args.token_file)
+    except ValueError as error:
+        print(f"sandbox-kernel run: {error}", file=sys.stderr)
+        return 2
+    try:
+        with _sandbox(args.url, token) as sandbox:
             response = sandbox.execute(config)
     except (SandboxError, RuntimeError) as error:
         print(f"sandbox-kernel run: {error}", file=sys.stderr)

@@ -10,6 +10,13 @@ Failures are :class:`SandboxError` subclasses (see :mod:`sandbox_kernel._errors`
 ``requests`` exception escapes a public method. Retries are limited to what cannot run anything
 twice: a request whose connection could not be opened (nothing was sent), and an ``execute/``
 answered 503 (the server refuses before running anything when no container is free).
+
+A server is not trusted to behave: every request has a deadline for the whole exchange, body
+included (one watchdog thread shuts the socket of a request past it); every answer is read
+within a cap (``max_json``, a download's ``max_bytes``); the fields of ``specifications/``,
+``usages/`` and ``libraries/`` are type-checked where they are read; and a
+:class:`Cancellation` ends an ``execute`` given it, or any request made in a
+:func:`cancel_scope`, at any point.
 """
 
 from __future__ import annotations
@@ -17,29 +24,44 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import dataclasses
+import heapq
+import http.client
 import io
+import itertools
 import json
+import math
+import os
 import random
 import re
 import socket
+import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
-from typing import Any, Final, Generic, Protocol, TypeVar, overload
+from typing import Any, Final, Generic, NamedTuple, Protocol, TypeVar, overload
 from urllib.parse import quote, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import NewConnectionError, ReadTimeoutError
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
 from urllib3.util.retry import Retry
+from urllib3.util.wait import wait_for_read
 
 from . import _errors
 from ._errors import *  # noqa: F403  (re-exports every Sandbox<STATUS> class)
 from ._errors import (
     Sandbox503,
+    SandboxAnswerTooLarge,
     SandboxCancelled,
     SandboxConfigError,
     SandboxConnectionError,
@@ -61,7 +83,7 @@ from .protocol import (
     validate_config,
 )
 
-__all__ = ["Cancellation", "LibrariesDict", "OnBusy", "Sandbox", "validate"]
+__all__ = ["Cancellation", "LibrariesDict", "OnBusy", "Sandbox", "cancel_scope", "validate"]
 __all__ += _errors.__all__
 
 #: Seconds to wait for any answer, unless an ``execute/`` needs longer (see ``Sandbox.execute``).
@@ -74,6 +96,16 @@ _BUSY_MAX_WAIT: Final = 3.0
 #: Added to the server's ``execute_timeout`` for the read timeout of ``execute/``: the server
 #: answers after the commands' budget, plus the time to prepare and save the environment.
 _EXECUTE_MARGIN: Final = 10.0
+#: Largest JSON answer read (``execute/``, ``specifications/``...): ``libraries/`` is ~21 KB,
+#: an ``execute/`` at most the server's output cap (a few MiB); far more is not a sandbox.
+DEFAULT_MAX_JSON: Final = 64 * 1024**2
+#: Largest ``download`` when the caller gives no ``max_bytes`` (front-ends pass the size that
+#: ``check()`` announced): twice the embedded server's default working-directory quota.
+DEFAULT_MAX_DOWNLOAD: Final = 2 * 1024**3
+#: How much of an error answer's body is read (for its message); the rest is dropped.
+_ERROR_BODY_CAP: Final = 64 * 1024
+#: Bytes read from the socket at a time.
+_CHUNK: Final = 256 * 1024
 #: Attempts to open a connection for a GET or HEAD; backoff 0, 0.1, 0.2 s (urllib3's formula).
 _CONNECT_RETRIES: Final = 3
 _CONNECT_BACKOFF: Final = 0.05
@@ -93,16 +125,20 @@ class _BinaryReadable(Protocol):
 
 
 class Cancellation:
-    """Lets another thread cancel one :meth:`Sandbox.execute` (an interrupted cell).
+    """Lets another thread cancel requests: an ``execute`` given it (``cancel=``), and every
+    request made inside ``with cancel_scope(cancellation):`` (an interrupted cell, say).
 
-    ``cancel()`` shuts the request's socket down: the waiting thread gets
-    :class:`SandboxCancelled` at once, and a server that watches for disconnects (the embedded
-    one) kills the command. It also ends the waits between 503 retries.
+    ``cancel()`` shuts the sockets of those requests down: the waiting thread gets
+    :class:`SandboxCancelled` at once, whether it waits for the headers or reads the body, and
+    a server that watches for disconnects (the embedded one) kills the command. It also ends
+    the waits between 503 retries. Once cancelled, it stays so: later requests under it raise
+    at once without sending anything.
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._sockets: set[socket.socket] = set()
+        # Reentrant: cancel() may run in a signal handler of a thread that holds the lock.
+        self._lock = threading.RLock()
+        self._exchanges: set[_Exchange] = set()
         self._event = threading.Event()
 
     @property
@@ -113,25 +149,51 @@ class Cancellation:
         """Safe from any thread, and from a signal handler."""
         self._event.set()
         with self._lock:
-            sockets = list(self._sockets)
-        for sock in sockets:
-            _shut(sock)
+            exchanges = list(self._exchanges)
+        for exchange in exchanges:
+            exchange.cut()
 
     def wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; True when cancelled meanwhile."""
         return self._event.wait(seconds)
 
-    def _attach(self, sock: socket.socket | None) -> None:
-        if sock is None:
-            return
+    def _enter(self, exchange: _Exchange) -> None:
         with self._lock:
-            self._sockets.add(sock)
-        if self.cancelled:
-            _shut(sock)
+            self._exchanges.add(exchange)
 
-    def _detach(self, sock: socket.socket | None) -> None:
+    def _leave(self, exchange: _Exchange) -> None:
         with self._lock:
-            self._sockets.discard(sock)
+            self._exchanges.discard(exchange)
+
+
+#: The cancellations of the ``cancel_scope`` blocks this thread is in (innermost last).
+_SCOPE: contextvars.ContextVar[tuple[Cancellation, ...]] = contextvars.ContextVar(
+    "sandbox_cancel_scope", default=()
+)
+
+
+@contextlib.contextmanager
+def cancel_scope(cancellation: Cancellation) -> Iterator[Cancellation]:
+    """Every request this thread makes inside the block ends with :class:`SandboxCancelled`
+    as soon as ``cancellation.cancel()`` is called (from another thread, or a signal handler),
+    whether it is connecting, sending, waiting for the answer or reading its body.
+
+    Scopes nest (any of them cancels), and combine with ``execute(..., cancel=...)``. A front-end
+    wraps whatever an interrupt must end in it (a magic's downloads, uploads, look-ups).
+    """
+    token = _SCOPE.set((*_SCOPE.get(), cancellation))
+    try:
+        yield cancellation
+    finally:
+        _SCOPE.reset(token)
+
+
+def _cancellations(extra: Cancellation | None) -> tuple[Cancellation, ...]:
+    """The cancellations in effect for a request: the scopes', plus ``extra`` if given."""
+    scope = _SCOPE.get()
+    if extra is None or any(extra is given for given in scope):
+        return scope
+    return (*scope, extra)
 
 
 def _shut(sock: socket.socket) -> None:
@@ -139,54 +201,202 @@ def _shut(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
-#: The cancellation of the ``execute`` running in this thread, seen by its connection.
-_CURRENT_CANCELLATION: contextvars.ContextVar[Cancellation | None] = contextvars.ContextVar(
-    "sandbox_cancellation", default=None
+class _Exchange:
+    """One request and its whole answer: its deadline, its cancellations, and the sockets it
+    used (a redirect uses several). Expiring or cutting it shuts those sockets down, which
+    ends any blocking connect, send or read at once; once finished, it never touches them
+    again (they may be pooled and serve the next request).
+    """
+
+    __slots__ = ("_cut", "_lock", "_sockets", "cancellations", "deadline", "done", "expired")
+
+    def __init__(self, deadline: float, cancellations: tuple[Cancellation, ...]) -> None:
+        self.deadline = deadline
+        self.cancellations = cancellations
+        self._lock = threading.RLock()
+        self._sockets: list[socket.socket] = []
+        self._cut = False
+        self.expired = False
+        self.done = False
+        for cancellation in cancellations:
+            cancellation._enter(self)
+
+    @property
+    def cancelled(self) -> bool:
+        return any(cancellation.cancelled for cancellation in self.cancellations)
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def attach(self, sock: socket.socket | None) -> None:
+        """``sock`` now carries this exchange (a new connection, or a pooled one reused)."""
+        if sock is None:
+            return
+        with self._lock:
+            if self.done or any(sock is known for known in self._sockets):
+                return
+            self._sockets.append(sock)
+            if self._cut or self.expired:
+                _shut(sock)
+
+    def last_socket(self) -> socket.socket | None:
+        """The socket of the final answer (after any redirect)."""
+        with self._lock:
+            return self._sockets[-1] if self._sockets else None
+
+    def expire(self) -> None:
+        """The deadline passed (the watchdog's call)."""
+        self._end(expired=True)
+
+    def cut(self) -> None:
+        """A cancellation of this exchange was cancelled."""
+        self._end(expired=False)
+
+    def _end(self, *, expired: bool) -> None:
+        with self._lock:
+            if self.done:
+                return
+            if expired:
+                self.expired = True
+            else:
+                self._cut = True
+            for sock in self._sockets:
+                _shut(sock)
+
+    def finish(self) -> None:
+        with self._lock:
+            self.done = True
+            self._sockets.clear()
+        for cancellation in self.cancellations:
+            cancellation._leave(self)
+
+
+class _Watchdog:
+    """One daemon thread for the whole process that expires exchanges at their deadline.
+
+    A timer per request would cost a thread start per request (~100 µs); here a request costs
+    one push on a heap. The thread sleeps until the earliest deadline; finished exchanges are
+    dropped lazily when they reach the top, and the heap is compacted now and then.
+    """
+
+    _COMPACT_EVERY: Final = 1024
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # the thread does not survive fork
+
+    def _reset(self) -> None:
+        self._condition = threading.Condition(threading.Lock())
+        self._heap: list[tuple[float, int, _Exchange]] = []
+        self._order = itertools.count()
+        self._started = False
+
+    def watch(self, exchange: _Exchange) -> None:
+        entry = (exchange.deadline, next(self._order), exchange)
+        with self._condition:
+            heapq.heappush(self._heap, entry)
+            if entry[1] % self._COMPACT_EVERY == 0:
+                self._heap = [kept for kept in self._heap if not kept[2].done]
+                heapq.heapify(self._heap)
+            if not self._started:
+                self._started = True
+                threading.Thread(
+                    target=self._run, name="sandbox-client-deadlines", daemon=True
+                ).start()
+            elif self._heap[0] is entry:  # earlier than what the thread sleeps for
+                self._condition.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                due = self._next_due()
+            due.expire()
+
+    def _next_due(self) -> _Exchange:
+        """Wait (lock held) for the first unfinished exchange whose deadline has passed."""
+        while True:
+            heap = self._heap
+            while heap and heap[0][2].done:
+                heapq.heappop(heap)
+            if not heap:
+                self._condition.wait()
+                continue
+            delay = heap[0][0] - time.monotonic()
+            if delay <= 0:
+                return heapq.heappop(heap)[2]
+            self._condition.wait(delay)
+
+
+_WATCHDOG: Final = _Watchdog()
+
+#: The exchange this thread is carrying out, seen by its connections.
+_CURRENT_EXCHANGE: contextvars.ContextVar[_Exchange | None] = contextvars.ContextVar(
+    "sandbox_exchange", default=None
 )
 
 
-class _CancellableMixin:
-    """Registers the socket with the current :class:`Cancellation` while an answer is awaited."""
+class _WatchedMixin:
+    """Hands the connection's socket to the current :class:`_Exchange` whenever it carries a
+    request (a new connection or a pooled one), so that its deadline and cancellations reach
+    every step: connect, send, headers and body. A connection is never given more time to
+    open than its exchange has left.
+    """
 
     sock: socket.socket | None
+    timeout: float | None
 
-    def getresponse(self, *args: Any, **kwargs: Any) -> Any:
-        cancellation = _CURRENT_CANCELLATION.get()
-        if cancellation is None:
-            return super().getresponse(*args, **kwargs)  # type: ignore[misc]
-        sock = self.sock
-        cancellation._attach(sock)
-        try:
-            return super().getresponse(*args, **kwargs)  # type: ignore[misc]
-        finally:
-            cancellation._detach(sock)
+    def connect(self) -> None:
+        exchange = _CURRENT_EXCHANGE.get()
+        if exchange is not None:
+            remaining = exchange.remaining()
+            if remaining <= 0:
+                raise ConnectTimeoutError(self, "no time left to open a connection")
+            if self.timeout is None or self.timeout > remaining:
+                self.timeout = remaining
+        super().connect()  # type: ignore[misc]
+        if exchange is not None:
+            exchange.attach(self.sock)
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        exchange = _CURRENT_EXCHANGE.get()
+        if exchange is not None:
+            exchange.attach(self.sock)  # a pooled connection; a new one attaches in connect()
+        super().request(*args, **kwargs)  # type: ignore[misc]
 
 
-class _CancellableConnection(_CancellableMixin, HTTPConnection):
+class _WatchedConnection(_WatchedMixin, HTTPConnection):
     pass
 
 
-class _CancellableHTTPSConnection(_CancellableMixin, HTTPSConnection):
+class _WatchedHTTPSConnection(_WatchedMixin, HTTPSConnection):
     pass
 
 
-class _CancellablePool(HTTPConnectionPool):
-    ConnectionCls = _CancellableConnection
+class _WatchedPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedConnection
 
 
-class _CancellableHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _CancellableHTTPSConnection
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
 
 
 class _Adapter(HTTPAdapter):
-    """An adapter whose connections a :class:`Cancellation` can shut down."""
+    """An adapter whose connections carry deadlines and cancellations, and which never reads
+    the body of a redirect (``requests`` would read all of it, however long, to drop it)."""
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {
-            "http": _CancellablePool,
-            "https": _CancellableHTTPSPool,
+            "http": _WatchedPool,
+            "https": _WatchedHTTPSPool,
         }
+
+    def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
+        response = super().build_response(req, resp)
+        if response.is_redirect and req.method != "POST":  # followed: its body is not wanted
+            response.raw.close()  # closes the connection: unread bytes are never pooled
+            _keep_body(response, b"")
+        return response
 
 
 def validate(config: object) -> tuple[bool, str]:
@@ -378,11 +588,16 @@ class Sandbox:
     """A sandbox server at ``url``: its specifications and libraries as attributes, and the
     requests of the protocol as methods (``execute``, ``download``, ``check``, ``usage``...).
 
-    ``timeout`` (seconds) bounds every request; ``token``, when given, is sent as
-    ``Authorization: Bearer <token>`` (the reference server has none, a proxy may want one).
-    ``busy_budget`` and ``on_busy`` rule how ``execute`` waits for a free container (see there).
-    One HTTP session is kept, so connections are reused: ``close()`` it, or use
-    ``with Sandbox(url) as s:``.
+    ``timeout`` (seconds) is the deadline of every request, answer included: connecting,
+    sending, the headers and the whole body (a server trickling its answer cannot hold a
+    request longer). ``token``, when given, is sent as ``Authorization: Bearer <token>`` (the
+    reference server has none, a proxy may want one); ``requests`` drops it on a redirect to
+    another host. ``busy_budget`` and ``on_busy`` rule how ``execute`` waits for a free
+    container (see there). ``max_json`` caps every JSON answer (``execute/``,
+    ``specifications/``, ``libraries/``, ``usages/``) and ``max_download`` a ``download`` given
+    no ``max_bytes``, so that a hostile server cannot fill the memory: past a cap the answer is
+    cut and :class:`SandboxAnswerTooLarge` raised. One HTTP session is kept, so connections are
+    reused: ``close()`` it, or use ``with Sandbox(url) as s:``.
     """
 
     sandbox_version = _Specification(
@@ -439,11 +654,15 @@ class Sandbox:
         *,
         busy_budget: float = DEFAULT_BUSY_BUDGET,
         on_busy: OnBusy | None = None,
+        max_json: int = DEFAULT_MAX_JSON,
+        max_download: int = DEFAULT_MAX_DOWNLOAD,
     ) -> None:
         if not timeout > 0:
             raise SandboxConfigError(
                 f"timeout must be a positive number of seconds, not {timeout!r}"
             )
+        _check_size("max_json", max_json)
+        _check_size("max_download", max_download)
         if token is not None and (
             not token or token.strip() != token or any(c in token for c in "\r\n")
         ):
@@ -455,6 +674,8 @@ class Sandbox:
         self.timeout = timeout
         self.busy_budget = busy_budget
         self.on_busy = on_busy
+        self.max_json = max_json
+        self.max_download = max_download
         self._has_token = token is not None
         self._cache: dict[str, dict[str, Any]] = {}
         self._session = _session(token)
@@ -502,7 +723,11 @@ class Sandbox:
         return 3 if _is_v3(self._category(SPECIFICATIONS)) else 2
 
     def usages(self) -> dict[str, Any]:
-        """The answer of ``usages/`` (3.x only; ~2 s on the reference server, which samples)."""
+        """The answer of ``usages/`` (3.x only; ~2 s on the reference server, which samples).
+
+        Checked like every answer read: a field of the wrong type (``"cpu": {"usage": "lots"}``)
+        raises :class:`SandboxProtocolError` naming it, so the caller can use what it reads.
+        """
         return self._get_json(USAGES)
 
     @property
@@ -538,12 +763,25 @@ class Sandbox:
 
     # --- Environments and files ---
 
-    def download(self, uuid: str, path: str | None = None) -> io.BytesIO:
+    def download(
+        self, uuid: str, path: str | None = None, *, max_bytes: int | None = None
+    ) -> io.BytesIO:
         """A saved environment (a ``.tgz``), or one file of it when ``path`` is given.
 
-        Raises ``Sandbox404`` when the environment or the file does not exist (or expired).
+        ``max_bytes``: the most the caller accepts, normally the size ``check()`` announced
+        (default: the client's ``max_download``). The body is read as a stream and never
+        beyond ``max_bytes`` + 1 bytes: an answer that announces or sends more, or sends more
+        than its own ``Content-Length``, raises :class:`SandboxAnswerTooLarge` and nothing of
+        it is kept. Raises ``Sandbox404`` when the environment or the file does not exist (or
+        expired).
         """
-        response = self._send("GET", _resource(uuid, path))
+        if max_bytes is not None:
+            _check_size("max_bytes", max_bytes)
+        cap = _Cap(
+            self.max_download if max_bytes is None else max_bytes,
+            _DOWNLOAD_CAP_ADVICE if max_bytes is not None else _DEFAULT_DOWNLOAD_CAP_ADVICE,
+        )
+        response = self._send("GET", _resource(uuid, path), cap=cap)
         _raise_for_status(response)
         return io.BytesIO(response.content)
 
@@ -553,16 +791,15 @@ class Sandbox:
         """
         if not is_uuid(uuid):
             return 0  # the server answers 404 to anything but a uuid (contract)
-        response = self._send("HEAD", _resource(uuid, path), stream=True)
         # The reference server's development HEAD answers carry a body (contract, "observed"):
-        # closing the unread response closes its connection instead of pooling it, so that
-        # those stray bytes are not read as the next answer.
-        response.close()
+        # _send closes a HEAD answer unread, which closes its connection instead of pooling
+        # it, so that those stray bytes are not read as the next answer.
+        response = self._send("HEAD", _resource(uuid, path))
         if response.status_code == 404:
             return 0
         _raise_for_status(response)
         length = response.headers.get("Content-Length", "")
-        if not length.isdigit():
+        if not re.fullmatch(r"[0-9]{1,30}", length):  # str.isdigit() takes '²', int() not
             raise SandboxProtocolError(
                 f"HEAD {response.url} answered {response.status_code} without a valid "
                 f"Content-Length ({length!r}), which the protocol requires. Check that "
@@ -589,7 +826,8 @@ class Sandbox:
         """Run ``config`` (see the contract) and return the server's JSON answer.
 
         ``cancel``: a :class:`Cancellation` another thread may use to abandon the request; this
-        call then raises :class:`SandboxCancelled`.
+        call then raises :class:`SandboxCancelled`. A ``cancel_scope`` around the call does the
+        same.
 
         ``environ``: a ``.tgz`` to fill the working directory with (a binary file or bytes).
         An invalid config raises :class:`SandboxConfigError` and sends nothing. While the server
@@ -597,8 +835,9 @@ class Sandbox:
         jittered wait, for at most ``busy_budget`` seconds (default: the client's), each wait
         reported to ``on_busy``. Nothing else is ever sent twice: the commands may have run.
 
-        The read timeout is the client's ``timeout``, or the server's ``execute_timeout`` plus
-        10 s when the specifications were already fetched and that is longer.
+        The deadline of each attempt (sending, waiting, reading the answer) is the client's
+        ``timeout``, or the server's ``execute_timeout`` plus 10 s when the specifications were
+        already fetched and that is longer. The answer is capped by ``max_json``.
         """
         ok, reason = validate_config(config)
         if not ok:
@@ -608,16 +847,14 @@ class Sandbox:
             )
         form = _form(_config_json(config), _read_archive(environ))
         budget = self.busy_budget if busy_budget is None else busy_budget
-        cancellation = cancel or Cancellation()
-        token = _CURRENT_CANCELLATION.set(cancellation)
         try:
-            response = self._post_until_free(form, budget, on_busy or self.on_busy, cancellation)
+            response = self._post_until_free(form, budget, on_busy or self.on_busy, cancel)
+        except SandboxCancelled:
+            raise
         except SandboxError as error:
-            if cancellation.cancelled:
+            if _any_cancelled(_cancellations(cancel)):
                 raise SandboxCancelled(_CANCELLED) from error
             raise
-        finally:
-            _CURRENT_CANCELLATION.reset(token)
         _raise_for_status(response)
         return _json_object(response, self.url)
 
@@ -626,16 +863,24 @@ class Sandbox:
         form: dict[str, Any],
         budget: float,
         on_busy: OnBusy | None,
-        cancellation: Cancellation,
+        cancel: Cancellation | None,
     ) -> requests.Response:
         """POST ``execute/`` again while it is answered 503, within ``budget`` seconds."""
+        cancellations = _cancellations(cancel)
         start = time.monotonic()
         attempt = 0
         while True:
-            if cancellation.cancelled:
+            if _any_cancelled(cancellations):
                 raise SandboxCancelled(_CANCELLED)
             attempt += 1
-            response = self._send("POST", EXECUTE, files=form, timeout=self._execute_read_timeout())
+            response = self._send(
+                "POST",
+                EXECUTE,
+                files=form,
+                timeout=self._execute_read_timeout(),
+                cancel=cancel,
+                cap=self._json_cap,
+            )
             if response.status_code != 503:
                 return response
             elapsed = time.monotonic() - start
@@ -644,7 +889,7 @@ class Sandbox:
                 raise Sandbox503(response, _busy_advice(response, elapsed, attempt))
             if on_busy is not None:
                 on_busy(attempt, wait, elapsed)
-            if cancellation.wait(wait):
+            if _wait_cancelled(cancellations, wait):
                 raise SandboxCancelled(_CANCELLED)
 
     def _execute_read_timeout(self) -> float:
@@ -664,26 +909,359 @@ class Sandbox:
     def _forget(self, endpoint: str) -> None:
         self._cache.pop(endpoint, None)
 
+    @property
+    def _json_cap(self) -> _Cap:
+        return _Cap(self.max_json, _JSON_CAP_ADVICE)
+
     def _get_json(self, endpoint: str) -> dict[str, Any]:
-        response = self._send("GET", endpoint)
+        """The answer of ``endpoint``, checked: fields of the wrong type raise here, naming
+        the field, rather than as a ``TypeError`` in whatever displays them."""
+        response = self._send("GET", endpoint, cap=self._json_cap)
         _raise_for_status(response)
-        return _json_object(response, self.url)
+        return _checked(endpoint, _json_object(response, self.url), self.url)
 
     def _send(
-        self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any
+        self,
+        method: str,
+        path: str,
+        *,
+        timeout: float | None = None,
+        cancel: Cancellation | None = None,
+        cap: _Cap | None = None,
+        **kwargs: Any,
     ) -> requests.Response:
-        """One exchange; any ``requests`` failure becomes a :class:`SandboxError`.
+        """One exchange, answer included; any failure becomes a :class:`SandboxError`.
 
-        Redirects are followed except for POST (``requests`` would turn it into a GET).
+        ``timeout`` (default: the client's) is a deadline for all of it: connecting, sending,
+        the headers and the body, which is read here, capped by ``cap`` (a 2xx answer) and
+        kept in the response. A HEAD answer is closed unread. The cancellations of the
+        ``cancel_scope`` blocks, and ``cancel``, end it at any point. Redirects are followed
+        except for POST (``requests`` would turn it into a GET).
         """
         url = self.url + path
         limit = self.timeout if timeout is None else timeout
+        exchange = _Exchange(time.monotonic() + limit, _cancellations(cancel))
+        token = _CURRENT_EXCHANGE.set(exchange)
         try:
-            return self._session.request(
-                method, url, timeout=limit, allow_redirects=method != "POST", **kwargs
+            if exchange.cancelled:
+                raise SandboxCancelled(_cancelled_message(method, url))
+            _WATCHDOG.watch(exchange)
+            response = self._session.request(
+                method, url, timeout=limit, allow_redirects=method != "POST", stream=True, **kwargs
             )
-        except requests.RequestException as exc:
+            _take_body(response, method, cap or self._json_cap, exchange, self.url)
+            if exchange.cancelled or exchange.expired:  # an EOF it caused can look like an end
+                raise _ended(exchange, method, url, limit)
+            return response
+        except SandboxError:
+            raise
+        # ValueError: an SSL socket shut down under a read says "Read on closed ... socket".
+        except (
+            requests.RequestException,
+            HTTPError,
+            http.client.HTTPException,
+            OSError,
+            ValueError,
+        ) as exc:
+            if exchange.cancelled or exchange.expired:
+                raise _ended(exchange, method, url, limit) from exc
             raise _translate(exc, method, url, limit) from exc
+        finally:
+            exchange.finish()
+            _CURRENT_EXCHANGE.reset(token)
+
+
+# --- Reading answers within caps ------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cap:
+    """The most bytes a 2xx answer may have, and what to advise (``{base}``: the server's URL)
+    when it has more."""
+
+    limit: int
+    advice: str
+
+
+_JSON_CAP_ADVICE: Final = (
+    "A sandbox's JSON answers are far smaller: check that {base} is a sandbox server and that "
+    "no proxy in between rewrites its answers. If such an answer is expected, allow more with "
+    "Sandbox(url, max_json=...)."
+)
+_DOWNLOAD_CAP_ADVICE: Final = (
+    "That is the size the caller expected (max_bytes, normally what HEAD announced): if the "
+    "file changed meanwhile, download it again; otherwise check that {base} is a sandbox "
+    "server and that no proxy in between rewrites its answers."
+)
+_DEFAULT_DOWNLOAD_CAP_ADVICE: Final = (
+    "Pass the size you expect, download(..., max_bytes=sandbox.check(...)), or allow more with "
+    "Sandbox(url, max_download=...); and check that {base} is a sandbox server."
+)
+
+
+def _check_size(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SandboxConfigError(
+            f"{name} must be a whole number of bytes (0 or more), not {value!r}."
+        )
+
+
+def _take_body(
+    response: requests.Response, method: str, cap: _Cap, exchange: _Exchange, base: str
+) -> None:
+    """Reads the body of ``response`` into it (``response.content``): a 2xx one within
+    ``cap``, an error's first 64 KiB (for its message). A HEAD answer is closed unread."""
+    try:
+        if method == "HEAD":
+            response.close()
+        elif response.status_code >= 300:
+            data, whole = _read_up_to(response.raw, _ERROR_BODY_CAP)
+            if not whole:
+                _drop(response)
+            _keep_body(response, data)
+        else:
+            _keep_body(response, _read_answer(response, method, cap, exchange, base))
+    except BaseException:
+        _drop(response)
+        raise
+
+
+def _read_answer(
+    response: requests.Response, method: str, cap: _Cap, exchange: _Exchange, base: str
+) -> bytes:
+    """The body of a 2xx answer, never reading more than ``cap.limit`` + 1 bytes of it."""
+    where = f"{method} {response.url}"
+    encoding = response.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("", "identity"):  # a compressed body could expand past any cap
+        raise SandboxProtocolError(
+            f"{where} answered with Content-Encoding {encoding!r}, which the client does not "
+            f"accept (it asks for identity, so that it can bound what it reads). Check that "
+            f"{base} is a sandbox server and that no proxy in between compresses its answers."
+        )
+    announced = _content_length(response)
+    advice = cap.advice.format(base=base)
+    if announced is not None and announced > cap.limit:
+        raise SandboxAnswerTooLarge(
+            f"{where} announced {announced} bytes (Content-Length), more than the {cap.limit} "
+            f"the client accepts for this answer; nothing of it was read. {advice}"
+        )
+    data, whole = _read_up_to(response.raw, cap.limit)
+    if not whole:
+        raise SandboxAnswerTooLarge(
+            f"{where} sent more than the {cap.limit} bytes the client accepts for this answer; "
+            f"it was cut there and nothing of it was kept. {advice}"
+        )
+    if announced is not None and _bytes_waiting(exchange.last_socket()):
+        raise SandboxAnswerTooLarge(
+            f"{where} sent more bytes than its own Content-Length ({announced}); the answer "
+            "was cut there and nothing of it was kept. A server that miscounts its answers "
+            f"cannot be trusted with this one: check that {base} is a sandbox server and that "
+            "no proxy in between rewrites its answers."
+        )
+    return data
+
+
+def _read_up_to(raw: Any, limit: int) -> tuple[bytes, bool]:
+    """At most ``limit`` + 1 bytes of the raw (undecoded) body; whether it ended within
+    ``limit``. The bytes beyond the first ``limit`` are dropped."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = raw.read(min(_CHUNK, limit + 1 - size), decode_content=False)
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)[:limit], False
+
+
+def _content_length(response: requests.Response) -> int | None:
+    value = response.headers.get("Content-Length", "").strip()
+    return int(value) if re.fullmatch(r"[0-9]{1,30}", value) else None
+
+
+def _bytes_waiting(sock: socket.socket | None) -> bool:
+    """Whether more bytes already wait on the connection after a whole answer (a server
+    sending past its Content-Length). Plain sockets only: TLS records cannot be peeked."""
+    if sock is None or isinstance(sock, ssl.SSLSocket):
+        return False
+    try:
+        return wait_for_read(sock, timeout=0.0) and bool(sock.recv(1, socket.MSG_PEEK))
+    except (OSError, ValueError):  # closed meanwhile: nothing waits
+        return False
+
+
+def _keep_body(response: requests.Response, data: bytes) -> None:
+    """Makes ``data`` the response's ``content`` (``requests`` then reads nothing more)."""
+    response._content = data
+    response._content_consumed = True  # type: ignore[attr-defined]
+
+
+def _drop(response: requests.Response) -> None:
+    """Closes the connection of an answer not read to its end: its unread bytes must never be
+    taken for the next answer on a pooled connection."""
+    with contextlib.suppress(Exception):
+        response.raw.close()
+    with contextlib.suppress(Exception):
+        response.close()
+
+
+def _any_cancelled(cancellations: tuple[Cancellation, ...]) -> bool:
+    return any(cancellation.cancelled for cancellation in cancellations)
+
+
+def _wait_cancelled(cancellations: tuple[Cancellation, ...], seconds: float) -> bool:
+    """Sleep up to ``seconds``; True as soon as one of ``cancellations`` is cancelled."""
+    if len(cancellations) == 1:
+        return cancellations[0].wait(seconds)
+    end = time.monotonic() + seconds
+    while not _any_cancelled(cancellations):
+        left = end - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(left, 0.05))
+    return True
+
+
+def _ended(exchange: _Exchange, method: str, url: str, timeout: float) -> SandboxError:
+    """The error of an exchange its cancellation or its deadline ended."""
+    if exchange.cancelled:
+        return SandboxCancelled(_cancelled_message(method, url))
+    return SandboxTimeout(_timeout_message(method, url, timeout))
+
+
+def _cancelled_message(method: str, url: str) -> str:
+    if method == "POST":
+        return _CANCELLED
+    return (
+        f"{method} {url} was cancelled (interrupted) and its connection closed; nothing of its "
+        "answer was kept. Run it again if it is still needed."
+    )
+
+
+# --- Checking the answers of specifications/, usages/ and libraries/ -------------------------
+
+
+class _Kind(NamedTuple):
+    """What a field must hold: ``accepts(value)``, described as ``expected``."""
+
+    accepts: Callable[[object], bool]
+    expected: str
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_whole(value: object) -> bool:
+    return _is_number(value) and float(value).is_integer()  # type: ignore[arg-type]
+
+
+_NUMBER = _Kind(_is_number, "a number")
+_WHOLE = _Kind(_is_whole, "a whole number")
+_TEXT = _Kind(lambda value: isinstance(value, str) or _is_number(value), "text")
+_OBJECT = _Kind(lambda value: isinstance(value, Mapping), "an object")
+#: 3.x gives bytes (-1: no limit), 2.x Docker's '100m'-style strings.
+_LIMIT = _Kind(lambda value: isinstance(value, str) or _is_number(value), "a size")
+_NUMBERS = _Kind(
+    lambda value: isinstance(value, list) and all(map(_is_number, value)), "a list of numbers"
+)
+_NAMES = _Kind(
+    lambda value: (
+        isinstance(value, Mapping)
+        or (isinstance(value, list) and all(isinstance(item, str) for item in value))
+    ),
+    "a list of names",
+)
+
+#: A schema maps a field to its kind, or to the schema of the object it must hold; ``"*"``
+#: stands for every field of that object. ``None`` is always accepted: the server does not
+#: tell. Only the fields that the client and the views read are listed.
+_Schema = Mapping[str, "_Kind | _Schema"]
+
+_SIZES: Final[_Schema] = {"*": _NUMBER}
+#: Settings of one container: under ``container`` on 3.x, at the top level on 2.x.
+_CONTAINER_SETTINGS: Final[_Schema] = {
+    "cpu": {"count": _WHOLE, "period": _NUMBER, "shares": _NUMBER, "quota": _NUMBER},
+    "memory": {"ram": _LIMIT, "swap": _LIMIT, "storage": _LIMIT},
+    "environ": _OBJECT,
+    "execute_timeout": _NUMBER,
+    "expiration": _NUMBER,
+    "isolation": _OBJECT,
+}
+_SCHEMAS: Final[Mapping[str, _Schema]] = {
+    SPECIFICATIONS: {
+        **_CONTAINER_SETTINGS,
+        "sandbox_version": _TEXT,
+        "docker_version": _TEXT,
+        "containers": {"total": _WHOLE, "running": _WHOLE, "available": _WHOLE},
+        "host": {
+            "cpu": {"core": _WHOLE, "logical": _WHOLE, "freq_min": _NUMBER, "freq_max": _NUMBER},
+            "memory": {"ram": _NUMBER, "swap": _NUMBER, "storage": _SIZES},
+            "sandbox_version": _TEXT,
+            "docker_version": _TEXT,
+        },
+        "container": {
+            **_CONTAINER_SETTINGS,
+            "count": _WHOLE,
+            "process": _WHOLE,
+            "io": _OBJECT,
+            "working_dir_device": _TEXT,
+        },
+    },
+    USAGES: {
+        "cpu": {"frequency": _NUMBER, "usage": _NUMBER, "usage_avg": _NUMBERS},
+        "memory": {"ram": _NUMBER, "swap": _NUMBER, "storage": _SIZES},
+        "io": _OBJECT,
+        "network": _OBJECT,
+        "process": _WHOLE,
+        "container": _WHOLE,
+    },
+    LIBRARIES: {
+        "libraries": {"*": {"*": _TEXT}},
+        "bin": _NAMES,
+        **dict.fromkeys(("python3", "python2", "java", "gcc", "g++", "perl", "postgres"), _TEXT),
+    },
+}
+
+
+def _checked(endpoint: str, answer: dict[str, Any], base: str) -> dict[str, Any]:
+    """``answer`` if every field its schema lists has the right type; else one
+    :class:`SandboxProtocolError` naming the endpoint and the field."""
+    schema = _SCHEMAS.get(endpoint)
+    if schema is not None:
+        _check_fields(endpoint, answer, schema, "", base)
+    return answer
+
+
+def _check_fields(
+    endpoint: str, value: Mapping[str, Any], schema: _Schema, path: str, base: str
+) -> None:
+    for key, kind in schema.items():
+        keys = list(value) if key == "*" else [key] if key in value else []
+        for name in keys:
+            field, where = value[name], f"{path}{name}"
+            if field is None:
+                continue
+            if isinstance(kind, _Kind):
+                if not kind.accepts(field):
+                    raise _malformed(endpoint, where, field, kind.expected, base)
+            elif isinstance(field, Mapping):
+                _check_fields(endpoint, field, kind, f"{where}.", base)
+            else:
+                raise _malformed(endpoint, where, field, "an object", base)
+
+
+def _malformed(endpoint: str, where: str, value: object, expected: str, base: str) -> SandboxError:
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return SandboxProtocolError(
+        f"{endpoint} answered {where} = {shown}, which is not {expected} as the sandbox "
+        f"protocol says; the client cannot use this answer. Check that {base} is a sandbox "
+        "server (of a version this client knows) and that no proxy in between rewrites its "
+        "answers."
+    )
 
 
 # --- Helpers of the transport ---------------------------------------------------------------
@@ -723,6 +1301,8 @@ def _session(token: str | None) -> requests.Session:
     adapter = _Adapter(max_retries=retry)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
+    # Compressed answers are refused: a small body could expand past any cap.
+    session.headers["Accept-Encoding"] = "identity"
     if token is not None:
         session.headers["Authorization"] = f"Bearer {token}"
     return session
@@ -803,10 +1383,11 @@ def _busy_advice(response: requests.Response, elapsed: float, attempts: int) -> 
     )
 
 
-def _translate(
-    exc: requests.RequestException, method: str, url: str, timeout: float
-) -> SandboxError:
-    """The :class:`SandboxError` telling what went wrong with ``method url`` and what to do."""
+def _translate(exc: BaseException, method: str, url: str, timeout: float) -> SandboxError:
+    """The :class:`SandboxError` telling what went wrong with ``method url`` and what to do.
+
+    ``exc`` comes from ``requests``, or from urllib3 or the socket while the body was read.
+    """
     cause = _root_cause(exc)
     if isinstance(
         exc,
@@ -831,13 +1412,17 @@ def _translate(
     if isinstance(exc, requests.exceptions.Timeout) or _in_chain(exc, ReadTimeoutError):
         return SandboxTimeout(_timeout_message(method, url, timeout))
     if isinstance(
-        exc, requests.exceptions.ChunkedEncodingError | requests.exceptions.ContentDecodingError
+        exc,
+        requests.exceptions.ChunkedEncodingError
+        | requests.exceptions.ContentDecodingError
+        | ProtocolError  # raised by urllib3 only while the body is read
+        | http.client.HTTPException,
     ):
         return SandboxProtocolError(
             f"The answer to {method} {url} was cut short or garbled ({cause}). Retry; if it "
             "persists, check the server's log and any proxy in between."
         )
-    if isinstance(exc, requests.exceptions.ConnectionError):
+    if isinstance(exc, requests.exceptions.ConnectionError | HTTPError | OSError):
         return SandboxConnectionError(_connection_message(exc, method, url, cause))
     return SandboxError(f"{method} {url} failed: {cause}. " + _CHECK_SERVER)
 
@@ -854,9 +1439,7 @@ _CHECK_SERVER: Final = (
 )
 
 
-def _connection_message(
-    exc: requests.RequestException, method: str, url: str, cause: BaseException
-) -> str:
+def _connection_message(exc: BaseException, method: str, url: str, cause: BaseException) -> str:
     if method == "POST" and not _never_sent(exc):
         return (
             f"The connection to the sandbox broke during {method} {url} ({cause}). The commands "
@@ -867,7 +1450,10 @@ def _connection_message(
 
 
 def _timeout_message(method: str, url: str, timeout: float) -> str:
-    text = f"The sandbox at {url} did not answer {method} within {timeout:g} s."
+    text = (
+        f"The sandbox at {url} did not answer {method} within {timeout:g} s (a deadline for "
+        "the whole answer, headers and body, however slowly it arrives)."
+    )
     if method == "POST":
         text += " The commands may still be running on the server, which cannot cancel them."
     return (

@@ -5,6 +5,10 @@ A running ``sandbox-kernel serve`` writes ``sandbox-kernel-server-<pid>.json`` (
 pid}``, mode 0600) into the Jupyter runtime directory, so local clients find it and its token
 without configuration. A private server is not advertised: it belongs to its starter, which
 stops it when done.
+
+Tokens never travel on a command line, where ``ps`` shows them to every local user: they are
+passed in files readable by their owner only (:func:`read_token_file`, :func:`write_token_file`)
+or in the environment.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import os
 import secrets
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -37,6 +42,88 @@ def runtime_dir() -> Path:
 
 def advertisement_path(pid: int | None = None) -> Path:
     return runtime_dir() / f"sandbox-kernel-server-{pid or os.getpid()}.json"
+
+
+def default_token_path(pid: int | None = None) -> Path:
+    """Where ``serve --no-advertise`` keeps the random token it makes when given none."""
+    return runtime_dir() / f"sandbox-kernel-token-{pid or os.getpid()}"
+
+
+#: Bytes read from a token file at most: a token is short, a huge file is a mistake.
+_MAX_TOKEN_FILE = 64 * 1024
+
+
+class TokenFileError(ValueError):
+    """A token file that cannot be used; the message says why and what to do."""
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def read_token_file(path: Path) -> str:
+    """The token held by ``path``: the file's text, or the ``token`` of a server's
+    ``{url, token, pid}`` file (so the path ``serve`` prints can be given as is).
+
+    Refused when group or others may read or write the file: its token is no longer a secret,
+    or someone else could choose it.
+    """
+    try:
+        with open(path, "rb") as file:
+            info = os.fstat(file.fileno())
+            text = file.read(_MAX_TOKEN_FILE + 1)
+    except OSError as error:
+        raise TokenFileError(f"cannot read the token file {path}: {error.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise TokenFileError(f"the token file {path} is not a regular file")
+    if info.st_uid not in (os.geteuid(), 0):
+        raise TokenFileError(
+            f"the token file {path} belongs to another user (uid {info.st_uid}), who could "
+            "change the token: use a file of your own"
+        )
+    if info.st_mode & 0o077:
+        raise TokenFileError(
+            f"the token file {path} is open to other users (mode {stat.S_IMODE(info.st_mode):o}),"
+            f" so its token is no secret: run 'chmod 600 {path}', and put a new token in it if "
+            "others may have read it"
+        )
+    if len(text) > _MAX_TOKEN_FILE:
+        raise TokenFileError(f"the token file {path} is over 64 KiB: it holds no token")
+    return _token_in(text.decode("utf-8", errors="replace"), path)
+
+
+def _token_in(text: str, path: Path) -> str:
+    token = text.strip()
+    if token.startswith("{"):
+        try:
+            data = json.loads(token)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("token"), str):
+            raise TokenFileError(f'{path} is JSON without a "token" string')
+        token = data["token"]
+    if not token:
+        raise TokenFileError(f"the token file {path} is empty: write a token into it, or remove it")
+    if not all("!" <= char <= "~" for char in token):
+        raise TokenFileError(
+            f"the token in {path} has spaces, line breaks or non-ASCII characters: a token is "
+            "one word of printable ASCII"
+        )
+    return token
+
+
+def write_token_file(path: Path, token: str) -> None:
+    """Create ``path`` holding ``token``, mode 0600. Never overwrites, never follows a
+    symlink: a file planted there by someone else makes this fail instead of leaking."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        os.fchmod(fd, 0o600)
+        file.write(token)
+
+
+def token_from_options(token: str | None, token_file: Path | None) -> str | None:
+    """The token given by ``--token`` or ``--token-file`` (the file is read now)."""
+    return read_token_file(token_file) if token_file is not None else token
 
 
 def write_advertisement(path: Path, url: str, token: str | None) -> None:
@@ -138,8 +225,13 @@ class EmbeddedServer:
             self.token = None
         self._scratch = Path(tempfile.mkdtemp(prefix="sandbox-kernel-server-"))
         self.log_path = log_path or self._scratch / "server.log"
-        #: ``{url, token, pid}`` of the running server (mode 0600): the token file.
+        #: ``{url, token, pid}`` of the running server (mode 0600).
         self.info_file = self._scratch / "server.json"
+        #: The token, passed to the server by file (never on its command line, which every
+        #: local user can read).
+        self.token_file = self._scratch / "token"
+        if self.token:
+            write_token_file(self.token_file, self.token)
         self.env = env
         self.process: subprocess.Popen[bytes] | None = None
         self.info: ServerInfo | None = None
@@ -164,7 +256,7 @@ class EmbeddedServer:
             *self.args,
         ]
         if self.token:
-            command.append(f"--token={self.token}")  # a token may start with "-"
+            command += ["--token-file", str(self.token_file)]
         if self.data_dir is not None:
             command += ["--data-dir", str(self.data_dir)]
         # Its own session: a Ctrl-C meant for the starter's process group (a kernel being
@@ -199,7 +291,9 @@ class EmbeddedServer:
         return ""
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (the server kills its jobs and cleans up), then SIGKILL if it lingers."""
+        """SIGTERM (the server kills its jobs and cleans up), then SIGKILL if it lingers.
+
+        The token file goes too: the secret does not outlive the server (the log stays)."""
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -208,6 +302,7 @@ class EmbeddedServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        self.token_file.unlink(missing_ok=True)
 
     def __enter__(self) -> EmbeddedServer:
         self.start()

@@ -7,6 +7,10 @@ are ``%%sandbox_python3``, ``%%sandbox_c``...: ``%%python3``, ``%%perl`` and ``%
 to IPython and keep running locally.
 
 Magics return Python objects (``specs = %sandbox_specs``) that display as the magic's table.
+
+Local paths the magics read and write stay inside the folder IPython was in when the extension
+was loaded, unless ``SANDBOX_ALLOW_HOST_PATHS=1``. Here this only guards against mistakes: a
+Python cell reaches the whole machine anyway.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from IPython.display import publish_display_data
 
 from . import magics
 from .session import CellOutcome
-from .session.connection import SandboxContext
+from .session.connection import IPYTHON_SWITCH, HostPathRefused, SandboxContext
 from .views import render
 from .views.render import Bundle
 
@@ -34,13 +38,14 @@ def context_of(shell: InteractiveShell) -> SandboxContext:
     """The sandbox context of this IPython shell (connected on first use)."""
     context = _CONTEXTS.get(id(shell))
     if context is None:
-        context = _CONTEXTS[id(shell)] = SandboxContext()
+        context = _CONTEXTS[id(shell)] = SandboxContext(host_paths_switch=IPYTHON_SWITCH)
         context.teaching_prefix = "sandbox_"
         atexit.register(context.close)
     return context
 
 
 def load_ipython_extension(shell: InteractiveShell) -> None:
+    context_of(shell)  # the local folder of the magics is the one the extension is loaded in
     register: Any = shell.register_magic_function  # IPython's stub mistypes it
     for magic in magics.REGISTRY.values():
         name = f"sandbox_{magic.name}" if magic.kind == "cell" else magic.name
@@ -65,7 +70,7 @@ def _adapter(shell: InteractiveShell, magic: magics.Magic) -> Any:
     def run(line: str, cell: str | None = None) -> Any:
         try:
             result = magic.run(context_of(shell), line, cell)
-        except (magics.MagicUsageError, magics.MagicFailed) as problem:
+        except (magics.MagicUsageError, magics.MagicFailed, HostPathRefused) as problem:
             raise UsageError(str(problem)) from None
         if result.script is not None:
             return _run_cell(shell, result.script)

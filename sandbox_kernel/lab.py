@@ -22,13 +22,19 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .discovery import EmbeddedServer, ServerInfo, configured_sandbox
+from .discovery import (
+    EmbeddedServer,
+    ServerInfo,
+    configured_sandbox,
+    token_from_options,
+    write_token_file,
+)
 from .install import KERNEL_NAME, in_virtualenv, install
 
 
 def add_arguments(parser: argparse.ArgumentParser, demo: bool) -> None:
     parser.add_argument("--url", help="use this sandbox instead of the embedded one")
-    parser.add_argument("--token", help="its token")
+    add_token_options(parser)
     parser.add_argument(
         "--notebooks", type=Path, help="folder of notebooks (default: ./notebooks, else here)"
     )
@@ -41,6 +47,30 @@ def add_arguments(parser: argparse.ArgumentParser, demo: bool) -> None:
     else:
         parser.add_argument("--port", type=int, default=8888, help="JupyterLab's port")
         parser.add_argument("--no-browser", action="store_true", help="do not open a browser")
+
+
+def add_token_options(parser: argparse.ArgumentParser) -> None:
+    """``--token-file PATH`` and ``--token T`` (one of them) for a sandbox given by URL."""
+    tokens = parser.add_mutually_exclusive_group()
+    tokens.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="PATH",
+        help="file holding the sandbox's token, mode 0600 (a server's advertisement file "
+        "works too). Default: SANDBOX_TOKEN, or the token of the server found",
+    )
+    tokens.add_argument(
+        "--token",
+        help="the sandbox's token. WARNING: every local user sees a command line (ps); prefer "
+        "--token-file or SANDBOX_TOKEN",
+    )
+
+
+def given_token(args: argparse.Namespace) -> str | None:
+    """The token of ``--token`` or ``--token-file``; ValueError says why a file is unusable."""
+    token: str | None = args.token
+    token_file: Path | None = args.token_file
+    return token_from_options(token, token_file)
 
 
 def notebooks_folder(given: Path | None) -> Path:
@@ -95,9 +125,20 @@ def sandbox(url: str | None, token: str | None, logs: Path) -> Iterator[Sandbox]
 
 
 def _environment(box: Sandbox) -> dict[str, str]:
+    """What the kernels get: the sandbox's URL and token in their environment, which only
+    their user (and root) can read, unlike a command line."""
     env = dict(os.environ)
     env["SANDBOX_URL"] = box.info.url
     env["SANDBOX_TOKEN"] = box.info.token or ""
+    return env
+
+
+def _jupyterlab_environment(box: Sandbox, token_file: Path) -> dict[str, str]:
+    """JupyterLab reads its token from ``JUPYTER_TOKEN_FILE`` (jupyter_server's
+    ``IdentityProvider``); ``JUPYTER_TOKEN``, which would win, is removed."""
+    env = _environment(box)
+    env.pop("JUPYTER_TOKEN", None)
+    env["JUPYTER_TOKEN_FILE"] = str(token_file)
     return env
 
 
@@ -115,15 +156,22 @@ def _require(module: str) -> bool:
 def lab(args: argparse.Namespace) -> int:
     if not _require("jupyterlab"):
         return 2
+    try:
+        sandbox_token = given_token(args)
+    except ValueError as error:
+        print(f"sandbox-kernel lab: {error}", file=sys.stderr)
+        return 2
     notebooks = notebooks_folder(args.notebooks)
-    logs = Path(tempfile.mkdtemp(prefix="sandbox-kernel-lab-"))
-    with sandbox(args.url, args.token, logs) as box:
+    logs = Path(tempfile.mkdtemp(prefix="sandbox-kernel-lab-"))  # mode 0700
+    with sandbox(args.url, sandbox_token, logs) as box:
         spec = ensure_kernelspec()
         token = secrets.token_hex(16)
+        token_file = logs / "jupyterlab-token"
+        write_token_file(token_file, token)
         command = [
             sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={notebooks}",
             "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={args.port}",
-            f"--IdentityProvider.token={token}", "--LabApp.news_url=None",
+            "--LabApp.news_url=None",
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
         ]  # fmt: skip
         if args.no_browser:
@@ -138,8 +186,8 @@ def lab(args: argparse.Namespace) -> int:
         print(f"            log: {log_path}")
         print("Ctrl-C stops JupyterLab, its kernels and the embedded sandbox.", flush=True)
         with open(log_path, "ab") as log:
-            process = subprocess.Popen(command, env=_environment(box), stdout=log, stderr=log,
-                                       start_new_session=True)  # fmt: skip
+            process = subprocess.Popen(command, env=_jupyterlab_environment(box, token_file),
+                                       stdout=log, stderr=log, start_new_session=True)  # fmt: skip
             return _wait(process, log_path)
 
 
@@ -174,6 +222,11 @@ def demo(args: argparse.Namespace) -> int:
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
+    try:
+        token = given_token(args)
+    except ValueError as error:
+        print(f"sandbox-kernel demo: {error}", file=sys.stderr)
+        return 2
     notebooks = notebooks_folder(args.notebooks)
     paths = sorted(notebooks.glob("*.ipynb"))
     if not paths:
@@ -183,7 +236,7 @@ def demo(args: argparse.Namespace) -> int:
     output.mkdir(parents=True, exist_ok=True)
     print(f"notebooks: {notebooks}\nexecuted copies: {output}")
     failures = 0
-    with sandbox(args.url, args.token, output) as box, _environ(_environment(box)):
+    with sandbox(args.url, token, output) as box, _environ(_environment(box)):
         ensure_kernelspec()
         print("\n".join(box.describe()), flush=True)
         for path in paths:

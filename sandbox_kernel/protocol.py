@@ -48,15 +48,16 @@ DEFAULT_EXECUTE_TIMEOUT: Final = 10.0
 #: Working directory of the commands (user ``student`` on the public server).
 WORKING_DIR: Final = "/home/student"
 
+# Matched with fullmatch: "$" would also accept a trailing newline ("FOO\n").
 _UUID_RE: Final = re.compile(
-    r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE
+    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE
 )
-_ENV_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def is_uuid(text: object) -> bool:
     """Whether ``text`` is a uuid as the server writes them (anything else is a 404)."""
-    return isinstance(text, str) and bool(_UUID_RE.match(text))
+    return isinstance(text, str) and bool(_UUID_RE.fullmatch(text))
 
 
 def environment_path(uuid: str) -> str:
@@ -157,7 +158,7 @@ def _validate_environ(environ: object) -> tuple[bool, str]:
     if not isinstance(environ, Mapping):
         return False, f"environ must be an object, not {_type_name(environ)}"
     for name, value in environ.items():
-        if not isinstance(name, str) or not _ENV_NAME_RE.match(name):
+        if not isinstance(name, str) or not _ENV_NAME_RE.fullmatch(name):
             return False, f"environ: {name!r} is not a valid variable name"
         if isinstance(value, Mapping | list) or value is None:
             return False, f"environ[{name!r}] must be a string or a number, not {_type_name(value)}"

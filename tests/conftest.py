@@ -47,6 +47,21 @@ class Server:
         assert self.embedded.process is not None
         return self.embedded.process.pid
 
+    @property
+    def work_area(self) -> Path:
+        """Where this server keeps its runners' working directories (``storage._work_area``):
+        ``work/<pid>`` of its data dir, or a private ``sandbox-kernel-work-<tag>-<pid>-*``
+        folder in /var/tmp (or /tmp) when the sandbox user cannot reach the data dir."""
+        pid = self.pid
+        candidates = [
+            self.data_dir / "work" / str(pid),
+            *Path("/var/tmp").glob(f"sandbox-kernel-work-*-{pid}-*"),
+            *Path("/tmp").glob(f"sandbox-kernel-work-*-{pid}-*"),
+        ]
+        found = [path for path in candidates if path.is_dir() and not path.is_symlink()]
+        assert len(found) == 1, f"the working directories of server {pid}: {found}"
+        return found[0]
+
     def post_execute(
         self, config: Any, environment: bytes | None = None, **kwargs: Any
     ) -> requests.Response:
@@ -222,11 +237,13 @@ class Cell:
 class KernelSession:
     """A Sandbox kernel started through jupyter_client, as a notebook front-end does."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], cwd: Path | None = None) -> None:
         from jupyter_client.manager import KernelManager
 
         self.manager = KernelManager(kernel_name="sandbox")
-        self.manager.start_kernel(env=env)
+        # Jupyter starts a kernel in its notebook's folder: the only local folder its magics
+        # may read and write (unless allow_host_paths).
+        self.manager.start_kernel(env=env, cwd=str(cwd) if cwd is not None else None)
         self.client = self.manager.client()
         self.client.start_channels()
         self.client.wait_for_ready(timeout=60)
@@ -250,16 +267,17 @@ class KernelSession:
 
 @pytest.fixture
 def start_kernel(kernelspec: str) -> Iterator[Callable[..., KernelSession]]:
-    """``start_kernel(server=None, **env)``: a kernel on ``server`` (or its embedded default)."""
+    """``start_kernel(server=None, cwd=None, **env)``: a kernel on ``server`` (or its embedded
+    default), started in the folder ``cwd`` (the notebook's folder)."""
     kernels: list[KernelSession] = []
 
-    def start(server: Server | None = None, **extra: str) -> KernelSession:
+    def start(server: Server | None = None, cwd: Path | None = None, **extra: str) -> KernelSession:
         env = {k: v for k, v in os.environ.items() if k not in ("SANDBOX_URL", "SANDBOX_TOKEN")}
         if server is not None:
             env["SANDBOX_URL"] = server.url
             env["SANDBOX_TOKEN"] = server.token or ""
         env.update(extra)
-        kernel = KernelSession(env)
+        kernel = KernelSession(env, cwd)
         kernels.append(kernel)
         return kernel
 

@@ -105,3 +105,40 @@ def test_serve_refuses_a_busy_port(start_server: Callable[..., Server], tmp_path
     assert done.returncode == 1
     assert "--port 0" in done.stderr
     assert time.monotonic() - started < 30
+
+
+def test_serve_options_reach_the_settings() -> None:
+    from sandbox_kernel.cli import build_parser
+    from sandbox_kernel.server import settings_from_args
+
+    args = build_parser().parse_args(
+        ["serve", "--no-token", "--max-result", "2M", "--workdir-inodes", "500",
+         "--max-storage-inodes", "7000", "--header-timeout", "1.5", "--keepalive-timeout", "4"]
+    )  # fmt: skip
+    settings = settings_from_args(args)
+    assert (
+        settings.max_result,
+        settings.workdir_inodes,
+        settings.max_storage_inodes,
+        settings.header_timeout,
+        settings.keepalive_timeout,
+        settings.token,
+    ) == (2 * 1024**2, 500, 7000, 1.5, 4.0, None)
+
+
+def test_serve_refuses_meaningless_limits() -> None:
+    for option, value in [
+        ("--header-timeout", "0"),
+        ("--keepalive-timeout", "-1"),
+        ("--workdir-inodes", "0"),
+        ("--max-storage-inodes", "many"),
+    ]:
+        done = run_cli("serve", option, value)
+        assert done.returncode == 2 and option in done.stderr, (option, done.stderr)
+
+
+def test_token_and_token_file_exclude_each_other(tmp_path: Path) -> None:
+    for command in ("serve", "run", "lab", "demo"):
+        done = run_cli(command, "--token", "t", "--token-file", str(tmp_path / "token"))
+        assert done.returncode == 2, (command, done.stderr)
+        assert "not allowed with argument" in done.stderr, (command, done.stderr)

@@ -306,13 +306,32 @@ def test_minimal_answers_give_none_not_a_crash(fake: FakeSandbox) -> None:
     assert s.usage() == 0.0
 
 
-def test_unexpected_types_give_none(fake: FakeSandbox) -> None:
-    odd = {"host": {"sandbox_version": ["3"]}, "container": {"cpu": "fast", "count": "many"}}
-    fake.on("GET", "/specifications/", reply(200, odd))
+def test_null_fields_give_none(fake: FakeSandbox) -> None:
+    told = {"host": {"sandbox_version": None}, "container": {"cpu": None, "count": None}}
+    fake.on("GET", "/specifications/", reply(200, told))
     fake.on("GET", "/usages/", reply(200, {"container": None}))
     s = sandbox(fake)
     assert (s.sandbox_version, s.cpu, s.containers) == (None, None, None)
     assert s.usage() == 0.0
+
+
+@pytest.mark.parametrize(
+    ("odd", "field"),
+    [
+        ({"host": {"sandbox_version": ["3"]}}, "host.sandbox_version = ['3']"),
+        ({"container": {"cpu": "fast"}}, "container.cpu = 'fast'"),
+        ({"container": {"count": "many"}}, "container.count = 'many'"),
+    ],
+)
+def test_unexpected_types_are_reported_with_their_field(
+    fake: FakeSandbox, odd: dict[str, Any], field: str
+) -> None:
+    # Once given None (and a TypeError later, in whatever displayed them); now the answer is
+    # refused at once, naming the field (tests/hostile/test_client.py has more variants).
+    fake.on("GET", "/specifications/", reply(200, odd))
+    with pytest.raises(SandboxProtocolError, match="specifications/ answered") as caught:
+        _ = sandbox(fake).cpu
+    assert field in str(caught.value) and "sandbox server" in str(caught.value)
 
 
 # --- Caching --------------------------------------------------------------------------------

@@ -97,6 +97,36 @@ def test_interrupt_ends_the_cell_and_kills_the_command(
     assert kernel.run("echo ${before:-lost}").stdout == "1\n"
 
 
+def test_interrupt_ends_a_magics_request(server: Server, kernelspec: str, tmp_path: Path) -> None:
+    """An interrupt ends a magic's request at once, as it ends a cell's: a look-up, a download
+    and an upload to a sandbox that never answers (a real proxy holding the request)."""
+    from .faults.fault_proxy import HANG, FaultProxy
+    from .hostile.test_page import FolderKernel, kernel_env
+
+    (tmp_path / "up.txt").write_text("to upload\n")
+    with FaultProxy(server.url) as proxy:
+        kernel = FolderKernel(kernel_env(proxy.url, server.token), tmp_path)
+        try:
+            assert kernel.run("echo data > f").status == "ok"
+            for paths, line in [
+                (("specifications/",), "%sandbox_specs --refresh"),
+                (("files/",), "%sandbox_download f --force"),
+                (("execute/",), "%sandbox_upload up.txt"),
+            ]:
+                proxy.set(HANG, paths=paths)
+                threading.Timer(1.0, kernel.manager.interrupt_kernel).start()
+                cell = kernel.run(line)
+                assert cell.status == "error" and cell.reply["ename"] == "Interrupted", cell.reply
+                assert line.split()[0] in cell.reply["evalue"]
+                assert cell.seconds < 5, f"{line} took {cell.seconds:.1f} s"
+                proxy.clear()
+            assert not (tmp_path / "f").exists()
+            assert kernel.run("%sandbox_download f\ncat up.txt 2>&1; true").status == "ok"
+            assert (tmp_path / "f").read_text() == "data\n"
+        finally:
+            kernel.stop()
+
+
 def test_server_killed_and_restarted(
     start_server: StartServer, start_kernel: StartKernel, tmp_path: Path
 ) -> None:

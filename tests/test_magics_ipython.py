@@ -18,12 +18,31 @@ from .conftest import Server
 
 
 @pytest.fixture(scope="module")
-def shell(server: Server) -> Iterator[InteractiveShell]:
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder the extension is loaded in: the only one its magics read and write."""
+    return tmp_path_factory.mktemp("ipython-notebook")
+
+
+@pytest.fixture
+def local(folder: Path, request: pytest.FixtureRequest) -> Path:
+    """A fresh folder of the test inside :func:`folder`."""
+    path = folder / request.node.name
+    path.mkdir()
+    return path
+
+
+@pytest.fixture(scope="module")
+def shell(server: Server, folder: Path) -> Iterator[InteractiveShell]:
     saved = {name: os.environ.get(name) for name in ("SANDBOX_URL", "SANDBOX_TOKEN")}
     os.environ["SANDBOX_URL"], os.environ["SANDBOX_TOKEN"] = server.url, server.token or ""
     ip = start_ipython()
     assert ip is not None
-    ip.run_line_magic("load_ext", "sandbox_kernel")
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        ip.run_line_magic("load_ext", "sandbox_kernel")
+    finally:
+        os.chdir(previous)
     yield ip
     ip.run_line_magic("unload_ext", "sandbox_kernel")
     for name, value in saved.items():
@@ -95,14 +114,14 @@ def test_teaching_cells_keep_ipythons_own_names(shell: InteractiveShell) -> None
 
 
 def test_bad_uses_are_usage_errors_and_send_nothing(
-    shell: InteractiveShell, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    shell: InteractiveShell, capsys: pytest.CaptureFixture[str], local: Path
 ) -> None:
     for line in (
         "%sandbox_timeout soon",
         "%sandbox_timeout 3600",
         "%sandbox_use junk",
         "%sandbox_env bad-name=1",
-        f"%sandbox_download ../../etc/passwd --to {tmp_path}",
+        f"%sandbox_download ../../etc/passwd --to {local}",
         "%%sandbox --bogus\necho no",
         "%%sandbox_ruby\nputs 1",
     ):
@@ -114,20 +133,20 @@ def test_bad_uses_are_usage_errors_and_send_nothing(
     assert "execute_timeout" in text
     assert "outside the environment" in text
     assert "no ruby" in text
-    assert list(tmp_path.iterdir()) == []
+    assert list(local.iterdir()) == []
 
 
-def test_download_and_upload(shell: InteractiveShell, tmp_path: Path) -> None:
-    (tmp_path / "local.txt").write_text("from here\n")
-    shell.run_line_magic("sandbox_upload", str(tmp_path / "local.txt"))
+def test_download_and_upload(shell: InteractiveShell, local: Path) -> None:
+    (local / "local.txt").write_text("from here\n")
+    shell.run_line_magic("sandbox_upload", str(local / "local.txt"))
     assert shell.run_cell_magic("sandbox", "--out up", "cat ~/local.txt") is None
     assert shell.user_ns["up"].stdout == "from here\n"
     run(shell, "%%sandbox\necho result > ~/out.txt")
     saved = shell.run_line_magic(
-        "sandbox_download", f"~/out.txt --to {tmp_path}".replace("~", "/home/student")
+        "sandbox_download", f"~/out.txt --to {local}".replace("~", "/home/student")
     )
     assert Path(saved).read_text() == "result\n"
-    assert Path(saved).parent == tmp_path
+    assert Path(saved).parent == local.resolve()
 
 
 def test_connect_reset_use_help_and_cpp(

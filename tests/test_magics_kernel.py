@@ -5,23 +5,27 @@ from __future__ import annotations
 
 import re
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from .conftest import KernelSession, Server
+from .hostile.test_page import FolderKernel, kernel_env
 
 StartKernel = Callable[..., KernelSession]
 
 
 @pytest.fixture
-def kernel(server: Server, start_kernel: StartKernel, tmp_path: Path) -> KernelSession:
-    """A kernel whose working directory (downloads, uploads) is a fresh temporary folder."""
-    session = start_kernel(server)
-    session.run("%sandbox_status")  # connects
-    session.local = tmp_path  # type: ignore[attr-defined]
-    return session
+def kernel(server: Server, kernelspec: str, tmp_path: Path) -> Iterator[KernelSession]:
+    """A kernel started in a fresh temporary folder, as Jupyter starts one in the notebook's
+    folder: the only local folder its magics read and write."""
+    session = FolderKernel(kernel_env(server.url, server.token), tmp_path)
+    try:
+        session.run("%sandbox_status")  # connects
+        yield session
+    finally:
+        session.stop()
 
 
 def shown(cell: object) -> str:
@@ -218,3 +222,41 @@ def test_teaching_cells(kernel: KernelSession) -> None:
     assert bad.reply["ename"] == "UsageError"
     as_line = kernel.run("%c --stdin 1")
     assert as_line.reply["ename"] == "UsageError" and "cell magic" in as_line.reply["evalue"]
+
+
+MALFORMED_USAGES = {
+    "cpu.usage": {"cpu": {"usage": "lots"}},
+    "cpu": {"cpu": "lots"},
+    "container": {"container": "many"},
+    "memory": {"memory": ["lots"]},
+    "memory.ram": {"memory": {"ram": -5}},
+}
+
+
+def test_a_malformed_answer_gets_a_clear_message(kernelspec: str, tmp_path: Path) -> None:
+    """A server answering ``"cpu": {"usage": "lots"}`` (and other wrong types): the magic
+    names the field and the value; the kernel stays fine, and works once the answer is."""
+    from .hostile.test_page import FakeSandbox, fixture_body
+
+    with FakeSandbox() as fake:
+        kernel = FolderKernel(kernel_env(fake.url, ""), tmp_path)
+        try:
+            good = fixture_body("usages.json")
+            for field, change in MALFORMED_USAGES.items():
+                fake.answer("usages/", {**good, **change})
+                cell = kernel.run("%sandbox_usage")
+                assert cell.status == "error" and cell.reply["ename"] == "MagicError", cell.reply
+                evalue = cell.reply["evalue"]
+                assert evalue.startswith("Could not read the load"), evalue
+                assert f"{field} = " in evalue, evalue
+                assert fake.url.rstrip("/") in evalue or "usages/" in evalue, evalue
+            specs = fixture_body("specifications.json")
+            fake.answer("specifications/", {**specs, "container": {"count": "forty"}})
+            bad_specs = kernel.run("%sandbox_specs --refresh")
+            assert bad_specs.reply["ename"] == "MagicError"
+            assert "container.count = 'forty'" in bad_specs.reply["evalue"]
+            fake.answer("specifications/", specs)
+            fake.answer("usages/", good)
+            assert "10/40 busy" in shown(kernel.run("%sandbox_specs --refresh\n%sandbox_usage"))
+        finally:
+            kernel.stop()

@@ -276,3 +276,115 @@ async def _until(condition: Callable[[], bool], seconds: float = 10) -> None:
         if time.monotonic() > end:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.05)
+
+
+# -- a panel that never dies silently ----------------------------------------------------------
+
+
+def test_poller_survives_any_error_and_keeps_polling() -> None:
+    """Whatever a round raises (a malformed answer, a bug while showing the sample, a bug
+    while showing the error), it is reported, the wait grows, and polling goes on."""
+    problems: list[Exception] = [
+        ValueError("a malformed answer"),
+        KeyError("cpu"),
+        TypeError("unsupported format string passed to str.__format__"),
+    ]
+    errors: list[tuple[str, float]] = []
+    samples: list[float] = []
+    show_fails = [True]
+
+    def sample() -> LoadSample:
+        if problems:
+            raise problems.pop(0)
+        return LoadSample(busy=1, total=2)
+
+    def on_sample(value: LoadSample, wait: float) -> None:
+        if show_fails:
+            show_fails.pop()
+            raise RuntimeError("showing the sample failed")
+        samples.append(wait)
+
+    def on_error(error: Exception, wait: float) -> None:
+        errors.append((f"{type(error).__name__}: {error}", wait))
+        if len(errors) == 2:
+            raise RuntimeError("showing the error failed too")
+
+    async def scenario() -> None:
+        poller = Poller(sample, on_sample, on_error, interval=0.05)
+        poller.start()
+        await _until(lambda: len(samples) >= 2, 15)
+        assert poller.running
+        poller.stop()
+
+    asyncio.run(scenario())
+    kinds = [text.split(":")[0] for text, _ in errors]
+    assert kinds == ["ValueError", "KeyError", "TypeError", "RuntimeError"], errors
+    waits = [wait for _, wait in errors]
+    assert waits == sorted(waits) and waits[-1] > waits[0]  # backing off
+    assert samples, "polling did not recover"
+
+
+def test_a_malformed_load_is_said_in_the_panel_which_keeps_polling(
+    kernelspec: str, tmp_path: Path
+) -> None:
+    from .hostile.test_page import FakeSandbox, FolderKernel, fixture_body, kernel_env
+
+    with FakeSandbox() as fake:
+        usages = fixture_body("usages.json")
+        fake.answer("usages/", {**usages, "cpu": {"usage": "lots"}})
+        kernel = FolderKernel(kernel_env(fake.url, ""), tmp_path)
+        try:
+            models = _open_panel(kernel, "%sandbox_panel --interval 0.5")
+            assert "TabModel" in models
+            messages = _messages(kernel.client, 2.5)
+            said = [v for v in (s.get("value") for s in _states(messages)) if isinstance(v, str)]
+            assert any("cpu.usage" in value and "&#x27;lots&#x27;" in value for value in said), said
+            polled = fake.count("usages/")
+            assert polled >= 2
+            fake.answer("usages/", usages)
+            recovered = []
+            end = time.monotonic() + 20
+            while time.monotonic() < end and not any("live" in v for v in recovered):
+                states = _states(_messages(kernel.client, 1))
+                recovered += [s["value"] for s in states if isinstance(s.get("value"), str)]
+            assert any("live" in value for value in recovered), "the panel did not recover"
+            assert any("10/40 busy" in value for value in recovered)
+            assert fake.count("usages/") > polled
+        finally:
+            kernel.stop()
+
+
+def test_the_files_tab_shows_hostile_names_and_content_as_text(
+    server: Server, kernelspec: str, tmp_path: Path
+) -> None:
+    from .hostile.test_host_paths import _panel_models, _panel_values, _select
+    from .hostile.test_page import FolderKernel, kernel_env, own_html_problems
+
+    kernel = FolderKernel(kernel_env(server.url, server.token), tmp_path)
+    try:
+        names = ['<img src=x onerror="alert(1)">.txt', "page.html", "drawing.svg", "logo.png"]
+        cell = kernel.run(
+            "printf '<script>alert(2)</script>' > '<img src=x onerror=\"alert(1)\">.txt'\n"
+            "printf '<img src=x onerror=alert(3)>' > page.html\n"
+            'printf \'<svg xmlns="http://www.w3.org/2000/svg" onload="alert(4)"/>\' '
+            "> drawing.svg\nprintf 'not really a png' > logo.png"
+        )
+        assert cell.status == "ok", cell.reply
+        models = _panel_models(kernel)
+        pause = {"method": "update", "state": {"value": True}, "buffer_paths": []}
+        _send(kernel, models["Pause"], pause)  # no load refresh among the values read below
+        _messages(kernel.client, 1)
+        shown = []
+        for name in names:
+            _send(kernel, models["select"], _select(models["options"], name))
+            _send(kernel, models["Show"], {"method": "custom", "content": {"event": "click"}})
+            values = [v for v in _panel_values(_messages(kernel.client, 2)) if v]
+            assert values, f"nothing shown for {name}"
+            shown.append(values[-1])
+        assert "&lt;script&gt;alert(2)&lt;/script&gt;" in shown[0]
+        assert "&lt;img src=x onerror=alert(3)&gt;" in shown[1]
+        assert shown[2].startswith('<img alt="drawing.svg" src="data:image/svg+xml;base64,')
+        for value in shown:
+            assert own_html_problems(value) == [], value
+    finally:
+        kernel.stop()

@@ -7,7 +7,12 @@ event loop keeps handling comm messages (widgets) and interrupts while a cell ru
 
 Interrupts never raise ``KeyboardInterrupt`` here (ipykernel would then send no reply at all):
 both an ``interrupt_request`` and a SIGINT cancel the running request, whose connection is
-closed, and the cell ends with an error reply.
+closed, and the cell ends with an error reply. Magics run under the same cancellation, so an
+interrupt also ends a download, an upload or a look-up.
+
+Magic lines run on the user's machine: local paths they read or write stay inside the folder
+the kernel started in (the notebook's), unless ``c.SandboxKernel.allow_host_paths`` or
+``SANDBOX_ALLOW_HOST_PATHS=1`` says otherwise.
 """
 
 from __future__ import annotations
@@ -22,15 +27,15 @@ from typing import Any
 
 from ipykernel.kernelapp import IPKernelApp
 from ipykernel.kernelbase import Kernel
-from traitlets import Float, Unicode
+from traitlets import Bool, Float, Unicode
 from traitlets.utils.importstring import import_item
 
 from .. import __version__, magics
 from .._errors import SandboxError
-from ..client import Cancellation
+from ..client import Cancellation, cancel_scope
 from ..magics.cells import split_cell
 from ..session import CellError, CellOutcome, Session, records
-from ..session.connection import SandboxContext
+from ..session.connection import KERNEL_SWITCH, HostPathRefused, SandboxContext
 from ..views import render
 from ..views.render import Bundle
 from . import editor
@@ -73,6 +78,14 @@ class SandboxKernel(Kernel):
         help="Seconds to wait for the sandbox's answers (default: $SANDBOX_TIMEOUT, else 60; "
         "an execute/ also gets the server's execute_timeout + 10 s).",
     )
+    allow_host_paths = Bool(
+        False,
+        config=True,
+        help="Let magics (%sandbox_upload, %sandbox_download --to, the panel's Download) read "
+        "and write local paths outside the folder the kernel started in (the notebook's "
+        "folder). Off by default: a notebook from elsewhere could otherwise upload your keys "
+        "or overwrite your files. SANDBOX_ALLOW_HOST_PATHS=1 turns it on too.",
+    )
 
     # ipykernel sleeps after each cell so that Python's captured prints reach the front-end;
     # this kernel sends its outputs itself, and that sleep would only add latency.
@@ -80,7 +93,13 @@ class SandboxKernel(Kernel):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.context = SandboxContext(self.url, self.token, self.timeout)
+        self.context = SandboxContext(
+            self.url,
+            self.token,
+            self.timeout,
+            allow_host_paths=self.allow_host_paths,  # SANDBOX_ALLOW_HOST_PATHS=1 is read there
+            host_paths_switch=KERNEL_SWITCH,
+        )
         self.context.connection  # noqa: B018  (connect now: a private server starts here)
         self._cancel: Cancellation | None = None
         self._history: list[str] = []
@@ -155,7 +174,7 @@ class SandboxKernel(Kernel):
             return self._ok()
         try:
             outcome = await self._execute_cell(code, silent)
-        except (magics.MagicUsageError, magics.MagicFailed) as problem:
+        except (magics.MagicUsageError, magics.MagicFailed, HostPathRefused) as problem:
             name = "UsageError" if isinstance(problem, magics.MagicUsageError) else "MagicError"
             outcome = CellOutcome(error=CellError(name, str(problem)))
         except Exception as bug:  # a reply is owed whatever happens, or the cell hangs
@@ -216,10 +235,15 @@ class SandboxKernel(Kernel):
             raise magics.MagicUsageError(f"%%{name} is a cell magic: put it on the first line")
         if body is not None and magic.kind == "line":
             raise magics.MagicUsageError(f"%{name} is a line magic: write it with one %")
+        result: magics.MagicResult | None
         if name == "sandbox_panel":  # widgets are made on the event loop's thread
             result = magic.run(self.context, arguments, body)
         else:
-            result = await asyncio.to_thread(magic.run, self.context, arguments, body)
+            result = await self._run_magic_cancellable(magic, arguments, body)
+        if result is None:
+            return CellOutcome(
+                error=_interrupted_magic(f"%%{name}" if body is not None else f"%{name}")
+            )
         if not silent:
             for bundle in result.bundles:
                 self._display(bundle)
@@ -229,6 +253,26 @@ class SandboxKernel(Kernel):
         if result.script is not None:
             return await self._run_cell(result.script)
         return None
+
+    async def _run_magic_cancellable(
+        self, magic: magics.Magic, arguments: str, body: str | None
+    ) -> magics.MagicResult | None:
+        """Run a magic in a worker thread, every request of it cancelled by an interrupt;
+        None when it was interrupted."""
+        self._cancel = cancel = Cancellation()
+
+        def run() -> magics.MagicResult:
+            with cancel_scope(cancel):
+                return magic.run(self.context, arguments, body)
+
+        try:
+            return await asyncio.to_thread(run)
+        except (magics.MagicFailed, SandboxError):
+            if cancel.cancelled:
+                return None
+            raise
+        finally:
+            self._cancel = None
 
     def _ok(self) -> dict[str, Any]:
         return {
@@ -257,10 +301,13 @@ class SandboxKernel(Kernel):
             loop.call_soon_threadsafe(self.send_response, self.iopub_socket, kind, content)
 
         self._cancel = cancel = Cancellation()
+
+        def run() -> CellOutcome:  # the displays fetched after the execute are cancellable too
+            with cancel_scope(cancel):
+                return self.sandbox.run_cell(code, cancel=cancel, on_busy=on_busy)
+
         try:
-            return await asyncio.to_thread(
-                self.sandbox.run_cell, code, cancel=cancel, on_busy=on_busy
-            )
+            return await asyncio.to_thread(run)
         finally:
             self._cancel = None
             if busy_shown:  # the cell runs now: the busy line disappears
@@ -409,6 +456,17 @@ class SandboxKernel(Kernel):
             )
         await asyncio.to_thread(self.context.close)
         return {"status": "ok", "restart": restart}
+
+
+def _interrupted_magic(written: str) -> CellError:
+    return CellError(
+        "Interrupted",
+        f"{written} was interrupted",
+        [
+            "Its request to the sandbox was abandoned and its connection closed, so the magic "
+            "did not finish: run it again when you want it."
+        ],
+    )
 
 
 class SandboxKernelApp(IPKernelApp):

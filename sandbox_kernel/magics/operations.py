@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import fnmatch
 import math
 import os
 import posixpath
+import secrets
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .. import protocol
-from .._errors import SandboxError
+from .._errors import SandboxError, SandboxProtocolError
 from ..archive import ArchiveError, build_archive
+from ..client import Sandbox
 from ..protocol import WORKING_DIR
 from ..session import mime_type
+from ..session.cellscript import STATE_DIR
 from ..session.connection import SandboxContext
 from ..views import render
 from .core import REGISTRY, MagicFailed, MagicResult, MagicUsageError, _Parser, magic
@@ -121,15 +128,12 @@ def sandbox_use(context: SandboxContext, args: argparse.Namespace, cell: str | N
             "(like e8c5995b-7049-4b04-8440-5d9d914360fc)"
         )
     try:
-        context.session.use(args.uuid.lower())
+        line = context.session.use(args.uuid.lower())
     except LookupError as error:
         raise MagicFailed(f"Cannot continue from it: {error}.") from None
     except SandboxError as error:
         raise _sandbox_error(f"check environment {args.uuid}", error) from None
-    return MagicResult(
-        value=args.uuid,
-        bundles=[render.text(f"The next cell continues from environment {args.uuid}.")],
-    )
+    return MagicResult(value=args.uuid, bundles=[render.text(line)])
 
 
 @magic("sandbox_help", "every sandbox magic with a one-line description")
@@ -209,14 +213,17 @@ def sandbox_libraries(
 def library_rows(
     libraries: Any, executables: Any, category: str | None
 ) -> list[tuple[str, str, str]]:
+    """(category, name, version) rows of a ``libraries/`` answer; parts of the wrong shape (a
+    server's mistake) are left out rather than failing the search."""
     rows: list[tuple[str, str, str]] = []
     for name in LIBRARY_CATEGORIES:
         if category in (None, name):
-            entries = libraries.get(name) or {}
-            rows += [(name, str(k), str(v)) for k, v in sorted(entries.items())]
+            entries = libraries.get(name) if isinstance(libraries, Mapping) else None
+            if isinstance(entries, Mapping):
+                rows += sorted((name, str(k), str(v)) for k, v in entries.items())
     if category in (None, "bin"):
-        names = executables if isinstance(executables, list) else list(executables)
-        rows += [("bin", str(name), "") for name in sorted(names)]
+        names = executables if isinstance(executables, list | Mapping) else []
+        rows += [("bin", name, "") for name in sorted(str(name) for name in names)]
     return rows
 
 
@@ -232,28 +239,112 @@ def matches(name: str, pattern: str) -> bool:
 def sandbox_usage(
     context: SandboxContext, args: argparse.Namespace, cell: str | None
 ) -> MagicResult:
-    client = context.connection.background
-    usages: dict[str, Any] = {}
     try:
-        specs = client.cached_specifications()
-        if client.generation == 3:  # live load in usages/; 2.x tells it in specifications/
-            usages = client.usages()
-            total, busy = (specs.get("container") or {}).get("count"), usages.get("container")
-        else:
-            containers = client.specifications().get("containers") or {}
-            total, busy = containers.get("total"), containers.get("running")
+        sample = sample_load(context.connection.background)
     except SandboxError as error:
         raise _sandbox_error("read the load", error) from None
-    load = busy / total if isinstance(busy, int) and isinstance(total, int) and total else 0.0
-    cpu = (usages.get("cpu") or {}).get("usage")
-    memory = None
-    used = (usages.get("memory") or {}).get("ram")
-    if used is not None:
-        host_ram = ((specs.get("host") or {}).get("memory") or {}).get("ram")
-        memory = f"{render.human_bytes(used)} / {render.human_bytes(host_ram)}"
-    return MagicResult(
-        value=float(load), bundles=[render.usage_line(load, busy, total, cpu, memory)]
-    )
+    return MagicResult(value=sample.load, bundles=[sample.line()])
+
+
+@dataclasses.dataclass
+class LoadSample:
+    """The load at one moment: busy / total containers, and the host's CPU and memory."""
+
+    busy: int | None
+    total: int | None
+    cpu: float | None = None
+    memory_used: int | None = None
+    memory_total: int | None = None
+    at: float = dataclasses.field(default_factory=time.time)
+
+    @property
+    def load(self) -> float:
+        if not self.busy or not self.total:
+            return 0.0
+        return max(0.0, min(1.0, self.busy / self.total))
+
+    def line(self) -> render.Bundle:
+        memory = None
+        if self.memory_used is not None:
+            memory = (
+                f"{render.human_bytes(self.memory_used)} / {render.human_bytes(self.memory_total)}"
+            )
+        return render.usage_line(self.load, self.busy, self.total, self.cpu, memory)
+
+
+def sample_load(client: Sandbox, specs: Mapping[str, Any] | None = None) -> LoadSample:
+    """One load sample: ``usages/`` on 3.x servers, ``specifications/`` counts on 2.x.
+
+    ``specs``: the (cached) specifications, when the caller has them already. A field of the
+    wrong type (``"cpu": {"usage": "lots"}``) raises :class:`SandboxProtocolError` naming it,
+    so that ``%sandbox_usage`` and the panel say what is wrong instead of failing somewhere
+    in the formatting.
+    """
+    if specs is None:
+        specs = client.cached_specifications()
+    if "host" in specs or "container" in specs:  # 3.x shapes
+        usages = client.usages()
+        read_usages = _FieldReader(client.url, "usages/", usages)
+        read_specs = _FieldReader(client.url, "specifications/", specs)
+        return LoadSample(
+            busy=read_usages.count("container"),
+            total=read_specs.count("container.count"),
+            cpu=read_usages.number("cpu.usage"),
+            memory_used=read_usages.count("memory.ram"),
+            memory_total=read_specs.count("host.memory.ram"),
+        )
+    read = _FieldReader(client.url, "specifications/", client.specifications())
+    return LoadSample(busy=read.count("containers.running"), total=read.count("containers.total"))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclasses.dataclass
+class _FieldReader:
+    """Reads dotted fields of a server's answer; absent is None, a wrong type is an error."""
+
+    url: str
+    endpoint: str
+    answer: Mapping[str, Any]
+
+    def count(self, path: str) -> int | None:
+        value = self._get(path)
+        if value is None:
+            return None
+        if _is_number(value) and float(value).is_integer() and value >= 0:
+            return int(value)
+        raise self._malformed(path, value, "a count (a whole number, 0 or more)")
+
+    def number(self, path: str) -> float | None:
+        value = self._get(path)
+        if value is None:
+            return None
+        if _is_number(value):
+            return float(value)
+        raise self._malformed(path, value, "a number")
+
+    def _get(self, path: str) -> Any:
+        value: Any = self.answer
+        walked: list[str] = []
+        for key in path.split("."):
+            if value is None:
+                return None
+            if not isinstance(value, Mapping):
+                raise self._malformed(".".join(walked), value, "an object")
+            walked.append(key)
+            value = value.get(key)
+        return value
+
+    def _malformed(self, path: str, value: object, expected: str) -> SandboxProtocolError:
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:60] + "…"
+        return SandboxProtocolError(
+            f"The sandbox at {self.url} answered {self.endpoint} with {path} = {shown}, where "
+            f"the protocol has {expected}. It may not be a sandbox server, or a different "
+            "version: check the URL, or the server's version and log."
+        )
 
 
 # -- the environment's files ---------------------------------------------------------------------
@@ -294,9 +385,11 @@ def sandbox_download(
     name = posixpath.basename(remote) if remote and remote != "." else f"{uuid}.tgz"
     if remote == ".":
         remote = None
-    target = local_target(context, args.to, name, args.force)
+    target = local_target(context, args.to, name, args.force, "%sandbox_download --to")
+    client = context.connection.background
     try:
-        data = context.connection.background.download(uuid, remote).getvalue()
+        # What the server announces is all that is accepted: a server sending more is cut off.
+        data = client.download(uuid, remote, max_bytes=client.check(uuid, remote)).getvalue()
     except SandboxError as error:
         raise _sandbox_error(f"download {args.path or 'the environment'}", error) from None
     write_new(target, data, args.force)
@@ -308,11 +401,17 @@ def sandbox_download(
     return MagicResult(value=str(target), bundles=bundles)
 
 
-def local_target(context: SandboxContext, folder: str, name: str, force: bool) -> Path:
-    """Where a download goes: ``name`` (a base name) directly in ``folder``, never elsewhere."""
-    base = (context.local_dir / folder).resolve()
+def local_target(
+    context: SandboxContext, folder: str, name: str, force: bool, purpose: str
+) -> Path:
+    """Where a download goes: ``name`` (a base name) directly in ``folder``, never elsewhere.
+
+    The folder must be inside the notebook's folder (:meth:`SandboxContext.local_path`);
+    ``purpose`` names the magic or button in a refusal.
+    """
+    base = context.local_path(folder, f"{purpose} would write into")
     if not base.is_dir():
-        raise MagicFailed(f"--to {folder}: no such local folder ({base}); create it first.")
+        raise MagicFailed(f"{purpose} {folder}: no such local folder ({base}); create it first.")
     if name in ("", ".", "..") or "/" in name or "\0" in name:
         raise MagicUsageError(f"{name!r} cannot be a local file name")
     target = base / name
@@ -320,19 +419,47 @@ def local_target(context: SandboxContext, folder: str, name: str, force: bool) -
         raise MagicFailed(f"{target} is a symbolic link: refusing to write through it.")
     if target.exists() and not force:
         raise MagicFailed(f"{target} already exists: add --force to overwrite it.")
+    if target.exists() and not target.is_file():
+        raise MagicFailed(f"{target} exists and is not a regular file: refusing to replace it.")
     return target
 
 
 def write_new(target: Path, data: bytes, force: bool) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if force else os.O_EXCL)
+    """Write ``data`` to ``target``, a new file; with ``force``, replace it.
+
+    Never through a symbolic link; a replaced file is swapped in whole (written beside it,
+    then renamed over it), so that a hard link to a file elsewhere is never written through.
+    """
+    if not force:
+        _write_file(target, data, exclusive_name=target)
+        return
+    partial = target.with_name(f".{target.name}.{secrets.token_hex(6)}.partial")
+    _write_file(partial, data, exclusive_name=target)
     try:
-        fd = os.open(target, flags, 0o644)
-    except FileExistsError:
-        raise MagicFailed(f"{target} already exists: add --force to overwrite it.") from None
+        os.replace(partial, target)
     except OSError as error:
+        with contextlib.suppress(OSError):
+            partial.unlink()
         raise MagicFailed(f"Cannot write {target}: {error}") from None
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
+
+
+def _write_file(path: Path, data: bytes, exclusive_name: Path) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileExistsError:
+        raise MagicFailed(
+            f"{exclusive_name} already exists: add --force to overwrite it."
+        ) from None
+    except OSError as error:
+        raise MagicFailed(f"Cannot write {exclusive_name}: {error}") from None
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+    except OSError as error:  # a full disk: no half-written file is left
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise MagicFailed(f"Cannot write {exclusive_name}: {error}") from None
 
 
 def _shown(name: str, data: bytes) -> render.Bundle:
@@ -354,13 +481,13 @@ def sandbox_upload(
 ) -> MagicResult:
     if args.name and len(args.paths) != 1:
         raise MagicUsageError("%sandbox_upload: --as names one file; give a single LOCAL path")
-    local = [(context.local_dir / path) for path in args.paths]
+    local = [context.local_path(path, "%sandbox_upload would read") for path in args.paths]
     missing = [str(path) for path in local if not path.exists()]
     if missing:
         raise MagicFailed(f"No such local file or folder: {', '.join(missing)}")
-    names = [args.name] if args.name else [path.resolve().name for path in local]
+    names = [args.name] if args.name else [path.name for path in local]
     try:
-        archive = build_archive(local, names)
+        archive = build_archive(local, names, reserved=(STATE_DIR,))
     except (ArchiveError, OSError) as error:
         raise MagicFailed(f"Cannot upload: {error}") from None
     session = context.session
@@ -371,7 +498,14 @@ def sandbox_upload(
         answer = context.connection.client.execute(config, archive)
     except SandboxError as error:
         raise _sandbox_error("upload", error) from None
-    session.environment, session.expire = answer["environment"], answer.get("expire")
+    environment, expire = answer.get("environment"), answer.get("expire")
+    if not isinstance(environment, str) or not protocol.is_uuid(environment):
+        raise MagicFailed(
+            f"The sandbox at {context.connection.url} answered the upload without an environment "
+            f"uuid (environment = {environment!r}): the files are not there. Check that it is a "
+            "sandbox server, then upload again."
+        )
+    session.uploaded(environment, expire if isinstance(expire, str) else None)
     return MagicResult(
         value=names,
         bundles=[

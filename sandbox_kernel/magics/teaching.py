@@ -148,7 +148,8 @@ def _check_file_name(name: str) -> None:
 
 def _check_available(context: SandboxContext, language: Language) -> None:
     try:
-        executables = set(context.connection.background.bin or [])
+        listed = context.connection.background.bin or []
+        executables = {str(name) for name in listed}
     except SandboxError as error:
         raise MagicFailed(f"Could not list the sandbox's executables: {error}") from None
     missing = [program for program in language.needs if program not in executables]

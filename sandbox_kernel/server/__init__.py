@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import errno
 import logging
 import os
-import secrets
 import signal
 import socket
 import sys
@@ -20,8 +21,17 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ..discovery import advertisement_path, default_data_dir, write_advertisement
+from ..discovery import (
+    advertisement_path,
+    default_data_dir,
+    default_token_path,
+    new_token,
+    read_token_file,
+    write_advertisement,
+    write_token_file,
+)
 from .app import SandboxApp
+from .connections import ConnectionGuard, listen_backlog, raise_descriptor_limit
 from .executor import Executor
 from .libraries import LibraryCache
 from .runners import Isolation, IsolationError, RunnerPool
@@ -29,7 +39,15 @@ from .settings import ServerSettings, parse_size
 from .storage import Storage
 from .sysinfo import UsageSampler
 
-__all__ = ["ServerSettings", "add_arguments", "main", "serve", "settings_from_args"]
+__all__ = [
+    "ServerSettings",
+    "TokenSource",
+    "add_arguments",
+    "main",
+    "resolve_token",
+    "serve",
+    "settings_from_args",
+]
 
 log = logging.getLogger("sandbox_kernel.server")
 
@@ -65,7 +83,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bound on stored environments, e.g. 10G (default 10G)",
     )
     tokens = parser.add_mutually_exclusive_group()
-    tokens.add_argument("--token", help="bearer token clients must send (default: random)")
+    tokens.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="PATH",
+        help="file holding the bearer token clients must send; if it does not exist, a random "
+        "token is written there (mode 0600). Default: a random token, written only to the "
+        "0600 file the server advertises in the Jupyter runtime directory",
+    )
+    tokens.add_argument(
+        "--token",
+        help="the bearer token itself. WARNING: every local user sees a command line (ps); "
+        "prefer --token-file",
+    )
     tokens.add_argument("--no-token", action="store_true", help="accept requests without token")
     add(
         "--allowed-host",
@@ -82,6 +112,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     caps = parser.add_argument_group("caps")
     caps.add_argument("--workdir-quota", type=parse_size, default=defaults.workdir_quota)
+    caps.add_argument(
+        "--workdir-inodes",
+        type=_positive_int,
+        default=defaults.workdir_inodes,
+        metavar="N",
+        help=f"files and directories a saved working directory may hold "
+        f"(default {defaults.workdir_inodes})",
+    )
+    caps.add_argument(
+        "--max-storage-inodes",
+        type=_positive_int,
+        default=defaults.max_storage_inodes,
+        metavar="N",
+        help=f"files and directories of all stored environments together "
+        f"(default {defaults.max_storage_inodes})",
+    )
     caps.add_argument("--max-upload", type=parse_size, default=defaults.max_upload)
     caps.add_argument("--max-archive-entries", type=int, default=defaults.max_archive_entries)
     caps.add_argument("--max-archive-bytes", type=parse_size, default=defaults.max_archive_bytes)
@@ -89,7 +135,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-output",
         type=parse_size,
         default=defaults.max_output,
-        help="captured bytes per stream and command",
+        help="bytes of stdout and stderr of all commands of one request together, counted "
+        "after JSON escaping (default 1M)",
+    )
+    caps.add_argument(
+        "--max-result",
+        type=parse_size,
+        default=defaults.max_result,
+        metavar="SIZE",
+        help="bytes of the result file sent back (default 1M)",
     )
     caps.add_argument("--max-processes", type=int, default=defaults.max_processes)
     caps.add_argument("--memory-limit", type=parse_size, default=defaults.memory_limit)
@@ -97,6 +151,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cpu-limit", type=int, default=defaults.cpu_limit, help="CPU seconds per process"
     )
     caps.add_argument("--max-parts", type=int, default=defaults.max_parts)
+    connections = parser.add_argument_group("connections")
+    connections.add_argument(
+        "--header-timeout",
+        type=_positive_seconds,
+        default=defaults.header_timeout,
+        metavar="SECONDS",
+        help="a request's line and headers must arrive within this time of the connection "
+        "(or of the request's first byte on a kept-alive connection), else it is closed "
+        "(default 10)",
+    )
+    connections.add_argument(
+        "--keepalive-timeout",
+        type=_positive_seconds,
+        default=defaults.keepalive_timeout,
+        metavar="SECONDS",
+        help="an idle kept-alive connection is closed after this time (default 15)",
+    )
     add("--info-file", type=Path, help=argparse.SUPPRESS)
     add("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     add(
@@ -107,8 +178,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--log-level", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
 
 
-def settings_from_args(args: argparse.Namespace) -> ServerSettings:
-    token = None if args.no_token else (args.token or secrets.token_urlsafe(24))
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSource:
+    """The server's token and where a local client can read it."""
+
+    token: str | None
+    #: The file holding it (``--token-file``); None for ``--token``, ``--no-token`` and the
+    #: default, whose token goes into the files :func:`serve` publishes.
+    file: Path | None = None
+
+
+def resolve_token(args: argparse.Namespace) -> TokenSource:
+    """``--no-token``, ``--token``, ``--token-file`` (read, or created with a random token),
+    else a random token. Raises ValueError with what to do when the file cannot be used."""
+    if args.no_token:
+        return TokenSource(None)
+    if args.token:
+        return TokenSource(args.token)
+    if args.token_file is not None:
+        return TokenSource(_load_or_create_token(args.token_file), args.token_file)
+    return TokenSource(new_token())
+
+
+def _load_or_create_token(path: Path) -> str:
+    if not os.path.lexists(path):
+        token = new_token()
+        try:
+            write_token_file(path, token)
+            return token
+        except FileExistsError:
+            pass  # made meanwhile: read it
+        except OSError as error:
+            raise ValueError(
+                f"cannot create the token file {path}: {error.strerror}. Create its directory, "
+                "or give another --token-file"
+            ) from None
+    return read_token_file(path)
+
+
+def settings_from_args(
+    args: argparse.Namespace, token: TokenSource | None = None
+) -> ServerSettings:
+    """The settings ``args`` describe; ``token`` if already resolved (see :func:`resolve_token`)."""
+    token = token or resolve_token(args)
     return ServerSettings(
         host=args.host,
         port=args.port,
@@ -116,19 +242,24 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         execute_timeout=args.execute_timeout,
         expiration=args.expiration,
         data_dir=args.data_dir or default_data_dir(),
-        token=token,
+        token=token.token,
         allowed_hosts=args.allowed_host,
         isolation=args.isolation,
         max_storage=args.max_storage,
+        max_storage_inodes=args.max_storage_inodes,
         workdir_quota=args.workdir_quota,
+        workdir_inodes=args.workdir_inodes,
         max_upload=args.max_upload,
         max_archive_entries=args.max_archive_entries,
         max_archive_bytes=args.max_archive_bytes,
         max_output=args.max_output,
+        max_result=args.max_result,
         max_processes=args.max_processes,
         memory_limit=args.memory_limit,
         cpu_limit=args.cpu_limit,
         max_parts=args.max_parts,
+        header_timeout=args.header_timeout,
+        keepalive_timeout=args.keepalive_timeout,
     )
 
 
@@ -137,9 +268,17 @@ async def serve(
     advertise: bool = True,
     info_file: Path | None = None,
     exit_with_parent: bool = False,
+    token_file: Path | None = None,
 ) -> None:
-    """Run until SIGTERM or SIGINT; then kill every job and remove what was advertised."""
+    """Run until SIGTERM or SIGINT; then kill every job and remove what was advertised.
+
+    ``token_file`` is where the token already is (``--token-file``); without it the token is
+    written only into the 0600 files published here (a token file of its own in the runtime
+    directory if nothing is advertised), and the path is printed, never the token.
+    """
     assert settings.data_dir is not None
+    # Before anything opens descriptors or starts runners: connections must not starve them.
+    raise_descriptor_limit()
     # Bind first: a busy port fails at once, before any sandbox is started.
     sock = _listen(settings.host, settings.port)
     async with contextlib.AsyncExitStack() as cleanup:
@@ -160,22 +299,38 @@ async def serve(
         cleanup.push_async_callback(libraries.close)
         executor = Executor(settings, storage, isolation, pool)
         app = SandboxApp(settings, storage, isolation, executor, libraries, sampler).build()
+        guard = ConnectionGuard(settings.header_timeout, settings.workers)
+        # First, so that the header deadline ends as soon as aiohttp has parsed the headers,
+        # whatever the other middlewares answer.
+        app.middlewares.insert(0, guard.middleware)
         # handler_cancellation: a client that disconnects mid-execute cancels its handler,
         # whose cleanup kills the run (aiohttp does not cancel handlers by default).
         # shutdown_timeout: at SIGTERM, requests still running are cancelled (and their jobs
         # killed) after half a second instead of aiohttp's default minute.
         runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=0.5,
+            keepalive_timeout=settings.keepalive_timeout,
         )
         await runner.setup()
         cleanup.push_async_callback(runner.cleanup)
-        await web.SockSite(runner, sock).start()
+        # Served through the guard, not a SockSite: it wraps aiohttp's protocol factory.
+        listener = await guard.listen(runner.server, sock)
+        cleanup.callback(listener.close)
         url = _url_of(sock, settings.host)
         published = [p for p in (info_file, advertisement_path() if advertise else None) if p]
         for path in published:
             write_advertisement(path, url, settings.token)
             cleanup.callback(_unlink, path)
-        _announce(url, settings, isolation, published)
+        if settings.token and token_file is None and not published:
+            token_file = default_token_path()
+            token_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _unlink(token_file)  # left by a crashed server with our pid
+            write_token_file(token_file, settings.token)
+            cleanup.callback(_unlink, token_file)
+        _announce(url, settings, isolation, published, token_file)
         await _wait_for_stop(storage, settings, exit_with_parent)
         log.info("stopping: killing running jobs")
 
@@ -203,7 +358,7 @@ def _listen(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(128)
+        sock.listen(listen_backlog())
     except OSError:
         sock.close()
         raise
@@ -223,7 +378,13 @@ def _url_of(sock: socket.socket, host: str) -> str:
     return f"http://{shown}:{port}/"
 
 
-def _announce(url: str, settings: ServerSettings, isolation: Isolation, files: list[Path]) -> None:
+def _announce(
+    url: str,
+    settings: ServerSettings,
+    isolation: Isolation,
+    files: list[Path],
+    token_file: Path | None,
+) -> None:
     lines = [f"sandbox-kernel: serving the sandbox protocol on {url}"]
     if isolation.isolated:
         cgroups = isolation.cgroups.describe() if isolation.cgroups else "rlimits only"
@@ -234,14 +395,24 @@ def _announce(url: str, settings: ServerSettings, isolation: Isolation, files: l
             "this machine as the server's user"
         )
     lines.append(f"  data dir: {settings.data_dir}")
-    if settings.token:
-        lines.append(f"  token: {settings.token}")
-    else:
-        lines.append("  token: none (--no-token): anyone who can reach the port can run commands")
+    lines.append(f"  token: {_where_the_token_is(settings, files, token_file)}")
     lines += [f"  advertised in: {path}" for path in files]
     for line in lines:
         print(line, flush=True)
         log.debug(line)
+
+
+def _where_the_token_is(
+    settings: ServerSettings, files: list[Path], token_file: Path | None
+) -> str:
+    """Where a client finds the token: never the token itself, which would land in logs."""
+    if not settings.token:
+        return "none (--no-token): anyone who can reach the port can run commands"
+    if token_file is not None:
+        return f"in {token_file} (readable by you only)"
+    if files:
+        return f'in {files[0]} (its "token"; readable by you only)'
+    return "the one given with --token (every local user can see it with ps)"
 
 
 async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
@@ -279,23 +450,26 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        settings = settings_from_args(args)
+        token = resolve_token(args)
+        settings = settings_from_args(args, token)
         asyncio.run(
             serve(
                 settings,
                 advertise=not args.no_advertise,
                 info_file=args.info_file,
                 exit_with_parent=args.exit_with_parent,
+                token_file=token.file,
             )
         )
     except (IsolationError, ValueError) as error:
         print(f"sandbox-kernel serve: {error}", file=sys.stderr)
         return 2
     except OSError as error:
-        print(
-            f"sandbox-kernel serve: cannot start: {error}. Is the port already in use? "
-            "Try --port 0 for a free one.",
-            file=sys.stderr,
-        )
+        advice = {
+            errno.EADDRINUSE: " Is the port already in use? Try --port 0 for a free one.",
+            errno.EADDRNOTAVAIL: " Is --host an address of this machine?",
+            errno.EMFILE: " Raise the file descriptor limit (ulimit -Hn, LimitNOFILE=).",
+        }.get(error.errno or 0, "")
+        print(f"sandbox-kernel serve: {error}.{advice}", file=sys.stderr)
         return 1
     return 0

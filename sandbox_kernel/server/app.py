@@ -9,35 +9,40 @@ the headers and no body. On top of it: a bearer token, an ``Origin`` check and a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import os
-import shutil
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from .. import protocol
-from ..archive import ArchiveError
-from .executor import EnvironmentNotFound, Executor, Overloaded, unpack_upload
+from . import trees
+from .executor import EnvironmentNotFound, Executor, Overloaded
 from .libraries import LibraryCache
 from .runners import Isolation
 from .settings import ServerSettings, format_size
 from .storage import NotConfined, Storage, StorageFull, open_beneath
 from .sysinfo import UsageSampler, specifications
+from .unpacker import UnpackFailed
 
 log = logging.getLogger(__name__)
 
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]", "localhost.localdomain"})
+#: Bytes per second a request body must keep up, on average, once its grace has passed.
+_MIN_BODY_RATE = 16 * 1024
 _CHUNK = 1 << 18
 _MAX_JSON_DEPTH = 64
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_Read = TypeVar("_Read")
 
 
 def text(status: int, message: str) -> web.Response:
@@ -67,6 +72,9 @@ class SandboxApp:
         self.allowed_hosts = _LOCAL_HOSTS | {h.lower() for h in settings.allowed_hosts}
         if settings.host not in ("0.0.0.0", "::", ""):
             self.allowed_hosts |= {settings.host.lower()}
+        #: Uploads staged on disk while they wait for a slot: at most two per slot.
+        self.staged = 0
+        self.max_staged = 2 * settings.workers
 
     def build(self) -> web.Application:
         # The multipart reader enforces its own caps; this one bounds url-encoded bodies.
@@ -108,8 +116,9 @@ class SandboxApp:
                 return web.Response(
                     status=401,
                     text="Missing or wrong token: send 'Authorization: Bearer <token>'. The token "
-                    "is in the file the server advertises in the Jupyter runtime directory, or "
-                    "was printed when it started.",
+                    "is in the server's token file: the file it advertises in the Jupyter "
+                    "runtime directory, or its --token-file (the path is printed when it "
+                    "starts).",
                     content_type="text/plain",
                     headers={"WWW-Authenticate": 'Bearer realm="sandbox"'},
                 )
@@ -124,23 +133,15 @@ class SandboxApp:
         if request.content_length is not None and request.content_length > self._body_limit():
             return self._too_large()
         staging = self.storage.staging / os.urandom(8).hex()  # made if there is an upload
+        upload = _Upload(self, staging)
         try:
-            parsed = await self._read_form(request, staging)
+            parsed = await self._paced(request, self._read_form(request, upload))
             if isinstance(parsed, web.Response):
                 return parsed
-            config, archive = parsed
-            upload = None
-            if archive is not None:
-                upload = staging / "upload"
-                iso = self.isolation
-                try:
-                    await asyncio.to_thread(
-                        unpack_upload, archive, upload, self.settings, iso.uid, iso.gid
-                    )
-                except ArchiveError as error:  # without the server's own paths in it
-                    reason = str(error).replace(str(upload), "the working directory")
-                    return text(400, f"Invalid environment archive: {reason}")
-            return web.json_response(await self.executor.execute(config, upload))
+            config = parsed
+            return web.json_response(await self.executor.execute(config, upload.archive))
+        except UnpackFailed as refused:
+            return text(400, f"Invalid environment archive: {refused}")
         except EnvironmentNotFound as missing:
             return text(404, f"No environment with UUID '{missing}' found")
         except Overloaded:
@@ -148,8 +149,34 @@ class SandboxApp:
         except StorageFull as full:
             return text(507, str(full))
         finally:
-            if staging.exists():
-                await asyncio.shield(asyncio.to_thread(shutil.rmtree, staging, True))
+            if upload.release():
+                await asyncio.shield(asyncio.to_thread(trees.remove_quietly, staging))
+
+    async def _paced(
+        self, request: web.Request, reading: Coroutine[Any, Any, _Read]
+    ) -> _Read | web.Response:
+        """``reading`` (of the request's body), given up with 408 when the body comes slower
+        than :data:`_MIN_BODY_RATE` past the grace of ``--header-timeout``: a client that
+        trickles its upload cannot hold a connection and a staging place for ever."""
+        task = asyncio.ensure_future(reading)
+        started = time.monotonic()
+        grace = self.settings.header_timeout
+        try:
+            while not (await asyncio.wait({task}, timeout=1.0))[0]:
+                elapsed = time.monotonic() - started
+                if elapsed > grace and request.content.total_bytes < _MIN_BODY_RATE * elapsed:
+                    return text(
+                        408,
+                        f"The request body came too slowly (less than {_MIN_BODY_RATE // 1024} "
+                        f"KiB/s after {grace:g} s): nothing was run. Send it again from a "
+                        "faster connection.",
+                    )
+            return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def _too_large(self) -> web.Response:
         return text(
@@ -159,11 +186,11 @@ class SandboxApp:
         )
 
     async def _read_form(
-        self, request: web.Request, staging: Path
-    ) -> tuple[dict[str, Any], Path | None] | web.Response:
-        """``(config, archive path)`` from a multipart or url-encoded body, or an error answer."""
+        self, request: web.Request, upload: _Upload
+    ) -> dict[str, Any] | web.Response:
+        """The config from a multipart or url-encoded body (the archive, if any, saved by
+        ``upload``), or an error answer."""
         raw_config: str | None = None
-        archive: Path | None = None
         if request.content_type == "multipart/form-data":
             # The whole body is bounded too, not only the parts we keep: a chunked body has no
             # Content-Length to check up front, and unknown parts are read to be skipped.
@@ -183,8 +210,9 @@ class SandboxApp:
                             return self._too_large()
                         raw_config = data.decode("utf-8", errors="replace")
                     elif part.name == "environment":
-                        staging.mkdir(mode=0o700, exist_ok=True)
-                        archive = staging / "upload.tgz"
+                        archive = upload.stage()
+                        if archive is None:  # uploads beyond the slots wait for none
+                            return text(503, protocol.OVERLOADED_TEXT)
                         if not await _save_capped(part, archive, self.settings.max_upload, body):
                             return self._too_large()
                     elif await _read_capped(part, 0, body, drain=True) is None:
@@ -206,7 +234,8 @@ class SandboxApp:
         ok, reason = protocol.validate_config(config)
         if not ok:
             return text(400, reason)
-        return config, archive
+        checked: dict[str, Any] = config
+        return checked
 
     # -- the GET endpoints ----------------------------------------------------------------------
 
@@ -266,6 +295,37 @@ async def _send_file(
         return response
     finally:
         os.close(fd)
+
+
+class _Upload:
+    """The archive of one request, staged on disk until a slot unpacks it.
+
+    Staging is bounded: at most two uploads per slot wait on disk; beyond that a request is
+    answered 503 before anything is unpacked (its client retries, as for a busy sandbox).
+    """
+
+    def __init__(self, app: SandboxApp, staging: Path) -> None:
+        self.app, self.staging = app, staging
+        self.archive: Path | None = None
+
+    def stage(self) -> Path | None:
+        """Where to save the upload; None when too many are staged already."""
+        if self.archive is not None:
+            return self.archive  # a second environment part replaces the first
+        if self.app.staged >= self.app.max_staged:
+            return None
+        self.app.staged += 1
+        self.staging.mkdir(mode=0o700)
+        self.archive = self.staging / "upload.tgz"
+        return self.archive
+
+    def release(self) -> bool:
+        """Give the staging place back; True if there is a folder to remove."""
+        if self.archive is None:
+            return False
+        self.archive = None
+        self.app.staged -= 1
+        return True
 
 
 class _Budget:

@@ -5,31 +5,36 @@ working directory, within one time budget (``execute_timeout``); a command's own
 capped by what is left; a failing command stops the run unless it starts with ``-``; stdout and
 stderr are stripped; the result file is read whatever happened; with ``save`` the directory is
 kept as a *new* environment whatever the outcome.
+
+Beyond the contract, one request cannot exhaust the server: an upload is unpacked only in a
+slot (as the sandbox user, see :mod:`.unpacker`); the time budget is also kept by the wall
+clock, so that what commands cause (replacing a sandbox after a timeout) counts too; and the
+output of all commands together is bounded by ``--max-output``, counted as the JSON-escaped
+text the answer will carry.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
+import json
 import logging
 import os
-import shutil
-import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .. import protocol
-from ..archive import ArchiveLimits, extract_archive
-from .runners import CommandOutcome, Isolation, Runner, RunnerPool
+from .runners import CommandOutcome, Isolation, IsolationError, Runner, RunnerPool
 from .settings import ServerSettings
 from .storage import NotConfined, Snapshot, Storage, iso_expire, open_beneath
+from .unpacker import unpack
 
 log = logging.getLogger(__name__)
 
-_MAX_RESULT = 16 * 1024**2
+#: A timed-out sandbox is replaced within this, or the rest of the request fails.
+_REPLACE_TIMEOUT = 5.0
 
 
 class EnvironmentNotFound(Exception):
@@ -52,7 +57,11 @@ class Executor:
         self.busy = 0
 
     async def execute(self, config: Mapping[str, Any], upload: Path | None) -> dict[str, Any]:
-        """Run a validated config; ``upload`` is a staging directory with the unpacked upload."""
+        """Run a validated config; ``upload`` is the uploaded ``.tgz``, unpacked in the slot.
+
+        Raises :class:`EnvironmentNotFound`, :class:`Overloaded`,
+        :class:`~.unpacker.UnpackFailed` (a refused archive) or ``StorageFull``.
+        """
         base = None
         if "environment" in config:
             base = self.storage.directory(config["environment"])
@@ -85,7 +94,9 @@ class Executor:
             await runner.stop()
             response: dict[str, Any] = {"status": status, "execution": execution}
             if "result_path" in config:
-                result, error = await asyncio.to_thread(_read_result, workdir, config)
+                result, error = await asyncio.to_thread(
+                    _read_result, workdir, config, self.settings.max_result
+                )
                 if error:
                     response["status"] = error
                 else:
@@ -102,7 +113,7 @@ class Executor:
             self.pool.release(current.runner, remove_workdir=not saved)
 
     async def _prepare(self, workdir: Path, base: Path | None, upload: Path | None) -> Snapshot:
-        iso = self.isolation
+        iso, settings = self.isolation, self.settings
         try:
             snapshot = Snapshot()
             if base is not None:
@@ -111,8 +122,10 @@ class Executor:
                 )
         except FileNotFoundError as error:  # it expired while being copied
             raise EnvironmentNotFound(base.name if base else "") from error
-        if upload is not None:
-            await asyncio.to_thread(_merge, upload, workdir)
+        if upload is not None:  # over the base: files of the upload win (contract)
+            await unpack(upload, workdir, uid=iso.uid, gid=iso.gid,
+                         max_entries=settings.max_archive_entries,
+                         max_bytes=settings.max_archive_bytes)  # fmt: skip
         return snapshot
 
     async def _run_commands(
@@ -120,7 +133,10 @@ class Executor:
     ) -> tuple[int, list[dict[str, Any]]]:
         # The budget is spent by the commands' own times, as on the public server (3.x); the
         # effective timeout keeps its type because it is printed back ("after 1 seconds").
+        # The wall clock bounds it too: replacing a sandbox after a timeout takes time.
         budget: float = self.settings.execute_timeout
+        deadline = time.monotonic() + budget
+        output = _OutputBudget(self.settings.max_output)
         environ = self.isolation.base_environ(current.runner.workdir)
         environ.update({name: str(value) for name, value in config.get("environ", {}).items()})
         execution: list[dict[str, Any]] = []
@@ -128,12 +144,13 @@ class Executor:
         for item in config["commands"]:
             command, own_timeout, may_fail = protocol.split_command(item)
             timeout = budget if own_timeout is None or own_timeout > budget else own_timeout
-            if current.runner.spent:  # the previous command timed out or flooded its output
-                workdir = current.runner.workdir
-                await self.pool.discard(current.runner, remove_workdir=False)
-                current.runner = await self.pool.create(workdir)
-            outcome = await self._run_one(current.runner, command, environ, timeout)
-            execution.append(_entry(command, outcome, timeout))
+            outcome = None
+            if current.runner.spent and deadline > time.monotonic():
+                outcome = await self._replace_runner(current)
+            if outcome is None:
+                timeout = 0.0 if current.runner.spent else _within(timeout, deadline)
+                outcome = await self._run_one(current.runner, command, environ, timeout, output)
+            execution.append(output.entry(command, outcome, timeout))
             budget -= outcome.elapsed
             code = outcome.exit_code
             # A timeout of a "-" command lets the run go on; a sandbox error never does.
@@ -142,13 +159,35 @@ class Executor:
                 break
         return status, execution
 
+    async def _replace_runner(self, current: _Current) -> CommandOutcome | None:
+        """A fresh sandbox on the same directory (the previous command timed out or broke
+        it); the outcome of a sandbox error if none could be had, else None. Only asked for
+        while the budget lasts: past it, commands time out without a sandbox."""
+        workdir = current.runner.workdir
+        started = time.monotonic()
+        await self.pool.discard(current.runner, remove_workdir=False)
+        try:
+            current.runner = await asyncio.wait_for(self.pool.create(workdir), _REPLACE_TIMEOUT)
+        except (asyncio.TimeoutError, IsolationError, OSError) as error:
+            log.error("could not replace a sandbox: %s", error or "timed out")
+            current.runner = _Broken(self.isolation, workdir)
+            note = f"{protocol.UNKNOWN_ERROR_TEXT.strip()} (no new sandbox: {error or 'timeout'})"
+            elapsed = time.monotonic() - started
+            return CommandOutcome(protocol.STATUS_UNKNOWN_ERROR, b"", b"", elapsed, notes=[note])
+        return None
+
     async def _run_one(
-        self, runner: Runner, command: str, environ: Mapping[str, str], timeout: float
+        self,
+        runner: Runner,
+        command: str,
+        environ: Mapping[str, str],
+        timeout: float,
+        output: _OutputBudget,
     ) -> CommandOutcome:
         if timeout <= 0:
             return CommandOutcome(protocol.STATUS_TIMEOUT, b"", b"", 0.0, timed_out=True)
         try:
-            return await runner.run(command, environ, timeout)
+            return await runner.run(command, environ, timeout, output.raw_room())
         except OSError as error:
             log.exception("command failed in the sandbox")
             runner.spent = True
@@ -161,6 +200,85 @@ class Executor:
             )
 
 
+def _within(timeout: float, deadline: float) -> float:
+    """The timeout, unless the wall clock leaves noticeably less (then what it leaves)."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return 0.0
+    if left >= timeout - _CLOCK_SLACK:
+        return timeout
+    return round(left, 3)
+
+
+#: The wall clock may run this much behind the commands' own times before it decides.
+_CLOCK_SLACK = 0.25
+
+
+class _Broken(Runner):
+    """Stands for a sandbox that could not be replaced: releasing it only removes nothing."""
+
+    def __init__(self, isolation: Isolation, workdir: Path) -> None:
+        self.isolation, self.workdir, self.cgroup, self.spent = isolation, workdir, None, True
+
+    async def close(self) -> None:
+        return None
+
+
+class _OutputBudget:
+    """``--max-output`` for a whole request: stdout and stderr of every command together,
+    counted as JSON-escaped text (a non-UTF-8 byte costs 6: ``\ufffd``). Past it, output is
+    dropped and the command's stderr ends with one line saying so."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.left = limit
+
+    def raw_room(self) -> int:
+        """Bytes a command may keep: escaping never makes text shorter than its bytes."""
+        return self.left
+
+    def entry(self, command: str, outcome: CommandOutcome, timeout: float) -> dict[str, Any]:
+        stdout, cut_out = self._fit(outcome.stdout.decode("utf-8", errors="replace").strip())
+        stderr, cut_err = self._fit(outcome.stderr.decode("utf-8", errors="replace").strip())
+        lines = [stderr] if stderr else []
+        lines += outcome.notes
+        if outcome.timed_out:
+            # The contract's text, newline included; output printed before the timeout is kept.
+            lines.append(protocol.timeout_message(timeout))
+        if outcome.dropped or cut_out or cut_err:
+            lines.append(f"[sandbox] output cut after {self.limit} (--max-output)")
+        return {
+            "command": command,
+            "exit_code": outcome.exit_code,
+            "stdout": stdout,
+            "stderr": "\n".join(
+                line.rstrip("\n") if line is not lines[-1] else line for line in lines
+            ),
+            "time": outcome.elapsed,
+        }
+
+    def _fit(self, text: str) -> tuple[str, bool]:
+        """``text`` within what is left (and what is left then), and whether it was cut."""
+        size = _escaped_size(text)
+        if size <= self.left:
+            self.left -= size
+            return text, False
+        low, high = 0, len(text)  # the longest prefix that fits
+        while low < high:
+            middle = (low + high + 1) // 2
+            if _escaped_size(text[:middle]) <= self.left:
+                low = middle
+            else:
+                high = middle - 1
+        self.left = 0
+        return text[:low], True
+
+
+def _escaped_size(text: str) -> int:
+    """Characters ``text`` takes in the JSON answer (quotes aside)."""
+    return len(json.dumps(text)) - 2
+
+
 @dataclasses.dataclass
 class _Current:
     """The runner of a request: a timed-out command replaces it midway, and whoever cleans
@@ -169,78 +287,18 @@ class _Current:
     runner: Runner
 
 
-def _entry(command: str, outcome: CommandOutcome, timeout: float) -> dict[str, Any]:
-    stdout = outcome.stdout.decode("utf-8", errors="replace").strip()
-    stderr = outcome.stderr.decode("utf-8", errors="replace").strip()
-    notes = "\n".join(outcome.notes)
-    if notes:
-        stderr = f"{stderr}\n{notes}" if stderr else notes
-    if outcome.timed_out:
-        # The contract's text, newline included; output printed before the timeout is kept.
-        message = protocol.timeout_message(timeout)
-        stderr = f"{stderr}\n{message}" if stderr else message
-    return {
-        "command": command,
-        "exit_code": outcome.exit_code,
-        "stdout": stdout,
-        "stderr": stderr,
-        "time": outcome.elapsed,
-    }
-
-
-def _read_result(workdir: Path, config: Mapping[str, Any]) -> tuple[str | None, int]:
-    """``(text, 0)`` or ``(None, -3 | -4)``; the path is confined to the working directory."""
+def _read_result(workdir: Path, config: Mapping[str, Any], limit: int) -> tuple[str | None, int]:
+    """``(text, 0)`` or ``(None, -3 | -4 | -1)``; the path is confined to the working
+    directory, and a file over ``--max-result`` is not returned (-1)."""
     try:
         fd = open_beneath(workdir, config["result_path"])
     except NotConfined:
         return None, protocol.STATUS_RESULT_NOT_FOUND
     with os.fdopen(fd, "rb") as file:
-        data = file.read(_MAX_RESULT + 1)
-    if len(data) > _MAX_RESULT:
+        data = file.read(limit + 1)
+    if len(data) > limit:
         return None, protocol.STATUS_UNKNOWN_ERROR
     try:
         return data.decode("utf-8"), protocol.STATUS_OK
     except UnicodeDecodeError:
         return None, protocol.STATUS_RESULT_NOT_UTF8
-
-
-def _merge(source: Path, target: Path) -> None:
-    """Move an unpacked upload over a working directory: files of the upload win.
-
-    Nothing in ``target`` is followed: a symlink there is replaced, never written through.
-    """
-    with os.scandir(source) as entries:
-        for entry in entries:
-            destination = target / entry.name
-            try:
-                existing = destination.lstat().st_mode
-            except FileNotFoundError:
-                existing = None
-            if entry.is_dir(follow_symlinks=False) and existing and stat.S_ISDIR(existing):
-                _merge(Path(entry.path), destination)
-                continue
-            if existing is not None:
-                if stat.S_ISDIR(existing):
-                    shutil.rmtree(destination)
-                else:
-                    destination.unlink()
-            shutil.move(entry.path, destination)  # a rename, or a copy across file systems
-    with contextlib.suppress(OSError):
-        source.rmdir()
-
-
-def unpack_upload(
-    archive: Path, staging: Path, settings: ServerSettings, uid: int, gid: int
-) -> None:
-    """Check and unpack an uploaded ``.tgz`` into ``staging``, owned by the sandbox user.
-
-    Raises :class:`~sandbox_kernel.archive.ArchiveError` (HTTP 400) with the reason.
-    """
-    limits = ArchiveLimits(settings.max_archive_entries, settings.max_archive_bytes)
-    with open(archive, "rb") as source:
-        extract_archive(source, staging, limits)
-    if os.geteuid() == 0:
-        os.chown(staging, uid, gid)
-        for root, directories, files in os.walk(staging):
-            for name in directories + files:
-                os.lchown(os.path.join(root, name), uid, gid)

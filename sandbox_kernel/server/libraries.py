@@ -77,6 +77,10 @@ def parse_inventory(text: str) -> dict[str, Any]:
     return {"libraries": libraries, "bin": sorted(executables)}
 
 
+#: The inventory's output is kept up to this (the public server's answer is ~21 KB).
+_MAX_INVENTORY = 16 * 1024**2
+
+
 class LibraryCache:
     def __init__(self, pool: RunnerPool) -> None:
         self.pool = pool
@@ -92,7 +96,7 @@ class LibraryCache:
         runner = await self.pool.create()
         try:
             environ = self.pool.isolation.base_environ(runner.workdir)
-            outcome = await runner.run(_INVENTORY, environ, _TIMEOUT)
+            outcome = await runner.run(_INVENTORY, environ, _TIMEOUT, _MAX_INVENTORY)
         finally:
             await self.pool.discard(runner)
         if outcome.exit_code not in (0, 1) and not outcome.stdout:

@@ -8,8 +8,9 @@ isolation adds no latency to a request.
 
 Inside a bubblewrap runner: no network, a read-only system, a private ``/tmp`` and ``/dev/shm``,
 only ``/home/student`` writable, a new session and PID namespace, an unprivileged user with no
-capabilities, rlimits (CPU, file size, open files, no core files), stdin from ``/dev/null``, and
-per-run pids and memory cgroups where the machine allows. The runner dies with the server.
+capabilities, a seccomp filter (see :mod:`.seccomp`), rlimits (CPU, file size, open files, no
+core files), stdin from ``/dev/null``, and per-run pids and memory cgroups where the machine
+allows. The runner dies with the server.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import itertools
 import logging
 import os
 import pwd
+import resource
 import shutil
 import signal
 import tempfile
@@ -30,12 +33,17 @@ from importlib import resources
 from pathlib import Path
 
 from ..protocol import WORKING_DIR
+from . import trees
 from .cgroups import Cgroups, RunCgroup
+from .seccomp import SeccompFilter, load_filter
 from .settings import ServerSettings, format_size
 
 log = logging.getLogger(__name__)
 
 _READ_CHUNK = 1 << 18
+#: fcntl's F_SETPIPE_SZ (Linux), and the pipe size asked for.
+_F_SETPIPE_SZ = 1031
+_PIPE_SIZE = 1 << 20
 _START_TIMEOUT = 10.0
 #: Read-only inside a runner; /var/lib/dpkg lets commands (and libraries/) see the packages.
 _SYSTEM_DIRS = (
@@ -68,21 +76,32 @@ class CommandOutcome:
     stderr: bytes
     elapsed: float
     timed_out: bool = False
-    #: Sentences for the command's stderr: truncated output, memory cap reached...
+    #: Sentences for the command's stderr: memory cap reached...
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: Output was read and thrown away: the request's output budget was spent.
+    dropped: bool = False
+
+
+class _Keep:
+    """How many more bytes the two streams of a command may keep, together."""
+
+    def __init__(self) -> None:
+        self.room = 0
+        self.dropped = False
 
 
 class _Stream:
-    """Collects one output pipe, keeping at most ``cap`` bytes.
+    """Collects one output pipe, keeping what the request's budget (:class:`_Keep`) allows.
 
-    Past the cap the pipe is closed, so the writer gets SIGPIPE like ``cmd | head`` rather than
-    keeping a CPU busy (``yes``); the runner is then spent for later commands.
+    Past it, output is read and thrown away: the program is never killed nor sent SIGPIPE
+    for writing too much (it stops at its time limit, like any other).
     """
 
-    def __init__(self, fd: int, cap: int, name: str) -> None:
-        self.fd, self.cap, self.name = fd, cap, name
+    def __init__(self, fd: int, keep: _Keep, name: str) -> None:
+        self.fd, self.keep, self.name = fd, keep, name
         self.buffer = bytearray()
-        self.truncated = False
+        with contextlib.suppress(OSError):  # fewer wake-ups for a program that floods
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
         os.set_blocking(fd, False)
         asyncio.get_running_loop().add_reader(fd, self.read_available)
 
@@ -97,11 +116,13 @@ class _Stream:
             if not chunk:
                 self.close()
                 return
-            self.buffer += chunk
-            if len(self.buffer) > self.cap:
-                del self.buffer[self.cap :]
-                self.truncated = True
-                self.close()
+            room = self.keep.room
+            if room > 0:
+                kept = chunk[:room]
+                self.buffer += kept
+                self.keep.room -= len(kept)
+            if len(chunk) > room:
+                self.keep.dropped = True
 
     def take(self) -> bytes:
         self.read_available()
@@ -124,18 +145,24 @@ class Runner:
         self.workdir = workdir
         self.cgroup: RunCgroup | None = None
         self.spent = False
-        settings = isolation.settings
         out_r, self._out_w = os.pipe2(os.O_CLOEXEC)
         err_r, self._err_w = os.pipe2(os.O_CLOEXEC)
-        self.stdout = _Stream(out_r, settings.max_output, "stdout")
-        self.stderr = _Stream(err_r, settings.max_output, "stderr")
+        self._keep = _Keep()
+        self.stdout = _Stream(out_r, self._keep, "stdout")
+        self.stderr = _Stream(err_r, self._keep, "stderr")
 
     async def start(self) -> None:
         """Make the runner ready to run commands at once."""
 
-    async def run(self, command: str, environ: Mapping[str, str], timeout: float) -> CommandOutcome:
-        """Run one command with a wall-clock ``timeout``; nothing it started survives it."""
+    async def run(
+        self, command: str, environ: Mapping[str, str], timeout: float, keep: int
+    ) -> CommandOutcome:
+        """Run one command with a wall-clock ``timeout``; nothing it started survives it.
+
+        At most ``keep`` bytes of its output (stdout and stderr together) are kept.
+        """
         self.stdout.take(), self.stderr.take()
+        self._keep.room, self._keep.dropped = keep, False
         started = time.monotonic()
         try:
             code = await asyncio.wait_for(self._execute(command, environ), timeout)
@@ -144,18 +171,11 @@ class Runner:
             await self.stop()
         elapsed = time.monotonic() - started
         outcome = CommandOutcome(code, self.stdout.take(), self.stderr.take(), elapsed, code == -2)
+        outcome.dropped, self._keep.room = self._keep.dropped, 0
         self._add_notes(outcome)
         return outcome
 
     def _add_notes(self, outcome: CommandOutcome) -> None:
-        cap = format_size(self.isolation.settings.max_output)
-        for stream in (self.stdout, self.stderr):
-            if stream.truncated:
-                self.spent = True
-                outcome.notes.append(
-                    f"[sandbox] {stream.name} cut after {cap} (--max-output); the command "
-                    "then got SIGPIPE when it wrote more."
-                )
         if outcome.exit_code >= 128 and self.cgroup and self.cgroup.out_of_memory():
             self.spent = True
             limit = format_size(self.isolation.settings.memory_limit)
@@ -196,13 +216,15 @@ class BwrapRunner(Runner):
         ctl_r, self._ctl_w = os.pipe2(os.O_CLOEXEC)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         bind_fd = os.open(self.workdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        seccomp_fd = iso.seccomp.fd() if iso.seccomp is not None else None
+        extra = () if seccomp_fd is None else (seccomp_fd,)
         self._status = asyncio.StreamReader()
         try:
             self.cgroup = iso.new_cgroup()
             fds = (ctl_r, self._out_w, self._err_w, status_w, bind_fd)
             argv = (
                 iso.launcher(self.cgroup)
-                + iso.bwrap_args(bind_fd)
+                + iso.bwrap_args(bind_fd, seccomp_fd)
                 + [
                     "/bin/bash",
                     "--noprofile",
@@ -219,12 +241,12 @@ class BwrapRunner(Runner):
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=self._err_w,
                 stderr=self._err_w,
-                pass_fds=fds,
+                pass_fds=fds + extra,
                 env=iso.launcher_env(self.cgroup),
                 start_new_session=True,
             )
         finally:
-            for fd in (ctl_r, status_w, bind_fd):
+            for fd in (ctl_r, status_w, bind_fd, *extra):
                 os.close(fd)
         os.close(self._out_w)
         os.close(self._err_w)
@@ -378,6 +400,16 @@ def _wait_for_empty_namespace(namespace: str, deadline: float = 5.0) -> None:
     log.warning("processes of a stopped sandbox are still alive after %.0f s", deadline)
 
 
+def _remove_workdir(workdir: Path) -> None:
+    """Remove a working directory whatever a command left in it (any depth, any mode)."""
+    try:
+        trees.remove(workdir)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        log.warning("could not remove the working directory %s: %s", workdir, error)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -390,10 +422,18 @@ def _write_all(fd: int, data: bytes) -> None:
 class Isolation:
     """What this machine allows, probed once at start, and the factory of runners."""
 
-    def __init__(self, settings: ServerSettings, method: str, cgroups: Cgroups | None) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        method: str,
+        cgroups: Cgroups | None,
+        seccomp: SeccompFilter | None = None,
+    ) -> None:
         self.settings = settings
         self.method = method  # "bubblewrap" or "none"
         self.cgroups = cgroups
+        #: The system-call filter given to bubblewrap (None: none could be built).
+        self.seccomp = seccomp
         self.agent_script = resources.files(__package__).joinpath("agent.sh").read_text()
         self.as_root = os.geteuid() == 0
         self.uid, self.gid = os.geteuid(), os.getegid()
@@ -416,7 +456,8 @@ class Isolation:
             Cgroups.probe, settings.max_processes, settings.memory_limit
         )
         if settings.isolation != "none":
-            candidate = cls(settings, "bubblewrap", cgroups)
+            seccomp = await asyncio.to_thread(load_filter)
+            candidate = cls(settings, "bubblewrap", cgroups, seccomp)
             problem = await candidate._try_bwrap()
             if problem is None:
                 return candidate
@@ -440,7 +481,7 @@ class Isolation:
             runner = BwrapRunner(self, path)
             try:
                 await runner.start()
-                outcome = await runner.run("echo ok > probe; echo ok", {"PATH": _PATH}, 10)
+                outcome = await runner.run("echo ok > probe; echo ok", {"PATH": _PATH}, 10, 4096)
             except (IsolationError, OSError) as error:
                 return str(error)
             finally:
@@ -482,9 +523,11 @@ class Isolation:
             env["SK_CGROUP_PROCS"] = " ".join(map(str, cgroup.procs_files))
         return env
 
-    def bwrap_args(self, bind_fd: int) -> list[str]:
-        args = [
-            "bwrap",
+    def bwrap_args(self, bind_fd: int, seccomp_fd: int | None = None) -> list[str]:
+        args = ["bwrap"]
+        if seccomp_fd is not None:  # loaded by bubblewrap just before it runs the agent
+            args += ["--seccomp", str(seccomp_fd)]
+        args += [
             "--unshare-all",
             "--unshare-user",
             "--disable-userns",
@@ -528,10 +571,13 @@ class Isolation:
     def rlimit_args(self) -> list[str]:
         settings = self.settings
         nproc = "" if self.cgroups else str(settings.max_processes)
+        # Never above the server's own hard limit: an unprivileged ulimit could not raise it.
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        open_files = settings.max_open_files if hard < 0 else min(settings.max_open_files, hard)
         return [
             str(settings.cpu_limit),
             str(max(1, settings.workdir_quota // 1024)),
-            str(settings.max_open_files),
+            str(open_files),
             nproc,
         ]
 
@@ -568,6 +614,7 @@ class Isolation:
             "network": not self.isolated,
             "user": pwd.getpwuid(self.uid).pw_name if self.as_root else "server's own user",
             "cgroups": self.cgroups.describe() if self.cgroups else None,
+            "seccomp": self.seccomp.describe() if self.isolated and self.seccomp else None,
             "limits": limits,
             "warning": None if self.isolated else "NOT ISOLATED",
         }
@@ -614,7 +661,7 @@ class RunnerPool:
             await runner.start()
         except BaseException:
             await runner.close()
-            await asyncio.to_thread(shutil.rmtree, workdir, True)
+            await asyncio.to_thread(_remove_workdir, workdir)
             raise
         return runner
 
@@ -643,7 +690,7 @@ class RunnerPool:
     async def discard(self, runner: Runner, remove_workdir: bool = True) -> None:
         await runner.close()
         if remove_workdir:
-            await asyncio.to_thread(shutil.rmtree, runner.workdir, True)
+            await asyncio.to_thread(_remove_workdir, runner.workdir)
 
     async def close(self) -> None:
         self._closing = True

@@ -4,14 +4,19 @@ Layout of the data dir::
 
     environments/<uuid>/       the saved working directory (never modified once saved)
     environments/<uuid>.json   {"expire": <unix time>}
-    work/<runner>/             working directories of runners (bound as /home/student)
-    staging/<id>/              uploads being checked before they are merged
+    work/<pid>/<runner>/       working directories of runners (bound as /home/student); in a
+                               private /var/tmp folder instead when the sandbox user cannot
+                               reach the data dir
+    staging/<pid>/<id>/        uploads waiting for a slot, saves crossing file systems
     cache/<uuid>.tgz           archives built for downloads
 
 A run starts from a *copy* of its base environment (so saved environments stay immutable
 whatever the commands do), and saving a run links every file it did not touch to the base's
 file instead of storing it again: a notebook of 100 cells over a 50 MB environment stores the
 50 MB once. Unchanged is decided by inode and ctime, which a command cannot set back.
+
+Trees are handled by descriptor (:mod:`.trees`): a command may leave folders of any depth and
+paths longer than ``PATH_MAX``. Quotas count bytes and inodes.
 
 All methods block on the file system: the server calls them through ``asyncio.to_thread``.
 """
@@ -26,16 +31,16 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import stat
 import tarfile
+import tempfile
 import threading
 import time
 import uuid as uuid_module
-from collections.abc import Iterator
 from pathlib import Path
 
 from ..protocol import is_uuid
+from . import trees
 from .settings import ServerSettings, format_size
 
 log = logging.getLogger(__name__)
@@ -55,10 +60,11 @@ class NotConfined(Exception):
 
 @dataclasses.dataclass
 class Snapshot:
-    """What a working directory was filled with: relative path -> identity of the copy (see
-    :func:`_identity`) and the saved file it was copied from."""
+    """What a working directory was filled with: the base environment, and for each copied
+    file (by relative path) the identity of the copy (see :func:`_identity`)."""
 
-    files: dict[str, tuple[int, int, int, int, Path]] = dataclasses.field(default_factory=dict)
+    base: Path | None = None
+    files: dict[str, tuple[int, int, int, int]] = dataclasses.field(default_factory=dict)
 
 
 class Storage:
@@ -69,7 +75,9 @@ class Storage:
         self.work = root / "work"
         self.staging = root / "staging"
         self.cache = root / "cache"
+        #: Bytes and inodes of all saved environments (files linked between them once).
         self.used = 0
+        self.used_inodes = 0
         self._lock = threading.Lock()
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -84,35 +92,19 @@ class Storage:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Several servers may share a data dir (one per kernel, say): saved environments are
         # shared, working and staging directories belong to one server process each.
-        work_area = _work_area(self.root, sandbox_uid)
-        for area in (work_area, self.staging):
-            for leftover in area.iterdir():
-                if not _owned_by_live_server(leftover.name):
-                    _remove(leftover)
-        self.work = work_area / str(os.getpid())
-        self.work.mkdir(mode=0o711, exist_ok=True)
-        self.staging = self.staging / str(os.getpid())
-        self.staging.mkdir(mode=0o700, exist_ok=True)
+        self.work = _work_area(self.root, sandbox_uid)
+        for leftover in self.staging.iterdir():
+            if not _owned_by_live_server(leftover.name):
+                _remove(leftover)
+        own_staging = _own_folder(self.staging / str(os.getpid()), 0o700)
+        self.staging = own_staging or _new_private_folder(self.staging, "")
         self.sweep()
-        seen: set[int] = set()
-        total = 0
-        for entry in self.environments.iterdir():
-            if entry.is_dir():
-                for path_stat in _walk_stats(entry):
-                    if stat.S_ISREG(path_stat.st_mode) and path_stat.st_ino not in seen:
-                        seen.add(path_stat.st_ino)
-                        total += path_stat.st_size
-        self.used = total
+        self.used, self.used_inodes = _stored(self.environments)
 
     def close(self) -> None:
-        """Remove this server's working and staging folders (its runners are gone), and the
-        shared work area outside the data dir once no server uses it any more."""
+        """Remove this server's working and staging folders (its runners are gone)."""
         for directory in (self.work, self.staging):
             _remove(directory)
-        area = self.work.parent
-        if area != self.root / "work":
-            with contextlib.suppress(OSError):  # still used by another server: kept
-                area.rmdir()
 
     def sweep(self) -> int:
         """Delete expired environments (and orphans of a crash). Returns how many went."""
@@ -151,13 +143,11 @@ class Storage:
     def _delete(self, directory: Path | None) -> None:
         if directory is None:
             return
-        freed = 0
-        for path_stat in _walk_stats(directory):
-            if stat.S_ISREG(path_stat.st_mode) and path_stat.st_nlink == 1:
-                freed += path_stat.st_size
+        freed = trees.usage(directory, only_unshared=True)
         _remove(directory)
         with self._lock:
-            self.used = max(0, self.used - freed)
+            self.used = max(0, self.used - freed.bytes)
+            self.used_inodes = max(0, self.used_inodes - freed.inodes - 1)
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -176,32 +166,18 @@ class Storage:
 
     def populate(self, base: Path, workdir: Path, uid: int, gid: int) -> Snapshot:
         """Copy a saved environment into an empty working directory owned by ``uid``."""
-        snapshot = Snapshot()
-        chown = os.geteuid() == 0
-        for source, relative, entry_stat in _walk(base):
-            target = workdir / relative
-            if stat.S_ISDIR(entry_stat.st_mode):
-                target.mkdir(mode=stat.S_IMODE(entry_stat.st_mode) | 0o700)
-                if chown:
-                    os.chown(target, uid, gid)
-            elif stat.S_ISLNK(entry_stat.st_mode):
-                os.symlink(os.readlink(source), target)
-                if chown:
-                    os.lchown(target, uid, gid)
-            elif stat.S_ISREG(entry_stat.st_mode):
-                copied = _copy_file(source, target, entry_stat, uid if chown else -1, gid)
-                snapshot.files[relative] = (*_identity(copied), source)
+        snapshot = Snapshot(base=base)
+
+        def remember(entry: trees.Entry, copy: os.stat_result) -> None:
+            snapshot.files[entry.relative] = _identity(copy)
+
+        owner = (uid, gid) if os.geteuid() == 0 else None
+        trees.copy_tree(base, workdir, owner, remember)
         return snapshot
 
-    def usage_of(self, workdir: Path) -> int:
-        """Bytes in a working directory (regular files, hard links counted once)."""
-        seen: set[int] = set()
-        total = 0
-        for path_stat in _walk_stats(workdir):
-            if stat.S_ISREG(path_stat.st_mode) and path_stat.st_ino not in seen:
-                seen.add(path_stat.st_ino)
-                total += path_stat.st_size
-        return total
+    def usage_of(self, workdir: Path) -> trees.Usage:
+        """Bytes and inodes in a working directory (hard links counted once)."""
+        return trees.usage(workdir)
 
     def save(self, workdir: Path, snapshot: Snapshot) -> tuple[str, float]:
         """Turn a finished run's working directory into a new saved environment.
@@ -210,62 +186,99 @@ class Storage:
         base environment's. Raises :class:`StorageFull` rather than evicting anything.
         """
         if os.geteuid() != 0:
-            _make_readable(workdir)
-        size = self.usage_of(workdir)
-        if size > self.settings.workdir_quota:
-            raise StorageFull(
-                f"The run left {format_size(size)} in its working directory, more than the "
-                f"quota of {format_size(self.settings.workdir_quota)} (--workdir-quota). "
-                "Nothing was saved: remove files in the commands, or raise the quota."
-            )
-        new_bytes = self._deduplicate(workdir, snapshot)
+            trees.make_owner_accessible(workdir)
+        self._check_quota(self.usage_of(workdir))
+        new = self._deduplicate(workdir, snapshot)
         with self._lock:
-            if self.used + new_bytes > self.settings.max_storage:
-                raise StorageFull(
-                    f"Saving this environment needs {format_size(new_bytes)} more, and the "
-                    f"sandbox already stores {format_size(self.used)} of at most "
-                    f"{format_size(self.settings.max_storage)} (--max-storage). Nothing was "
-                    "saved and nothing was evicted: wait for environments to expire, or raise "
-                    "--max-storage."
-                )
-            self.used += new_bytes
+            self._check_room(new)
+            self.used += new.bytes
+            self.used_inodes += new.inodes + 1
         name = str(uuid_module.uuid4())
         expire = time.time() + self.settings.expiration
         os.chmod(workdir, 0o700)
         if os.stat(workdir).st_dev != os.stat(self.environments).st_dev:
             moved = self.new_staging() / "environment"
-            shutil.copytree(workdir, moved, symlinks=True)
-            shutil.rmtree(workdir)
+            moved.mkdir(mode=0o700)
+            trees.copy_tree(workdir, moved)
+            _remove(workdir)
             workdir = moved
         with self._lock:  # description first: a sweep never sees a directory without one
             self._write_json(self.environments / f"{name}.json", {"expire": expire})
             os.rename(workdir, self.environments / name)
         return name, expire
 
-    def _deduplicate(self, workdir: Path, snapshot: Snapshot) -> int:
-        """Link unchanged files to the base; drop FIFOs and sockets; return the new bytes."""
-        new_bytes = 0
+    def _check_quota(self, used: trees.Usage) -> None:
+        settings = self.settings
+        if used.bytes > settings.workdir_quota:
+            raise StorageFull(
+                f"The run left {format_size(used.bytes)} in its working directory, more than "
+                f"the quota of {format_size(settings.workdir_quota)} (--workdir-quota). "
+                "Nothing was saved: remove files in the commands, or raise the quota."
+            )
+        if used.inodes > settings.workdir_inodes:
+            raise StorageFull(
+                f"The run left {used.inodes} files, folders and links in its working "
+                f"directory, more than the quota of {settings.workdir_inodes} "
+                "(--workdir-inodes). Nothing was saved: remove files in the commands (an "
+                "archive holds many as one), or raise the quota."
+            )
+
+    def _check_room(self, new: trees.Usage) -> None:
+        settings = self.settings
+        if self.used + new.bytes > settings.max_storage:
+            raise StorageFull(
+                f"Saving this environment needs {format_size(new.bytes)} more, and the "
+                f"sandbox already stores {format_size(self.used)} of at most "
+                f"{format_size(settings.max_storage)} (--max-storage). Nothing was "
+                "saved and nothing was evicted: wait for environments to expire, or raise "
+                "--max-storage."
+            )
+        if self.used_inodes + new.inodes + 1 > settings.max_storage_inodes:
+            raise StorageFull(
+                f"Saving this environment needs {new.inodes + 1} more inodes, and the sandbox "
+                f"already stores {self.used_inodes} of at most {settings.max_storage_inodes} "
+                "(--max-storage-inodes). Nothing was saved and nothing was evicted: wait for "
+                "environments to expire, or raise --max-storage-inodes."
+            )
+
+    def _deduplicate(self, workdir: Path, snapshot: Snapshot) -> trees.Usage:
+        """Link unchanged files to the base; drop FIFOs and sockets; return what is new."""
+        new = trees.Usage()
         seen: set[int] = set()
-        for path, relative, entry_stat in list(_walk(workdir)):
-            mode = entry_stat.st_mode
-            if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
-                continue
-            if not stat.S_ISREG(mode):
-                path.unlink()
-                continue
-            recorded = snapshot.files.get(relative)
-            if recorded and recorded[:4] == _identity(entry_stat):
-                temporary = path.with_name(f".{path.name}.sk-link")
-                try:
-                    os.link(recorded[4], temporary)
-                except OSError:  # another file system, or the base is gone: keep the copy
-                    new_bytes += entry_stat.st_size
+        shadow = None
+        if snapshot.base is not None:
+            with contextlib.suppress(OSError):  # the base expired meanwhile: nothing to link
+                shadow = trees.Shadow(snapshot.base)
+        folder = trees.open_folder(workdir)
+        try:
+            for entry in trees.walk(folder, events=True):
+                if shadow is not None:
+                    shadow.follow(entry)
+                info = entry.info
+                if info is None:  # leaving a folder
                     continue
-                os.replace(temporary, path)
-            elif entry_stat.st_ino not in seen:
-                seen.add(entry_stat.st_ino)
-                new_bytes += entry_stat.st_size
-        return new_bytes
+                mode = info.st_mode
+                if not (stat.S_ISDIR(mode) or stat.S_ISLNK(mode) or stat.S_ISREG(mode)):
+                    os.unlink(entry.name, dir_fd=entry.folder)
+                    continue
+                recorded = snapshot.files.get(entry.relative)
+                base_folder = shadow.here if shadow is not None else None
+                if (
+                    stat.S_ISREG(mode)
+                    and recorded == _identity(info)
+                    and base_folder is not None
+                    and _link_to_base(entry, base_folder)
+                ):
+                    continue
+                if not stat.S_ISREG(mode) or info.st_ino not in seen:
+                    seen.add(info.st_ino)
+                    new.inodes += 1
+                    new.bytes += info.st_size if stat.S_ISREG(mode) else 0
+        finally:
+            os.close(folder)
+            if shadow is not None:
+                shadow.close()
+        return new
 
     # -- downloads ----------------------------------------------------------------------------
 
@@ -279,9 +292,12 @@ class Storage:
             os.utime(cached)
             return cached
         temporary = cached.with_suffix(f".{os.urandom(4).hex()}.tmp")
-        with tarfile.open(temporary, "w:gz", compresslevel=1) as archive:
-            for path, relative, _ in _walk(directory):
-                archive.add(path, arcname=relative, recursive=False, filter=_as_student)
+        try:
+            with tarfile.open(temporary, "w:gz", compresslevel=1) as archive:
+                trees.add_to_archive(archive, directory, (1000, "student"))
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
         os.replace(temporary, cached)
         self._trim_cache()
         return cached
@@ -304,27 +320,71 @@ class Storage:
 
 
 def _work_area(root: Path, uid: int) -> Path:
-    """A directory for working directories that ``uid`` can traverse.
+    """This server's folder for working directories, which ``uid`` can traverse.
 
     bubblewrap resolves bind sources as the unprivileged user it runs as, so every parent of a
-    working directory must be searchable by that user. The data dir usually is (mode 0711);
-    under an unsearchable home (``/root``) a root-owned 0711 folder in ``/var/tmp`` on the
-    same file system is used instead, so that saving stays a rename.
+    working directory must be searchable by that user. The data dir usually is (mode 0711):
+    then ``work/<pid>``. Under an unsearchable home (``/root``) the folder is made in
+    ``/var/tmp`` on the same file system (saving stays a rename), with a random name
+    (``mkdtemp``): a folder another user made there in advance is never used, and never
+    stops the server from starting.
     """
-    work = root / "work"
+    shared = _own_folder(root / "work", 0o711)
+    if shared is not None:  # what crashed servers left, whichever way they went
+        for leftover in shared.iterdir():
+            if not _owned_by_live_server(leftover.name):
+                _remove(leftover)
     if uid == os.geteuid() or _searchable(root, uid):
         os.chmod(root, 0o711)
-        work.mkdir(mode=0o711, exist_ok=True)
-        return work
+        if shared is not None:
+            own = _own_folder(shared / str(os.getpid()), 0o711)
+            if own is not None:
+                return own
+        return _new_private_folder(root, "work-")
     tag = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+    prefix = f"sandbox-kernel-work-{tag}-"
     device = os.stat(root).st_dev
-    candidates = [Path(base) / f"sandbox-kernel-work-{tag}" for base in ("/var/tmp", "/tmp")]
-    for candidate in candidates:
+    for base in (Path("/var/tmp"), Path("/tmp")):
         with contextlib.suppress(OSError):
-            if os.stat(candidate.parent).st_dev == device:
-                return _private_area(candidate)
+            if os.stat(base).st_dev == device:
+                _sweep_private_folders(base, prefix)
+                return _new_private_folder(base, prefix)
     log.warning("working directories are on another file system than %s: saving copies", root)
-    return _private_area(candidates[0])
+    _sweep_private_folders(Path("/var/tmp"), prefix)
+    return _new_private_folder(Path("/var/tmp"), prefix)
+
+
+def _own_folder(path: Path, mode: int) -> Path | None:
+    """``path`` as a folder of this user with ``mode``, or None if someone else's is there."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=mode)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        log.warning("%s exists and is not this server's: not using it", path)
+        return None
+    os.chmod(path, mode)
+    return path
+
+
+def _new_private_folder(base: Path, prefix: str) -> Path:
+    """A new folder (0711) with a random name, made atomically: ``<prefix><pid>-<random>``."""
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base))
+    os.chmod(path, 0o711)
+    return path
+
+
+def _sweep_private_folders(base: Path, prefix: str) -> None:
+    """Remove the folders of crashed servers of this user (their pid is in the name)."""
+    with contextlib.suppress(OSError):
+        for entry in base.iterdir():
+            pid = entry.name.removeprefix(prefix).split("-", 1)[0]
+            if not entry.name.startswith(prefix) or not pid.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                info = entry.lstat()
+                mine = stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid()
+                if mine and not Path(f"/proc/{pid}").exists():
+                    _remove(entry)
 
 
 def _owned_by_live_server(name: str) -> bool:
@@ -332,13 +392,34 @@ def _owned_by_live_server(name: str) -> bool:
     return name.isdigit() and int(name) != os.getpid() and Path(f"/proc/{name}").exists()
 
 
-def _private_area(path: Path) -> Path:
-    path.mkdir(mode=0o711, exist_ok=True)
-    info = path.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
-        raise OSError(f"{path} exists and is not this server's: remove it")
-    os.chmod(path, 0o711)
-    return path
+def _stored(environments: Path) -> tuple[int, int]:
+    """Bytes and inodes of all saved environments (a file linked from several once)."""
+    seen: set[int] = set()
+    stored = trees.Usage()
+    for environment in environments.iterdir():
+        if environment.is_symlink() or not environment.is_dir():
+            continue
+        used = trees.usage(environment, seen=seen)
+        stored.bytes += used.bytes
+        stored.inodes += used.inodes + 1  # and the environment's own folder
+    return stored.bytes, stored.inodes
+
+
+def _link_to_base(entry: trees.Entry, base_folder: int) -> bool:
+    """Replace an unchanged copy by a hard link to the base's file; False if it cannot be."""
+    temporary = f".sk-link-{os.urandom(6).hex()}"
+    try:
+        os.link(entry.name, temporary, src_dir_fd=base_folder, dst_dir_fd=entry.folder,
+                follow_symlinks=False)  # fmt: skip
+    except OSError:  # another file system, or the base is gone: keep the copy
+        return False
+    try:
+        os.replace(temporary, entry.name, src_dir_fd=entry.folder, dst_dir_fd=entry.folder)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary, dir_fd=entry.folder)
+        return False
+    return True
 
 
 def _searchable(path: Path, uid: int) -> bool:
@@ -400,72 +481,6 @@ def _younger_than(path: Path, seconds: float) -> bool:
         return False
 
 
-def _make_readable(root: Path) -> None:
-    """Give the owner read (and search) access everywhere (``chmod 000`` by a command).
-
-    A server that is not root would otherwise fail to copy or archive such files later.
-    """
-    os.chmod(root, stat.S_IMODE(root.lstat().st_mode) | 0o700)
-    for directory, subdirectories, files in os.walk(root):
-        for name in subdirectories:
-            path = os.path.join(directory, name)
-            mode = os.lstat(path).st_mode
-            if not stat.S_ISLNK(mode):
-                os.chmod(path, stat.S_IMODE(mode) | 0o700)
-        for name in files:
-            path = os.path.join(directory, name)
-            mode = os.lstat(path).st_mode
-            if stat.S_ISREG(mode):
-                os.chmod(path, stat.S_IMODE(mode) | 0o600)
-
-
-def _as_student(info: tarfile.TarInfo) -> tarfile.TarInfo:
-    info.uid = info.gid = 1000
-    info.uname = info.gname = "student"
-    return info
-
-
-def _walk(root: Path) -> Iterator[tuple[Path, str, os.stat_result]]:
-    """``(path, path relative to root, lstat)`` of every entry, parents before children."""
-    stack = [(root, "")]
-    while stack:
-        directory, prefix = stack.pop()
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                relative = f"{prefix}{entry.name}"
-                entry_stat = entry.stat(follow_symlinks=False)
-                yield Path(entry.path), relative, entry_stat
-                if stat.S_ISDIR(entry_stat.st_mode):
-                    stack.append((Path(entry.path), relative + "/"))
-
-
-def _walk_stats(root: Path) -> Iterator[os.stat_result]:
-    for _, _, entry_stat in _walk(root):
-        yield entry_stat
-
-
-def _copy_file(
-    source: Path, target: Path, source_stat: os.stat_result, uid: int, gid: int
-) -> os.stat_result:
-    """Copy in the kernel (reflinks where the file system has them); returns the copy's stat."""
-    mode = stat.S_IMODE(source_stat.st_mode) | 0o600
-    with open(source, "rb") as src:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        try:
-            remaining = source_stat.st_size
-            while remaining > 0:
-                copied = os.copy_file_range(src.fileno(), fd, remaining)
-                if copied == 0:
-                    break
-                remaining -= copied
-            if uid >= 0:
-                os.fchown(fd, uid, gid)
-            os.utime(fd, ns=(source_stat.st_atime_ns, source_stat.st_mtime_ns))
-            return os.fstat(fd)
-        finally:
-            os.close(fd)
-
-
 def _read_expire(meta: Path) -> float | None:
     try:
         value = json.loads(meta.read_text())["expire"]
@@ -475,11 +490,9 @@ def _read_expire(meta: Path) -> float | None:
 
 
 def _remove(path: Path) -> None:
+    """Remove a file or a tree of any depth (never following links); log what cannot go."""
     try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+        trees.remove(path)
     except OSError as error:
         if error.errno != errno.ENOENT:
             log.warning("could not remove %s: %s", path, error)

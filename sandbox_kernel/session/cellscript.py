@@ -4,14 +4,19 @@ The protocol runs each command as a fresh ``bash -c`` and keeps only files betwe
 feel like a local bash kernel, a cell's script:
 
 1. restores the shell state saved by the previous cell (variables, exported or not, functions,
-   aliases, current directory) from ``.sandbox_kernel/state.sh`` in the environment;
+   aliases, current directory) from ``.sandbox_kernel/state-<random>-<a|b>.sh`` in the
+   environment: only the file the kernel's records say this kernel wrote for that
+   environment (its name is random per kernel session), never a file an upload or a foreign
+   environment could have planted;
 2. runs the cell's code in that same shell, so that ``x=1``, ``cd`` or ``f() {...}`` last;
 3. on exit (an ``EXIT`` trap: normal end, ``exit N``, ``set -e``, a syntax error) writes the
    new state and a bookkeeping file, and exits with the user's own status.
 
 The bookkeeping file is the request's ``result_path``, so it comes back in the same response.
 Its first line is a per-cell nonce: a stale file left by an earlier cell (one that timed out
-before its trap ran) is never taken for this cell's.
+before its trap ran) is never taken for this cell's. Files shown with ``display`` are listed
+from the cell's shell (what ``display`` recorded), never from the folder they are copied to:
+a file planted there by anything else is not shown.
 
 Stdout and stderr are stripped by the server (contract, "Execution semantics"); the script
 frames them with ``\\x02`` ... ``\\x03`` (not whitespace, so not stripped) to keep the cell's
@@ -42,8 +47,9 @@ _BASH_VARIABLES = (
 
 # The whole prologue and exit trap use bash builtins only (no fork in the common path): each
 # fork+exec costs about a millisecond, and this runs for every cell. The state is written to
-# one of two files in turn (state-a.sh, state-b.sh) and the kernel says which one is current,
-# so that a cell killed while saving never leaves a half-written state behind.
+# one of the session's two files in turn (state-<session>-a.sh, -b.sh) and the kernel says
+# which one to restore, so that a cell killed while saving never leaves a half-written state
+# behind; files of other sessions go (one rm) once this session has written its own.
 _PROLOGUE = r"""
 __sk_nonce=@NONCE@
 __sk_environ=' @ENVIRON@ '
@@ -52,12 +58,8 @@ __sk_root=$PWD
 __sk_dir=$PWD/@STATE_DIR@
 __sk_user_exit=
 __sk_state=@STATE@
-if [ -z "$__sk_state" ]; then  # not known (a fresh or reused environment): the newest
-    __sk_state=state-a.sh
-    [ "$__sk_dir/state-b.sh" -nt "$__sk_dir/state-a.sh" ] && __sk_state=state-b.sh
-fi
-__sk_next=state-a.sh
-[ "$__sk_state" = state-a.sh ] && __sk_next=state-b.sh
+__sk_next=@NEXT@
+__sk_shown=()
 [ -d "$__sk_dir" ] || mkdir -p "$__sk_dir"
 [ -d "$__sk_dir/display" ] && rm -rf "$__sk_dir/display"
 
@@ -108,14 +110,7 @@ __sk_save() {
     {
         printf '%s\n#status %s\n#cwd %s\n#state %s\n#display\n' \
             "$__sk_nonce" "$__sk_status" "$__sk_cwd" "$__sk_next"
-        if [ -d "$__sk_dir/display" ]; then
-            __sk_entries=("$__sk_dir"/display/*)
-            for ((__sk_i = 0; __sk_i < ${#__sk_entries[@]}; __sk_i++)); do  # N-name, in order
-                for __sk_name in "$__sk_dir/display/$__sk_i"-*; do
-                    [ -e "$__sk_name" ] && printf '%s\n' "${__sk_name##*/}"
-                done
-            done
-        fi
+        ((${#__sk_shown[@]})) && printf '%s\n' "${__sk_shown[@]}"
         printf '#files\n'
         shopt -s nullglob dotglob
         __sk_entries=(*)
@@ -129,6 +124,17 @@ __sk_save() {
         printf '#aliases\n'
         compgen -a || true
     } >"$__sk_dir/result" 2>/dev/null
+    __sk_entries=("$__sk_dir"/state-*.sh)
+    if ((${#__sk_entries[@]} > 2)); then  # another session's: the kernel's two are kept
+        local -a __sk_old=()
+        for __sk_name in "${__sk_entries[@]}"; do
+            case ${__sk_name##*/} in
+            "$__sk_state" | "$__sk_next") ;;
+            *) __sk_old+=("$__sk_name") ;;
+            esac
+        done
+        rm -f -- "${__sk_old[@]}"
+    fi
     exit "$__sk_status"
 }
 trap __sk_save EXIT
@@ -152,17 +158,17 @@ trap() {  # an EXIT trap of the cell's runs before the state is saved, not inste
     ((${#__sk_others[@]} == 0)) || builtin trap -- "$__sk_action" "${__sk_others[@]}"
 }
 
-display() {  # display FILE...: show files inline below the cell
-    local __sk_file __sk_shown
+display() {  # display FILE...: show files inline below the cell (recorded in this shell)
+    local __sk_file __sk_copy
     [ -d "$__sk_dir/display" ] || mkdir -p "$__sk_dir/display" || return 1
     for __sk_file in "$@"; do
         if [ ! -f "$__sk_file" ]; then
             printf 'display: %s: no such file\n' "$__sk_file" >&2
             return 1
         fi
-        __sk_shown=("$__sk_dir"/display/*)
-        [ -e "${__sk_shown[0]}" ] || __sk_shown=()
-        cp -- "$__sk_file" "$__sk_dir/display/${#__sk_shown[@]}-${__sk_file##*/}" || return 1
+        __sk_copy=${#__sk_shown[@]}-${__sk_file##*/}
+        cp -- "$__sk_file" "$__sk_dir/display/$__sk_copy" || return 1
+        __sk_shown+=("$__sk_copy")
     done
 }
 @ENVIRON_BACKUP@
@@ -174,11 +180,14 @@ printf '\002' >&2
 """
 
 
-def build_script(code: str, nonce: str, environ_names: Iterable[str], state: str | None) -> str:
+def build_script(
+    code: str, nonce: str, environ_names: Iterable[str], state: str | None, next_state: str
+) -> str:
     """The whole cell as one ``bash -c`` script: prologue, then the user's code verbatim.
 
-    ``state`` is the state file the previous cell wrote (its bookkeeping says which); None
-    when unknown, and the script then takes the newer of the two.
+    ``state`` is the state file to restore, one this kernel wrote for the environment (see
+    :mod:`.records`); None restores no shell state. The new state goes to ``next_state``
+    (see :func:`next_state_file`).
     """
     names = sorted(environ_names)
     backup = restore = ""
@@ -191,10 +200,19 @@ def build_script(code: str, nonce: str, environ_names: Iterable[str], state: str
         .replace("@ENVIRON_BACKUP@", backup)
         .replace("@ENVIRON_RESTORE@", restore)
         .replace("@STATE@", shlex.quote(state) if state else "''")
+        .replace("@NEXT@", shlex.quote(next_state))
         .replace("@SKIP@", _BASH_VARIABLES)
         .replace("@STATE_DIR@", STATE_DIR)
     )
     return f"{prologue.lstrip()}{code}\n"
+
+
+def next_state_file(session: str, current: str | None) -> str:
+    """The state file (in ``STATE_DIR``) the next cell of the kernel session ``session`` (a
+    random token) writes: the one of the session's two that is not ``current``."""
+    if current == f"state-{session}-a.sh":
+        return f"state-{session}-b.sh"
+    return f"state-{session}-a.sh"
 
 
 @dataclasses.dataclass

@@ -27,11 +27,13 @@ from .._errors import (
     SandboxProtocolError,
 )
 from ..client import Cancellation, Sandbox
+from . import records
 from .cellscript import (
     DISPLAY_DIR,
     RESULT_PATH,
     Bookkeeping,
     build_script,
+    next_state_file,
     parse_bookkeeping,
     unframe,
 )
@@ -50,6 +52,8 @@ DISPLAY_TYPES = {
 }
 _MAX_DISPLAY = 20 * 1024**2
 _BASH_LINE = re.compile(r"^(\S*bash: )(?:-c: )?line (\d+):", re.MULTILINE)
+#: How ``display`` names its copies: ``<index>-<the file's base name>``.
+_DISPLAY_NAME = re.compile(r"[0-9]+-[^/\x00]+")
 
 BusyCallback = Callable[[int, float, float], object]
 
@@ -123,8 +127,11 @@ class Session:
         #: Per-cell limit in seconds (``%sandbox_timeout``); None: the server's budget.
         self.timeout: float | None = None
         self.state = ShellState()
-        #: The file of ``.sandbox_kernel/`` holding the current shell state (see cellscript).
+        #: The file of ``.sandbox_kernel/`` holding the current shell state: one this kernel
+        #: wrote for the current environment (see cellscript and records), or None.
         self.state_file: str | None = None
+        #: Names this session's state files (random: nothing prepared in advance matches).
+        self._state_token = secrets.token_hex(8)
         self.cells = 0
 
     # -- the environment -------------------------------------------------------------------------
@@ -136,8 +143,12 @@ class Session:
         self.state = ShellState()
         return previous
 
-    def use(self, uuid: str) -> None:
-        """Continue from a saved environment (``%sandbox_use``); raises if it is unknown."""
+    def use(self, uuid: str) -> str:
+        """Continue from a saved environment (``%sandbox_use``); raises if it is unknown.
+
+        Returns the one line to show the user: the shell state comes back only if this
+        kernel's records say it saved it there (see :mod:`.records`).
+        """
         if not protocol.is_uuid(uuid):
             raise ValueError(f"{uuid!r} is not an environment uuid")
         if self.client.check(uuid) == 0:
@@ -145,8 +156,27 @@ class Session:
                 f"environment {uuid} is not on the sandbox at {self.client.url} "
                 "(expired, or never saved there)"
             )
-        self.environment, self.expire, self.state_file = uuid, None, None
+        self.environment, self.expire = uuid, None
+        self.state_file = records.known_state(self.client.url, uuid)
         self.state = ShellState()
+        if self.state_file is not None:
+            return f"The next cell continues from environment {uuid}: its files and shell state."
+        return (
+            f"The next cell continues from environment {uuid} with its files, but not its shell "
+            "state (variables, functions, aliases, directory): this kernel did not save it there."
+        )
+
+    def uploaded(self, environment: str, expire: str | None) -> None:
+        """The environment made by an upload of this session (``%sandbox_upload``) on top of
+        the current one: the next cell continues from it, shell state included (the upload
+        cannot have replaced the state file: archives may not write ``.sandbox_kernel/``, and
+        its name is random)."""
+        self.environment, self.expire = environment, expire
+        self._record_state()
+
+    def _record_state(self) -> None:
+        if self.environment and self.state_file:
+            records.remember_state(self.client.url, self.environment, self.state_file)
 
     def server_timeout(self) -> float | None:
         """The server's ``execute_timeout``, if it tells (cached specifications)."""
@@ -167,7 +197,8 @@ class Session:
         """Run ``code`` as one bash script in the sandbox; never raises for the cell's sake."""
         self.cells += 1
         nonce = secrets.token_hex(8)
-        script = build_script(code, nonce, self.environ, self.state_file)
+        next_state = next_state_file(self._state_token, self.state_file)
+        script = build_script(code, nonce, self.environ, self.state_file, next_state)
         try:
             answer = self._execute(script, cancel, on_busy)
         except Sandbox404 as error:
@@ -185,7 +216,7 @@ class Session:
         except SandboxError as error:
             return CellOutcome(error=_unreachable(error, self))
         prologue_lines = script[: len(script) - len(code) - 1].count("\n")
-        return self._outcome(answer, nonce, prologue_lines)
+        return self._outcome(answer, nonce, next_state, prologue_lines)
 
     def _execute(
         self, script: str, cancel: Cancellation | None, on_busy: BusyCallback | None
@@ -203,7 +234,9 @@ class Session:
             config["environment"] = self.environment
         return self.client.execute(config, cancel=cancel, on_busy=on_busy)
 
-    def _outcome(self, answer: dict[str, Any], nonce: str, offset: int) -> CellOutcome:
+    def _outcome(
+        self, answer: dict[str, Any], nonce: str, next_state: str, offset: int
+    ) -> CellOutcome:
         outcome = CellOutcome(answer=answer)
         if answer.get("environment"):  # saved whatever the outcome (contract)
             self.environment = answer["environment"]
@@ -231,6 +264,8 @@ class Session:
         if added and code != protocol.STATUS_TIMEOUT:
             outcome.notices.append(added)
         book = parse_bookkeeping(answer.get("result"), nonce)
+        if book is not None and book.state != next_state:
+            book = None  # not what this cell's script writes
         if book is None:
             if self.environment:
                 outcome.notices.append(
@@ -243,6 +278,7 @@ class Session:
             outcome.state_saved = True
             self._remember(book)
             outcome.displays = self._fetch_displays(book, outcome)
+        self._record_state()
         return outcome
 
     def _remember(self, book: Bookkeeping) -> None:
@@ -256,15 +292,21 @@ class Session:
         )
 
     def _fetch_displays(self, book: Bookkeeping, outcome: CellOutcome) -> list[Display]:
+        """The files ``display`` recorded in the cell's shell, each within the size the
+        server announced (a server sending more is cut off: the client raises)."""
         displays = []
         for name in book.display:
+            if not _DISPLAY_NAME.fullmatch(name):
+                continue
             original = name.split("-", 1)[-1]
             try:
                 size = self.client.check(self.environment or "", f"{DISPLAY_DIR}/{name}")
                 if size > _MAX_DISPLAY:
                     outcome.notices.append(f"display: {original} is too large to show ({size} B)")
                     continue
-                data = self.client.download(self.environment or "", f"{DISPLAY_DIR}/{name}")
+                data = self.client.download(
+                    self.environment or "", f"{DISPLAY_DIR}/{name}", max_bytes=size
+                )
             except SandboxError as error:
                 outcome.notices.append(f"display: could not fetch {original}: {error}")
                 continue
@@ -372,5 +414,17 @@ def _user_line_numbers(stderr: str, offset: int) -> str:
 
 
 def _drop_timeout_sentence(stderr: str) -> str:
-    """The server's own timeout sentence: the kernel reports the timeout in its own words."""
-    return re.sub(r"\n?Command timed out after [0-9.]+ seconds\n?$", "", stderr)
+    """The server's own timeout sentence: the kernel reports the timeout in its own words.
+
+    It ends stderr, or comes just before the line saying the output was cut."""
+    found = _TIMEOUT_SENTENCE.search(stderr)
+    if found is None:
+        return stderr
+    before, cut = stderr[: found.start()], found.group(1)
+    return f"{before}\n{cut}" if before and cut else before + cut
+
+
+_TIMEOUT_SENTENCE = re.compile(
+    r"\n?Command timed out after [0-9.]+ seconds\n?"
+    r"(\[sandbox\] output cut after [0-9]+ \(--max-output\)|)$"
+)

@@ -8,15 +8,20 @@ client (a requests session is not meant to be shared between threads). Polling k
 one request in flight: the next one starts after the previous one answered, and the interval
 stretches to 1.5 times the last round trip (``usages/`` takes 2 s on the public server). While
 the sandbox is unreachable the wait doubles up to a minute, the panel says so, and it recovers
-by itself. Polling stops when the panel is closed and when the kernel shuts down.
+by itself. Polling stops when the panel is closed and when the kernel shuts down. Whatever a
+round raises (a malformed answer included) is shown and the polling goes on.
+
+HTML widgets render their value as markup in the notebook page, which holds the user's Jupyter
+credentials: every string that comes from the server or the sandbox (specifications, library
+names, file names and contents, errors) is HTML-escaped before it goes into one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
-import dataclasses
 import html
 import logging
 import time
@@ -25,78 +30,43 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from .._errors import SandboxError
+from .._errors import SandboxConnectionError, SandboxError, SandboxTimeout
 from ..client import Sandbox
 from ..magics import operations
-from ..magics.operations import environment_path, library_rows, local_target, matches, write_new
+from ..magics.operations import (
+    LoadSample,
+    environment_path,
+    library_rows,
+    local_target,
+    matches,
+    sample_load,
+    write_new,
+)
 from ..session import mime_type
 from ..session.connection import SandboxContext
 from . import render
 
 log = logging.getLogger(__name__)
 
+__all__ = ["LoadSample", "Poller", "SandboxPanel", "file_html", "history_svg", "sample_load"]
+
 CATEGORIES = ["all", *operations.CATEGORIES]
 _ROWS = 100
 _HISTORY_SECONDS = 300.0
 _MAX_BACKOFF = 60.0
-
-
-@dataclasses.dataclass
-class LoadSample:
-    """The load at one moment: busy / total containers, and the host's CPU and memory."""
-
-    busy: int | None
-    total: int | None
-    cpu: float | None = None
-    memory_used: int | None = None
-    memory_total: int | None = None
-    at: float = dataclasses.field(default_factory=time.time)
-
-    @property
-    def load(self) -> float:
-        if not self.busy or not self.total:
-            return 0.0
-        return max(0.0, min(1.0, self.busy / self.total))
-
-    def line(self) -> render.Bundle:
-        memory = None
-        if self.memory_used is not None:
-            memory = (
-                f"{render.human_bytes(self.memory_used)} / {render.human_bytes(self.memory_total)}"
-            )
-        return render.usage_line(self.load, self.busy, self.total, self.cpu, memory)
-
-
-def sample_load(client: Sandbox, specs: dict[str, Any] | None = None) -> LoadSample:
-    """One load sample: ``usages/`` on 3.x servers, ``specifications/`` counts on 2.x.
-
-    ``specs``: the (cached) specifications, when the caller has them already.
-    """
-    if specs is None:
-        specs = client.cached_specifications()
-    if "host" in specs or "container" in specs:  # 3.x shapes
-        usages = client.usages()
-        host_memory = (specs.get("host") or {}).get("memory") or {}
-        return LoadSample(
-            busy=_int(usages.get("container")),
-            total=_int((specs.get("container") or {}).get("count")),
-            cpu=(usages.get("cpu") or {}).get("usage"),
-            memory_used=_int((usages.get("memory") or {}).get("ram")),
-            memory_total=_int(host_memory.get("ram")),
-        )
-    containers = client.specifications().get("containers") or {}
-    return LoadSample(busy=_int(containers.get("running")), total=_int(containers.get("total")))
-
-
-def _int(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+#: The largest file the Files tab shows (a bigger one is downloaded instead).
+_MAX_SHOWN = 5 * 1024**2
+#: Errors that mean the sandbox is not reachable (as opposed to answering wrongly).
+_UNREACHABLE = (SandboxConnectionError, SandboxTimeout, OSError)
 
 
 class Poller:
     """Calls ``sample`` in a worker thread, one call at a time, until stopped.
 
     ``interval`` is the wish; the real wait is at least 1.5 times the last round trip, and
-    doubles (up to a minute) while ``sample`` fails.
+    doubles (up to a minute) while ``sample`` fails. Whatever goes wrong in a round (a
+    malformed answer, a bug in showing it) goes to ``on_error`` and the polling goes on: a
+    live view must never stop silently.
     """
 
     def __init__(
@@ -136,20 +106,27 @@ class Poller:
             if self.paused:
                 await self._sleep(3600)
                 continue
-            started = time.monotonic()
-            try:
-                sample = await asyncio.to_thread(self.sample)
-            except (SandboxError, OSError) as error:
-                self.failures += 1
-                wait = min(_MAX_BACKOFF, self.interval * 2**self.failures)
-                self.on_error(error, wait)
-            else:
-                self.failures = 0
-                took = time.monotonic() - started
-                wait = max(self.interval, 1.5 * took)
-                self.on_sample(sample, wait)
+            wait = await self._round()
             self.polls += 1
             await self._sleep(wait)
+
+    async def _round(self) -> float:
+        """One sample, shown; returns how long to wait before the next one."""
+        started = time.monotonic()
+        try:
+            sample = await asyncio.to_thread(self.sample)
+            wait = max(self.interval, 1.5 * (time.monotonic() - started))
+            self.on_sample(sample, wait)
+        except Exception as error:  # anything: shown, then the next round after a longer wait
+            self.failures += 1
+            wait = min(_MAX_BACKOFF, self.interval * 2.0 ** min(self.failures, 16))
+            try:
+                self.on_error(error, wait)
+            except Exception:  # showing the error failed too: the log keeps it
+                log.exception("the panel could not show a refresh error: %r", error)
+            return wait
+        self.failures = 0
+        return wait
 
     async def _sleep(self, seconds: float) -> None:
         self._wake.clear()
@@ -269,14 +246,15 @@ class SandboxPanel:
                 "text/html"
             ]
             self.refresh_environment()
-        except SandboxError as error:
-            self.specifications.value = f"<b>Unreachable:</b> {html.escape(str(error))}"
+        except Exception as error:  # shown in the tab, never lost in the event loop
+            self.specifications.value = (
+                f"<b>Could not read the specifications:</b> {_error_html(error)}"
+            )
         try:
             self._libraries = await asyncio.to_thread(self.cache.libraries)
-        except SandboxError as error:
-            self.library_list.value = f"<b>Could not list libraries:</b> {html.escape(str(error))}"
-            return
-        self._filter()
+            self._filter()
+        except Exception as error:
+            self.library_list.value = f"<b>Could not list libraries:</b> {_error_html(error)}"
 
     def _all_facts(self) -> dict[str, Any]:
         return {name: getattr(self.cache, name) for name in (
@@ -316,13 +294,18 @@ class SandboxPanel:
             self.refresh_environment()
 
     def _on_error(self, error: Exception, wait: float) -> None:
-        first = self.connected is not False
-        self.connected = False
-        self.state.value = (
-            f"<b>sandbox unreachable</b> ({html.escape(str(error)[:200])}); "
-            f"retrying in {wait:.0f} s"
-        )
-        if first:
+        if isinstance(error, _UNREACHABLE):
+            what = "sandbox unreachable"
+            changed = self.connected is not False
+            self.connected = False
+        elif isinstance(error, SandboxError):
+            what = "the sandbox's answer could not be used"
+            changed = False
+        else:
+            what = "the load could not be shown"
+            changed = False
+        self.state.value = f"<b>{what}</b> ({_error_html(error, 300)}); retrying in {wait:.0f} s"
+        if changed:
             self.refresh_environment()
 
     def _interval_changed(self, change: dict[str, Any]) -> None:
@@ -346,27 +329,47 @@ class SandboxPanel:
         self._fetching = asyncio.get_running_loop().create_task(self._fetch_file(name, save))
 
     async def _fetch_file(self, name: str, save: bool) -> None:
-        session = self.context.session
         try:
-            remote = environment_path(self.context, name)
-            data = (await asyncio.to_thread(self.client.download, session.environment or "",
-                                            remote)).getvalue()  # fmt: skip
             if save:
-                target = local_target(self.context, ".", name.rsplit("/", 1)[-1], force=False)
+                # Checked before anything is fetched: the notebook's folder, no overwriting.
+                target = local_target(self.context, ".", name.rsplit("/", 1)[-1], False,
+                                      "The panel's Download")  # fmt: skip
+                data = await asyncio.to_thread(self._download, name, None)
                 write_new(target, data, force=False)
                 self.file_view.value = f"Saved to {html.escape(str(target))}"
             else:
+                data = await asyncio.to_thread(self._download, name, _MAX_SHOWN)
                 self.file_view.value = file_html(name, data)
         except Exception as error:  # shown in the panel, never raised into the event loop
-            self.file_view.value = f"<b>{html.escape(str(error))}</b>"
+            self.file_view.value = f"<b>{_error_html(error)}</b>"
+
+    def _download(self, name: str, limit: int | None) -> bytes:
+        environment = self.context.session.environment or ""
+        remote = environment_path(self.context, name)
+        if limit is not None:
+            size = self.client.check(environment, remote)
+            if size > limit:
+                raise ValueError(
+                    f"{name} is {render.human_bytes(size)}, too large to show here (up to "
+                    f"{render.human_bytes(limit)}): use Download, or %sandbox_download."
+                )
+            return self.client.download(environment, remote, max_bytes=limit).getvalue()
+        return self.client.download(environment, remote).getvalue()
+
+
+def _error_html(error: BaseException, limit: int = 2000) -> str:
+    """An error's message for a widget's HTML value: escaped (it may hold a server's text)."""
+    return html.escape(str(error)[:limit] or type(error).__name__)
 
 
 def file_html(name: str, data: bytes) -> str:
-    """A file shown inside the panel (an HTML widget): images inline, text escaped."""
-    bundle = render.file_bundle(name, mime_type(name), data)
-    for mime, value in bundle.items():
-        if mime.startswith("image/") and mime != "image/svg+xml":
-            return f"<img alt='{html.escape(name)}' src='data:{mime};base64,{value}'/>"
+    """A file shown inside the panel (an HTML widget, which renders its value as HTML): images
+    as ``<img>`` from base64 data (SVG included: an image runs no script), anything else as
+    escaped text. The file's name and content never become markup."""
+    mime = mime_type(name)
+    if mime.startswith("image/"):
+        encoded = base64.b64encode(data).decode("ascii")
+        return f'<img alt="{html.escape(name, quote=True)}" src="data:{mime};base64,{encoded}"/>'
     return f"<pre>{html.escape(data.decode('utf-8', errors='replace')[:100_000])}</pre>"
 
 

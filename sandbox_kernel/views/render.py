@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import html
+import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -69,19 +71,96 @@ def text(message: str) -> Bundle:
     return {"text/plain": message}
 
 
+#: Raster images: shown as ``<img>`` from base64, which cannot run anything.
+_RASTER_IMAGES = frozenset({"image/png", "image/jpeg", "image/gif"})
+#: The only link destinations kept in Markdown from the sandbox.
+_SAFE_LINK = re.compile(r"(?:https?://|mailto:)", re.IGNORECASE)
+#: Where a Markdown link destination starts: an inline link or image ``](``, or a reference
+#: definition ``]:``; whitespace (a line break included) may come before the destination.
+_LINK_START = re.compile(r"\]([(:])\s*")
+#: A bare ``ftp://`` URL, which GitHub-flavoured Markdown turns into a link by itself.
+_BARE_FTP = re.compile(r"(?i)\bftp(?=://)")
+
+
 def file_bundle(name: str, mime: str, data: bytes) -> Bundle:
-    """A file of the sandbox, shown inline: images base64-encoded, the rest as text."""
-    if mime.startswith("image/") and mime != "image/svg+xml":
+    """A file of the sandbox, shown inline, in a shape that cannot act in the notebook page.
+
+    The notebook page holds the user's Jupyter credentials, and anything from the sandbox is
+    untrusted: raster images become base64 ``<img>`` data, SVG is sent only as
+    ``image/svg+xml`` (JupyterLab shows it as an image, where scripts never run), HTML only
+    inside a sandboxed frame of its own origin (:func:`isolated_html`), Markdown with its HTML
+    and its unsafe links neutralized (:func:`safe_markdown`), JSON as data, the rest as text.
+    """
+    if mime in _RASTER_IMAGES:
         return {mime: base64.b64encode(data).decode("ascii"), "text/plain": f"<{name}>"}
     decoded = data.decode("utf-8", errors="replace")
+    if mime == "image/svg+xml":
+        return {mime: decoded, "text/plain": f"<{name}>"}
+    if mime == "text/html":
+        return isolated_html(name, decoded)
+    if mime == "text/markdown":
+        return {mime: safe_markdown(decoded), "text/plain": decoded}
     if mime == "application/json":
-        import json
-
         try:
-            return {mime: json.loads(decoded), "text/plain": decoded}
-        except ValueError:
+            return {mime: json.loads(decoded, parse_constant=_no_constant), "text/plain": decoded}
+        except (ValueError, RecursionError):  # not JSON, NaN, nested too deep: shown as text
             return {"text/plain": decoded}
-    return {mime: decoded, "text/plain": decoded if mime == "text/plain" else f"<{name}>"}
+    return {"text/plain": decoded}
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def html_fallback(name: str) -> str:
+    """What is seen instead of a sandbox HTML page where it cannot be shown isolated (an
+    untrusted notebook, a front-end without HTML)."""
+    return (
+        f"[{name}: an HTML page from the sandbox. JupyterLab shows it in an isolated frame "
+        "when the cell runs; in an untrusted notebook it is hidden: run the cell again to see it.]"
+    )
+
+
+def isolated_html(name: str, page: str) -> Bundle:
+    """An HTML page of the sandbox as ``text/html`` holding only a sandboxed ``<iframe>``.
+
+    ``sandbox="allow-scripts"`` without ``allow-same-origin`` gives the page an opaque origin
+    of its own: its scripts run, but it cannot read the notebook page (``parent.document``),
+    its cookies, or call the Jupyter APIs with the user's credentials; no popups, no navigation
+    of the notebook tab. ``srcdoc`` is attribute-escaped, so the page cannot close the
+    attribute or the frame. The fallback sentence inside the frame element is never rendered by
+    a browser that shows the frame; JupyterLab's sanitizer of untrusted notebooks drops the
+    frame and keeps that sentence, which is then what the user sees.
+    """
+    fallback = html_fallback(name)
+    frame = (
+        f'<iframe sandbox="allow-scripts" srcdoc="{html.escape(page, quote=True)}" '
+        f'title="{html.escape(name, quote=True)}" width="100%" height="420" '
+        f'style="border:1px solid #ddd;background:#fff">{html.escape(fallback)}</iframe>'
+    )
+    return {"text/html": frame, "text/plain": fallback}
+
+
+def safe_markdown(text: str) -> str:
+    """Markdown of the sandbox that can only render as text, formatting and safe links.
+
+    ``<``, ``>`` and ``&`` are escaped, so no raw HTML, no angle-bracket autolink and no
+    character reference survives. A link or image destination (inline ``](dest)`` or
+    reference definition ``]: dest``) is kept only when it starts with ``http://``,
+    ``https://`` or ``mailto:``; any other (``javascript:``, ``data:``, relative paths into the
+    Jupyter server...) is broken with a backslash, so that it shows as the plain text it was.
+    Bare ``ftp://`` URLs, which GitHub-flavoured Markdown links by itself, are broken too.
+    """
+    escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+    def neutralize(match: re.Match[str]) -> str:
+        destination = match.string[match.end() : match.end() + 8]
+        if _SAFE_LINK.match(destination):
+            return match.group(0)
+        return "]\\" + match.group(0)[1:]
+
+    escaped = _LINK_START.sub(neutralize, escaped)
+    return _BARE_FTP.sub(lambda match: match.group(0) + "\\", escaped)
 
 
 def _mapping(value: object) -> Mapping[str, Any]:
@@ -89,7 +168,7 @@ def _mapping(value: object) -> Mapping[str, Any]:
 
 
 def isolation_text(isolation: Mapping[str, Any] | None) -> str:
-    if not isolation:
+    if not isolation or not isinstance(isolation, Mapping):
         return UNKNOWN
     if not isolation.get("isolated", False):
         return "NOT ISOLATED (commands can read and write the server's machine)"

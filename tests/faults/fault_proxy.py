@@ -301,7 +301,7 @@ class FaultProxy:
                         self.wfile.flush()
                         self.close_connection = True  # fewer bytes than announced, then EOF
                     else:
-                        self._send_head(status, headers, len(data))
+                        self._send_head(status, headers, _length(self.command, headers, data))
                         if self.command != "HEAD":
                             self.wfile.write(data)
 
@@ -341,3 +341,12 @@ class FaultProxy:
                     self.wfile.write(data)
 
         return Handler
+
+
+def _length(method: str, headers: list[tuple[str, str]], data: bytes) -> int:
+    """The Content-Length to pass on: a HEAD answer has no body but announces the GET's."""
+    if method == "HEAD":
+        for name, value in headers:
+            if name.lower() == "content-length" and value.isdigit():
+                return int(value)
+    return len(data)

@@ -23,7 +23,9 @@ def proxy(server: Server) -> Iterator[FaultProxy]:
 def test_magics_under_faults(
     proxy: FaultProxy, server: Server, start_kernel: StartKernel, tmp_path: Path
 ) -> None:
-    kernel = start_kernel(None, SANDBOX_URL=proxy.url, SANDBOX_TOKEN=server.token or "")
+    kernel = start_kernel(
+        None, cwd=tmp_path, SANDBOX_URL=proxy.url, SANDBOX_TOKEN=server.token or ""
+    )
     assert kernel.run("x=1; echo data > f").status == "ok"
     url = proxy.url.rstrip("/")
 

@@ -202,15 +202,7 @@ class Hostile:
         self.workers = workers
         self.port = urlsplit(server.url).port or 80
         pid = server.pid
-        areas = [
-            server.data_dir / "work" / str(pid),
-            *Path("/var/tmp").glob(f"sandbox-kernel-work-*/{pid}"),
-            *Path("/tmp").glob(f"sandbox-kernel-work-*/{pid}"),
-        ]
-        found = [area for area in areas if area.is_dir()]
-        if not found:
-            pytest.fail(f"cannot find the working directories of server {pid}", pytrace=False)
-        self.work_area = found[0]
+        self.work_area = server.work_area
         self.staging = server.data_dir / "staging" / str(pid)
         self.cgroups = [
             path
@@ -492,8 +484,7 @@ def make_hostile(
         _require_program(program, package)
     args = (*CAPS, *extra)
     workers = int(args[len(args) - 1 - list(reversed(args)).index("--workers") + 1])
-    # A token that cannot start with "-" (argparse would take it for an option).
-    server = start_server(*args, token="t" + secrets.token_urlsafe(24))
+    server = start_server(*args, token=secrets.token_urlsafe(24))
     isolation = server.get("specifications/").json()["container"]["isolation"]
     if not isolation["isolated"] or not isolation["cgroups"]:
         server.stop()

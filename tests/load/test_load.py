@@ -80,19 +80,6 @@ def busy_waits(cell: Cell) -> int:
     return sum("sandbox busy" in m["data"].get("text/plain", "") for m in shown)
 
 
-def work_dirs(server: Server, pid: int) -> Path:
-    """Where the server keeps its runners' working directories (see storage._work_area)."""
-    tag = hashlib.sha1(str(server.data_dir.resolve()).encode()).hexdigest()[:12]
-    areas = [
-        server.data_dir / "work",
-        Path("/var/tmp") / f"sandbox-kernel-work-{tag}",
-        Path("/tmp") / f"sandbox-kernel-work-{tag}",
-    ]
-    found = [area / str(pid) for area in areas if (area / str(pid)).is_dir()]
-    assert len(found) == 1, f"the server's working directories are not in exactly one of {areas}"
-    return found[0]
-
-
 def runner_processes(pid: int) -> list[str]:
     """Command lines of the server's descendants, shortened to what tells them apart."""
     lines = []
@@ -160,7 +147,7 @@ def test_many_kernels_share_a_small_server(
         for _ in range(WARM_UP):
             warm = kernel.run("n=0; echo warm")
             assert (warm.status, warm.stdout) == ("ok", "warm\n"), warm.reply
-    workdirs = work_dirs(server, pid)
+    workdirs = server.work_area
     idle = sorted(["agent", "bwrap", "bwrap"] * WORKERS)
     assert wait_until(lambda: runner_processes(pid) == idle, 10), runner_processes(pid)
     rss_before = rss_kb(pid)
