@@ -123,7 +123,7 @@ def _sandbox(url: str | None, token: str | None) -> Iterator[Any]:
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from ._errors import SandboxError
-    from .discovery import token_from_options
+    from .lab import given_token
 
     words = args.words[1:] if args.words[:1] == ["--"] else args.words
     if not words:
@@ -136,7 +136,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.environment:
         config["environment"] = args.environment
     try:
-        token = token_from_options(args.token, args.token_file)
+        token = given_token(args)
     except ValueError as error:
         print(f"sandbox-kernel run: {error}", file=sys.stderr)
         return 2

@@ -344,17 +344,17 @@ class SandboxPanel:
             self.file_view.value = f"<b>{_error_html(error)}</b>"
 
     def _download(self, name: str, limit: int | None) -> bytes:
+        """The file, no larger than the server announced (a server sending more is cut
+        off, as for ``%sandbox_download``) nor than ``limit``."""
         environment = self.context.session.environment or ""
         remote = environment_path(self.context, name)
-        if limit is not None:
-            size = self.client.check(environment, remote)
-            if size > limit:
-                raise ValueError(
-                    f"{name} is {render.human_bytes(size)}, too large to show here (up to "
-                    f"{render.human_bytes(limit)}): use Download, or %sandbox_download."
-                )
-            return self.client.download(environment, remote, max_bytes=limit).getvalue()
-        return self.client.download(environment, remote).getvalue()
+        size = self.client.check(environment, remote)
+        if limit is not None and size > limit:
+            raise ValueError(
+                f"{name} is {render.human_bytes(size)}, too large to show here (up to "
+                f"{render.human_bytes(limit)}): use Download, or %sandbox_download."
+            )
+        return self.client.download(environment, remote, max_bytes=size).getvalue()
 
 
 def _error_html(error: BaseException, limit: int = 2000) -> str:
