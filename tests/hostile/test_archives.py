@@ -369,6 +369,13 @@ UPLOADS = [
         None,
     ),
     Upload(
+        # 300 folders of 200 characters: a name far beyond PATH_MAX, made one component at
+        # a time (and its implicit folders with it).
+        "control-member-name-beyond-PATH_MAX",
+        lambda m, c: tgz(good(m), (member(f"d{m}/" + ("n" * 200 + "/") * 300 + "bottom"), b"x")),
+        None,
+    ),
+    Upload(
         "control-nested-folders-a-folder-of-its-own-name",
         lambda m, c: tgz(
             (member(f"d{m}/sandbox_kernel/.sandbox_kernel/x"), b"x"),
