@@ -1,7 +1,8 @@
 """sandbox-kernel: notebook cells run as bash in a PremierLangage-protocol code sandbox.
 
-The public surface is small: the client :class:`Sandbox` and its exceptions. They are loaded
-on first use, so that the embedded server (a subpackage) does not import the client.
+The public surface is small: the client :class:`Sandbox`, the typed facts it gives
+(:class:`Specs`, :class:`Load`, :class:`Inventory`) and its exceptions. They are loaded on first
+use, so that the embedded server (a subpackage) does not import the client.
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ if TYPE_CHECKING:
         SandboxProtocolError,
         SandboxTimeout,
     )
+    from ._generations import Inventory, Library, Load, Specs
     from .client import Sandbox
 
 _LAZY = {
+    "Inventory": "._generations",
+    "Library": "._generations",
+    "Load": "._generations",
     "Sandbox": ".client",
     "SandboxConfigError": "._errors",
     "SandboxConnectionError": "._errors",
@@ -30,9 +35,13 @@ _LAZY = {
     "SandboxHTTPError": "._errors",
     "SandboxProtocolError": "._errors",
     "SandboxTimeout": "._errors",
+    "Specs": "._generations",
 }
 
 __all__ = [
+    "Inventory",
+    "Library",
+    "Load",
     "Sandbox",
     "SandboxConfigError",
     "SandboxConnectionError",
@@ -40,6 +49,7 @@ __all__ = [
     "SandboxHTTPError",
     "SandboxProtocolError",
     "SandboxTimeout",
+    "Specs",
     "__version__",
 ]
 

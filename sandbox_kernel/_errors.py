@@ -11,12 +11,35 @@ IDEs see them.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Final
+from collections.abc import Mapping
+from typing import Any, Final, Protocol
 
-if TYPE_CHECKING:
-    import requests
+
+class Answer(Protocol):
+    """An HTTP answer as the client reads it, whatever the transport: a ``requests.Response``
+    has these attributes, and so must the answers of any other transport."""
+
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def reason(self) -> str | None: ...
+    @property
+    def url(self) -> str: ...
+    @property
+    def content(self) -> bytes: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def encoding(self) -> str | None: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    #: Something with a ``method`` (the request that was answered), or None.
+    @property
+    def request(self) -> Any: ...
+
 
 __all__ = [
+    "Answer",
     "Sandbox300",
     "Sandbox301",
     "Sandbox302",
@@ -165,17 +188,18 @@ _CLASS_HINTS: Final[dict[int, str]] = {
 class SandboxHTTPError(SandboxError):
     """The server answered with a status of 300 or more.
 
-    ``response`` is the :class:`requests.Response` (its body is already read), ``status_code``
-    its status. ``message``, when given, replaces the default advice of the status.
+    ``response`` is the answer (a :class:`requests.Response` for the synchronous client; its
+    body is already read), ``status_code`` its status. ``message``, when given, replaces the
+    default advice of the status.
     """
 
-    def __init__(self, response: requests.Response, message: str | None = None) -> None:
+    def __init__(self, response: Answer, message: str | None = None) -> None:
         self.response = response
         self.status_code: int = response.status_code
         super().__init__(_describe(response, message))
 
 
-def _describe(response: requests.Response, advice: str | None) -> str:
+def _describe(response: Answer, advice: str | None) -> str:
     """``"<status> <reason> to <METHOD> <url>: '<body>'. <what to do>"``."""
     status = response.status_code
     request = response.request
@@ -191,7 +215,7 @@ def _describe(response: requests.Response, advice: str | None) -> str:
     return f"{text}. {hint[0].upper()}{hint[1:]}."
 
 
-def body_snippet(response: requests.Response) -> str:
+def body_snippet(response: Answer) -> str:
     """The start of a plain-text body, whitespace squeezed (an HTML error page is long).
 
     Decoded cheaply (no charset guessing over a large body); bad bytes become U+FFFD.

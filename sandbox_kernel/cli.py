@@ -6,10 +6,13 @@ import argparse
 import contextlib
 import shlex
 import sys
-from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .client import Sandbox
+    from .settings import SandboxSettings
 
 #: Exit status of ``run`` when the sandbox itself failed (timeout, lost result...), as
 #: ``timeout(1)`` uses 124 for a timeout.
@@ -22,8 +25,8 @@ def _add_sandbox_options(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument(
         "--url",
-        help="sandbox URL (default: SANDBOX_URL, a local server "
-        "advertised by 'sandbox-kernel serve', else a private embedded one)",
+        help="sandbox URL (default: SANDBOX_URL, a local server advertised by "
+        "'sandbox-kernel serve' or 'lab', else a private embedded one)",
     )
     add_token_options(parser)
 
@@ -60,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the working directory; its uuid is printed on stderr",
     )
-    run.add_argument("--timeout", type=float, help="seconds (capped by the server's budget)")
+    run.add_argument(
+        "--timeout",
+        type=float,
+        help="seconds the command may run (capped by the server's budget); the answer is "
+        "awaited that long plus a margin",
+    )
     run.add_argument("words", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
 
     install = commands.add_parser(
@@ -74,15 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     lab = commands.add_parser(
         "lab",
         help="the whole thing: sandbox, kernelspec and JupyterLab on the notebooks",
-        description="Start the embedded sandbox (unless --url or SANDBOX_URL), install the "
-        "Sandbox kernelspec if missing, and start JupyterLab on notebooks/. Ctrl-C stops all.",
+        description="Use the sandbox of --url, SANDBOX_URL or a local server advertised by "
+        "'serve' or another 'lab' (else start the embedded one and advertise it while lab "
+        "runs), install the Sandbox kernelspec if missing, copy the demo notebooks once into "
+        "sandbox-kernel/notebooks/ of the Jupyter data directory (never overwriting your "
+        "changes) and start JupyterLab there (or on --dir). Ctrl-C, SIGTERM or SIGHUP stop "
+        "JupyterLab, its kernels and the server lab started.",
     )
     add_lab_arguments(lab, demo=False)
     demo = commands.add_parser(
         "demo",
         help="run every notebook headless and say how each went",
-        description="Run every notebook of notebooks/ headless (nbclient) against the sandbox, "
-        "write the executed copies and print one line per notebook.",
+        description="Run the demo notebooks (or every notebook of --notebooks) headless "
+        "(nbclient) against the sandbox, write the executed copies and print one line per "
+        "notebook.",
     )
     add_lab_arguments(demo, demo=True)
     return parser
@@ -106,24 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     return _run(parser, args)
 
 
-@contextlib.contextmanager
-def _sandbox(url: str | None, token: str | None) -> Iterator[Any]:
-    """A client for the configured sandbox; a private embedded server if none is configured."""
-    from .client import Sandbox
-    from .discovery import EmbeddedServer, configured_sandbox
-
-    info = configured_sandbox(url, token)
-    if info is not None:
-        with Sandbox(info.url, token=info.token) as sandbox:
-            yield sandbox
-        return
-    with EmbeddedServer() as server, Sandbox(server.url, token=server.token) as sandbox:
-        yield sandbox
-
-
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from ._errors import SandboxError
+    from ._errors import SandboxConfigError, SandboxError
     from .lab import given_token
+    from .settings import resolve
 
     words = args.words[1:] if args.words[:1] == ["--"] else args.words
     if not words:
@@ -137,16 +136,36 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         config["environment"] = args.environment
     try:
         token = given_token(args)
-    except ValueError as error:
+        resolved = resolve(args.url, token)
+    except (ValueError, SandboxConfigError) as error:  # a token file, a URL, a timeout
         print(f"sandbox-kernel run: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:  # the private embedded server did not start
+        print(f"sandbox-kernel run: {error}", file=sys.stderr)
+        return EXIT_SANDBOX_ERROR
     try:
-        with _sandbox(args.url, token) as sandbox:
+        with contextlib.closing(resolved), _client(resolved.settings, args.timeout) as sandbox:
             response = sandbox.execute(config)
+    except SandboxConfigError as error:  # refused before sending: a usage error
+        print(f"sandbox-kernel run: {error}", file=sys.stderr)
+        return 2
     except (SandboxError, RuntimeError) as error:
         print(f"sandbox-kernel run: {error}", file=sys.stderr)
         return EXIT_SANDBOX_ERROR
     return _report(response)
+
+
+def _client(settings: SandboxSettings, command_timeout: float | None) -> Sandbox:
+    """A client for ``settings`` that waits for the answer at least as long as the command
+    may run (``run --timeout`` is the command's limit, not the client's)."""
+    from ._wire import EXECUTE_MARGIN
+    from .client import Sandbox
+
+    timeout = settings.timeout
+    if command_timeout is not None:
+        timeout = max(timeout, command_timeout + EXECUTE_MARGIN)
+    return Sandbox(settings.url, timeout=timeout, token=settings.token,
+                   timeout_setting=settings.timeout_setting)  # fmt: skip
 
 
 def _report(response: dict[str, Any]) -> int:

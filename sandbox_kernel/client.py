@@ -29,10 +29,7 @@ import heapq
 import http.client
 import io
 import itertools
-import json
-import math
 import os
-import random
 import re
 import socket
 import ssl
@@ -40,8 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
-from typing import Any, Final, Generic, NamedTuple, Protocol, TypeVar, overload
-from urllib.parse import quote, urlsplit
+from typing import Any, Final, Generic, Protocol, TypeVar, overload
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -68,22 +64,45 @@ from ._errors import (
     SandboxError,
     SandboxProtocolError,
     SandboxTimeout,
-    body_snippet,
-    error_for_status,
 )
-from .protocol import (
-    EXECUTE,
-    LIBRARIES,
-    OVERLOADED_TEXT,
-    SPECIFICATIONS,
-    USAGES,
-    environment_path,
-    file_path,
-    is_uuid,
-    validate_config,
+from ._generations import (
+    Inventory,
+    Load,
+    Specs,
+    container_setting,
+    needs_usages,
+    read_inventory,
+    read_load,
+    read_specs,
 )
+from ._wire import (
+    DEFAULT_TIMEOUT_SETTING,
+    Part,
+    announced_size,
+    busy_advice,
+    busy_wait,
+    execute_answer,
+    execute_deadline,
+    execute_form,
+    facts_answer,
+    normalise_url,
+    raise_for_status,
+    resource,
+    timeout_message,
+)
+from .protocol import EXECUTE, LIBRARIES, SPECIFICATIONS, USAGES, is_uuid, validate_config
 
-__all__ = ["Cancellation", "LibrariesDict", "OnBusy", "Sandbox", "cancel_scope", "validate"]
+__all__ = [
+    "Cancellation",
+    "Inventory",
+    "LibrariesDict",
+    "Load",
+    "OnBusy",
+    "Sandbox",
+    "Specs",
+    "cancel_scope",
+    "validate",
+]
 __all__ += _errors.__all__
 
 #: Seconds to wait for any answer, unless an ``execute/`` needs longer (see ``Sandbox.execute``).
@@ -91,11 +110,6 @@ DEFAULT_TIMEOUT: Final = 60.0
 #: Seconds ``execute`` keeps retrying an ``execute/`` answered 503 (no free container).
 DEFAULT_BUSY_BUDGET: Final = 30.0
 
-_BUSY_FIRST_WAIT: Final = 0.25
-_BUSY_MAX_WAIT: Final = 3.0
-#: Added to the server's ``execute_timeout`` for the read timeout of ``execute/``: the server
-#: answers after the commands' budget, plus the time to prepare and save the environment.
-_EXECUTE_MARGIN: Final = 10.0
 #: Largest JSON answer read (``execute/``, ``specifications/``...): ``libraries/`` is ~21 KB,
 #: an ``execute/`` at most the server's output cap (a few MiB); far more is not a sandbox.
 DEFAULT_MAX_JSON: Final = 64 * 1024**2
@@ -408,97 +422,6 @@ def validate(config: object) -> tuple[bool, str]:
     return validate_config(config)
 
 
-# --- Reading specifications/ and libraries/ answers of both generations ---------------------
-
-
-def _section(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    value = raw.get(key)
-    return value if isinstance(value, Mapping) else {}
-
-
-def _is_v3(specs: Mapping[str, Any]) -> bool:
-    """3.x nests everything under ``host`` and ``container``; 2.x is flat (contract)."""
-    return isinstance(specs.get("host"), Mapping) or isinstance(specs.get("container"), Mapping)
-
-
-def _from_host(specs: Mapping[str, Any], key: str) -> Any:
-    host = _section(specs, "host")
-    return host[key] if key in host else specs.get(key)
-
-
-def _from_container(specs: Mapping[str, Any], key: str) -> Any:
-    """A per-container setting: under ``container`` on 3.x, at the top level on 2.x."""
-    container = _section(specs, "container")
-    return container[key] if key in container else specs.get(key)
-
-
-def _text(value: object) -> str | None:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    return None
-
-
-def _mapping(value: object) -> dict[str, Any] | None:
-    return dict(value) if isinstance(value, Mapping) else None
-
-
-def _number(value: object) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return value
-    return None
-
-
-def _integer(value: object) -> int | None:
-    number = _number(value)
-    return int(number) if number is not None and float(number).is_integer() else None
-
-
-def _execute_timeout(specs: Mapping[str, Any]) -> float | None:
-    return _number(_from_container(specs, "execute_timeout"))
-
-
-def _bin(libs: Mapping[str, Any]) -> list[str] | dict[str, Any] | None:
-    value = libs.get("bin")
-    if isinstance(value, list):
-        return [str(item) for item in value]
-    return _mapping(value)
-
-
-def _debian_upstream(version: object) -> str | None:
-    """``"1:12.2.0-14+deb12u1"`` -> ``"12.2.0"``: drop the epoch, the Debian revision and any
-    ``+``/``~`` suffix of the upstream version. ``"?"`` (unknown, contract) gives ``None``.
-    """
-    if not isinstance(version, str) or version.strip() in ("", "?"):
-        return None
-    upstream = re.sub(r"^\d+:", "", version.strip())
-    if "-" in upstream:
-        upstream = upstream.rsplit("-", 1)[0]
-    match = re.match(r"\d+(?:\.\d+)*", upstream)
-    return match.group(0) if match else upstream
-
-
-def _version_reader(key: str, *packages: str) -> Callable[[Mapping[str, Any]], str | None]:
-    """Reads the version of a tool: 2.x names it (``key``); 3.x only lists dpkg packages in
-    ``libraries.system``, so the first package matching one of ``packages`` (regexes, in order
-    of preference) gives it.
-    """
-
-    def read(libs: Mapping[str, Any]) -> str | None:
-        given = _text(libs.get(key))
-        if given is not None:
-            return given
-        system = _section(_section(libs, "libraries"), "system")
-        for pattern in packages:
-            for name, version in system.items():
-                if re.fullmatch(pattern, name) and (found := _debian_upstream(version)):
-                    return found
-        return None
-
-    return read
-
-
 # --- Attribute descriptors ------------------------------------------------------------------
 
 
@@ -552,6 +475,24 @@ class _Library(_Field[_T]):
     endpoint = LIBRARIES
 
 
+def _setting(key: str) -> Callable[[Mapping[str, Any]], Any]:
+    """Reads a per-container setting as the server wrote it (a copy when it is an object)."""
+
+    def read(specs: Mapping[str, Any]) -> Any:
+        value = container_setting(specs, key)
+        return copy.deepcopy(dict(value)) if isinstance(value, Mapping) else None
+
+    return read
+
+
+def _fact(read: Callable[[Specs], _T]) -> Callable[[Mapping[str, Any]], _T]:
+    return lambda specs: read(read_specs(specs))
+
+
+def _tool(name: str) -> Callable[[Mapping[str, Any]], str | None]:
+    return lambda answer: read_inventory(answer).tools.get(name)
+
+
 class LibrariesDict(dict[str, Any]):
     """``Sandbox.libraries``: the ``libraries`` dict of the server (``system``, ``python``,
     ``perl``, ``c``), which can also be called: ``libraries()`` gives the whole answer of
@@ -564,7 +505,8 @@ class LibrariesDict(dict[str, Any]):
     """
 
     def __init__(self, answer: Mapping[str, Any]) -> None:
-        super().__init__(_section(answer, "libraries"))
+        libraries = answer.get("libraries")
+        super().__init__(libraries if isinstance(libraries, Mapping) else {})
         self._answer = answer
 
     def __call__(self) -> dict[str, Any]:
@@ -601,50 +543,45 @@ class Sandbox:
     """
 
     sandbox_version = _Specification(
-        lambda s: _text(_from_host(s, "sandbox_version")), "Version of the sandbox server."
+        _fact(lambda specs: specs.sandbox_version), "Version of the sandbox server."
     )
     docker_version = _Specification(
-        lambda s: _text(_from_host(s, "docker_version")), "Version of Docker on the server."
+        _fact(lambda specs: specs.docker_version), "Version of Docker on the server."
     )
     memory = _Specification(
-        lambda s: _mapping(_from_container(s, "memory")),
+        _setting("memory"),
         "Memory limits of one container (bytes, -1 for none, on 3.x; '100m'-style on 2.x).",
     )
-    cpu = _Specification(
-        lambda s: _mapping(_from_container(s, "cpu")), "CPU limits of one container."
-    )
+    cpu = _Specification(_setting("cpu"), "CPU limits of one container.")
     environ = _Specification(
-        lambda s: _mapping(_from_container(s, "environ")),
+        _setting("environ"),
         "Environment variables of the containers (2.x only, unless a 3.x server adds it).",
     )
     execute_timeout = _Specification(
-        _execute_timeout, "Seconds an execute/ may run (2.x, or our embedded server)."
+        _fact(lambda specs: specs.execute_timeout),
+        "Seconds an execute/ may run (2.x, or our embedded server).",
     )
     expiration = _Specification(
-        lambda s: _integer(_from_container(s, "expiration")),
+        _fact(lambda specs: specs.expiration),
         "Seconds a saved environment is kept (2.x, or our embedded server).",
     )
     isolation = _Specification(
-        lambda s: _mapping(_from_container(s, "isolation")),
+        _setting("isolation"),
         "How our embedded server isolates commands (``container.isolation``); None elsewhere.",
     )
 
-    python3 = _Library(_version_reader("python3", r"python3"), "Version of python3.")
-    python2 = _Library(_version_reader("python2", r"python2", r"python2\.7"), "Version of python2.")
-    java = _Library(
-        _version_reader(
-            "java", r"default-jdk", r"default-jre", r"openjdk-\d+-jdk.*", r"openjdk-\d+-jre.*"
-        ),
-        "Version of Java.",
-    )
-    gcc = _Library(_version_reader("gcc", r"gcc"), "Version of gcc.")
-    gpp = _Library(_version_reader("g++", r"g\+\+"), "Version of g++.")
-    perl = _Library(_version_reader("perl", r"perl"), "Version of perl.")
-    postgres = _Library(
-        _version_reader("postgres", r"postgresql", r"postgresql-\d+"), "Version of PostgreSQL."
-    )
+    python3 = _Library(_tool("python3"), "Version of python3.")
+    python2 = _Library(_tool("python2"), "Version of python2.")
+    java = _Library(_tool("java"), "Version of Java.")
+    gcc = _Library(_tool("gcc"), "Version of gcc.")
+    gpp = _Library(_tool("g++"), "Version of g++.")
+    perl = _Library(_tool("perl"), "Version of perl.")
+    postgres = _Library(_tool("postgres"), "Version of PostgreSQL.")
     libraries = _LibrariesAttribute(LibrariesDict.__doc__ or "")
-    bin = _Library(_bin, "Every executable on the containers' PATH (a list on 3.x).")
+    bin = _Library(
+        lambda answer: read_inventory(answer).raw_executables,
+        "Every executable on the containers' PATH (a list on 3.x).",
+    )
 
     def __init__(
         self,
@@ -656,6 +593,7 @@ class Sandbox:
         on_busy: OnBusy | None = None,
         max_json: int = DEFAULT_MAX_JSON,
         max_download: int = DEFAULT_MAX_DOWNLOAD,
+        timeout_setting: str = DEFAULT_TIMEOUT_SETTING,
     ) -> None:
         if not timeout > 0:
             raise SandboxConfigError(
@@ -670,15 +608,17 @@ class Sandbox:
                 "The token cannot travel in an HTTP header (it is empty, has surrounding "
                 "spaces or line breaks). Give the token exactly as the server expects it."
             )
-        self.url = _base_url(url)
+        self.url = normalise_url(url)
         self.timeout = timeout
+        #: How the user changes ``timeout``, named in the error of a request past it.
+        self.timeout_setting = timeout_setting
         self.busy_budget = busy_budget
         self.on_busy = on_busy
         self.max_json = max_json
         self.max_download = max_download
         self._has_token = token is not None
         self._cache: dict[str, dict[str, Any]] = {}
-        self._session = _session(token)
+        self._http = _http_session(token)
 
     def __repr__(self) -> str:
         token = ", token='***'" if self._has_token else ""
@@ -697,7 +637,7 @@ class Sandbox:
 
     def close(self) -> None:
         """Close the pooled connections."""
-        self._session.close()
+        self._http.close()
 
     # --- Raw endpoints ---
 
@@ -720,7 +660,7 @@ class Sandbox:
     @property
     def generation(self) -> int:
         """3 for a server answering with ``host``/``container`` shapes, 2 for the flat ones."""
-        return 3 if _is_v3(self._category(SPECIFICATIONS)) else 2
+        return self.specs().generation
 
     def usages(self) -> dict[str, Any]:
         """The answer of ``usages/`` (3.x only; ~2 s on the reference server, which samples).
@@ -730,21 +670,44 @@ class Sandbox:
         """
         return self._get_json(USAGES)
 
+    # --- Typed facts ---
+
+    def specs(self, *, refresh: bool = False) -> Specs:
+        """What the server tells of itself, the same for every generation (``None``: it does
+        not tell). Fetched once and kept; ``refresh=True`` asks again."""
+        if refresh:
+            self._forget(SPECIFICATIONS)
+        return read_specs(self._category(SPECIFICATIONS))
+
+    def load(self) -> Load:
+        """The load now: busy/total containers, and the host's CPU and memory when told.
+
+        Asked anew on every call: ``usages/`` on servers that tell the load there (3.x, ~2 s
+        on the public server), else ``specifications/`` (2.x), whose answer is kept as well.
+        """
+        specs = self._category(SPECIFICATIONS)
+        if needs_usages(specs):
+            return read_load(specs, self.usages())
+        specs = self._cache[SPECIFICATIONS] = self._get_json(SPECIFICATIONS)
+        return read_load(specs, None)
+
+    def inventory(self, *, refresh: bool = False) -> Inventory:
+        """What the sandbox has installed (``libraries/``: slow, it starts a container). Fetched
+        once and kept; ``refresh=True`` asks again."""
+        if refresh:
+            self._forget(LIBRARIES)
+        return read_inventory(self._category(LIBRARIES))
+
     @property
     def containers(self) -> dict[str, Any] | None:
-        """``{"total", "running", "available"}`` containers, asked anew on every access.
-
-        2.x tells it in ``specifications/``; 3.x only tells the count there and the busy
-        containers in ``usages/``.
-        """
-        if not _is_v3(self._category(SPECIFICATIONS)):
-            return _mapping(self.specifications().get("containers"))
-        total = _integer(_section(self._category(SPECIFICATIONS), "container").get("count"))
-        running = _integer(self.usages().get("container"))
-        if total is None and running is None:
+        """``{"total", "running", "available"}`` containers, asked anew on every access
+        (:meth:`load`)."""
+        load = self.load()
+        if load.total is None and load.busy is None:
             return None
-        available = None if total is None or running is None else max(total - running, 0)
-        return {"total": total, "running": running, "available": available}
+        known = load.total is not None and load.busy is not None
+        available = max(load.total - load.busy, 0) if known else None  # type: ignore[operator]
+        return {"total": load.total, "running": load.busy, "available": available}
 
     @containers.deleter
     def containers(self) -> None:
@@ -755,11 +718,7 @@ class Sandbox:
 
         Near 1, an ``execute`` is likely to wait for a free container.
         """
-        containers = self.containers or {}
-        total, running = _number(containers.get("total")), _number(containers.get("running"))
-        if not total or total <= 0 or running is None:
-            return 0.0
-        return min(1.0, max(0.0, running / total))
+        return self.load().fraction or 0.0
 
     # --- Environments and files ---
 
@@ -781,8 +740,8 @@ class Sandbox:
             self.max_download if max_bytes is None else max_bytes,
             _DOWNLOAD_CAP_ADVICE if max_bytes is not None else _DEFAULT_DOWNLOAD_CAP_ADVICE,
         )
-        response = self._send("GET", _resource(uuid, path), cap=cap)
-        _raise_for_status(response)
+        response = self._send("GET", resource(uuid, path), cap=cap)
+        raise_for_status(response)
         return io.BytesIO(response.content)
 
     def check(self, uuid: str, path: str | None = None) -> int:
@@ -794,18 +753,8 @@ class Sandbox:
         # The reference server's development HEAD answers carry a body (contract, "observed"):
         # _send closes a HEAD answer unread, which closes its connection instead of pooling
         # it, so that those stray bytes are not read as the next answer.
-        response = self._send("HEAD", _resource(uuid, path))
-        if response.status_code == 404:
-            return 0
-        _raise_for_status(response)
-        length = response.headers.get("Content-Length", "")
-        if not re.fullmatch(r"[0-9]{1,30}", length):  # str.isdigit() takes '²', int() not
-            raise SandboxProtocolError(
-                f"HEAD {response.url} answered {response.status_code} without a valid "
-                f"Content-Length ({length!r}), which the protocol requires. Check that "
-                f"{self.url} is a sandbox server and that no proxy strips the header."
-            )
-        return int(length)
+        response = self._send("HEAD", resource(uuid, path))
+        return announced_size(response, self.url)
 
     # --- Execution ---
 
@@ -839,13 +788,7 @@ class Sandbox:
         ``timeout``, or the server's ``execute_timeout`` plus 10 s when the specifications were
         already fetched and that is longer. The answer is capped by ``max_json``.
         """
-        ok, reason = validate_config(config)
-        if not ok:
-            raise SandboxConfigError(
-                f"Invalid execute config: {reason}. Nothing was sent; fix the config "
-                "(Sandbox.validate(config) checks it)."
-            )
-        form = _form(_config_json(config), _read_archive(environ))
+        form = _requests_form(execute_form(config, _read_archive(environ)))
         budget = self.busy_budget if busy_budget is None else busy_budget
         try:
             response = self._post_until_free(form, budget, on_busy or self.on_busy, cancel)
@@ -855,8 +798,7 @@ class Sandbox:
             if _any_cancelled(_cancellations(cancel)):
                 raise SandboxCancelled(_CANCELLED) from error
             raise
-        _raise_for_status(response)
-        return _json_object(response, self.url)
+        return execute_answer(response, self.url)
 
     def _post_until_free(
         self,
@@ -884,9 +826,9 @@ class Sandbox:
             if response.status_code != 503:
                 return response
             elapsed = time.monotonic() - start
-            wait = min(_busy_wait(attempt), budget - elapsed)
+            wait = min(busy_wait(attempt), budget - elapsed)
             if wait <= 0:
-                raise Sandbox503(response, _busy_advice(response, elapsed, attempt))
+                raise Sandbox503(response, busy_advice(response, elapsed, attempt))
             if on_busy is not None:
                 on_busy(attempt, wait, elapsed)
             if _wait_cancelled(cancellations, wait):
@@ -894,8 +836,8 @@ class Sandbox:
 
     def _execute_read_timeout(self) -> float:
         specs = self._cache.get(SPECIFICATIONS)
-        limit = _execute_timeout(specs) if specs is not None else None
-        return self.timeout if limit is None else max(self.timeout, limit + _EXECUTE_MARGIN)
+        limit = read_specs(specs).execute_timeout if specs is not None else None
+        return execute_deadline(self.timeout, limit)
 
     # --- Transport ---
 
@@ -917,8 +859,7 @@ class Sandbox:
         """The answer of ``endpoint``, checked: fields of the wrong type raise here, naming
         the field, rather than as a ``TypeError`` in whatever displays them."""
         response = self._send("GET", endpoint, cap=self._json_cap)
-        _raise_for_status(response)
-        return _checked(endpoint, _json_object(response, self.url), self.url)
+        return facts_answer(endpoint, response, self.url)
 
     def _send(
         self,
@@ -946,12 +887,12 @@ class Sandbox:
             if exchange.cancelled:
                 raise SandboxCancelled(_cancelled_message(method, url))
             _WATCHDOG.watch(exchange)
-            response = self._session.request(
+            response = self._http.request(
                 method, url, timeout=limit, allow_redirects=method != "POST", stream=True, **kwargs
             )
             _take_body(response, method, cap or self._json_cap, exchange, self.url)
             if exchange.cancelled or exchange.expired:  # an EOF it caused can look like an end
-                raise _ended(exchange, method, url, limit)
+                raise _ended(exchange, method, url, limit, self.timeout_setting)
             return response
         except SandboxError:
             raise
@@ -964,8 +905,8 @@ class Sandbox:
             ValueError,
         ) as exc:
             if exchange.cancelled or exchange.expired:
-                raise _ended(exchange, method, url, limit) from exc
-            raise _translate(exc, method, url, limit) from exc
+                raise _ended(exchange, method, url, limit, self.timeout_setting) from exc
+            raise _translate(exc, method, url, limit, self.timeout_setting) from exc
         finally:
             exchange.finish()
             _CURRENT_EXCHANGE.reset(token)
@@ -1123,11 +1064,13 @@ def _wait_cancelled(cancellations: tuple[Cancellation, ...], seconds: float) -> 
     return True
 
 
-def _ended(exchange: _Exchange, method: str, url: str, timeout: float) -> SandboxError:
+def _ended(
+    exchange: _Exchange, method: str, url: str, timeout: float, setting: str
+) -> SandboxError:
     """The error of an exchange its cancellation or its deadline ended."""
     if exchange.cancelled:
         return SandboxCancelled(_cancelled_message(method, url))
-    return SandboxTimeout(_timeout_message(method, url, timeout))
+    return SandboxTimeout(timeout_message(method, url, timeout, setting))
 
 
 def _cancelled_message(method: str, url: str) -> str:
@@ -1139,146 +1082,10 @@ def _cancelled_message(method: str, url: str) -> str:
     )
 
 
-# --- Checking the answers of specifications/, usages/ and libraries/ -------------------------
-
-
-class _Kind(NamedTuple):
-    """What a field must hold: ``accepts(value)``, described as ``expected``."""
-
-    accepts: Callable[[object], bool]
-    expected: str
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_whole(value: object) -> bool:
-    return _is_number(value) and float(value).is_integer()  # type: ignore[arg-type]
-
-
-_NUMBER = _Kind(_is_number, "a number")
-_WHOLE = _Kind(_is_whole, "a whole number")
-_TEXT = _Kind(lambda value: isinstance(value, str) or _is_number(value), "text")
-_OBJECT = _Kind(lambda value: isinstance(value, Mapping), "an object")
-#: 3.x gives bytes (-1: no limit), 2.x Docker's '100m'-style strings.
-_LIMIT = _Kind(lambda value: isinstance(value, str) or _is_number(value), "a size")
-_NUMBERS = _Kind(
-    lambda value: isinstance(value, list) and all(map(_is_number, value)), "a list of numbers"
-)
-_NAMES = _Kind(
-    lambda value: (
-        isinstance(value, Mapping)
-        or (isinstance(value, list) and all(isinstance(item, str) for item in value))
-    ),
-    "a list of names",
-)
-
-#: A schema maps a field to its kind, or to the schema of the object it must hold; ``"*"``
-#: stands for every field of that object. ``None`` is always accepted: the server does not
-#: tell. Only the fields that the client and the views read are listed.
-_Schema = Mapping[str, "_Kind | _Schema"]
-
-_SIZES: Final[_Schema] = {"*": _NUMBER}
-#: Settings of one container: under ``container`` on 3.x, at the top level on 2.x.
-_CONTAINER_SETTINGS: Final[_Schema] = {
-    "cpu": {"count": _WHOLE, "period": _NUMBER, "shares": _NUMBER, "quota": _NUMBER},
-    "memory": {"ram": _LIMIT, "swap": _LIMIT, "storage": _LIMIT},
-    "environ": _OBJECT,
-    "execute_timeout": _NUMBER,
-    "expiration": _NUMBER,
-    "isolation": _OBJECT,
-}
-_SCHEMAS: Final[Mapping[str, _Schema]] = {
-    SPECIFICATIONS: {
-        **_CONTAINER_SETTINGS,
-        "sandbox_version": _TEXT,
-        "docker_version": _TEXT,
-        "containers": {"total": _WHOLE, "running": _WHOLE, "available": _WHOLE},
-        "host": {
-            "cpu": {"core": _WHOLE, "logical": _WHOLE, "freq_min": _NUMBER, "freq_max": _NUMBER},
-            "memory": {"ram": _NUMBER, "swap": _NUMBER, "storage": _SIZES},
-            "sandbox_version": _TEXT,
-            "docker_version": _TEXT,
-        },
-        "container": {
-            **_CONTAINER_SETTINGS,
-            "count": _WHOLE,
-            "process": _WHOLE,
-            "io": _OBJECT,
-            "working_dir_device": _TEXT,
-        },
-    },
-    USAGES: {
-        "cpu": {"frequency": _NUMBER, "usage": _NUMBER, "usage_avg": _NUMBERS},
-        "memory": {"ram": _NUMBER, "swap": _NUMBER, "storage": _SIZES},
-        "io": _OBJECT,
-        "network": _OBJECT,
-        "process": _WHOLE,
-        "container": _WHOLE,
-    },
-    LIBRARIES: {
-        "libraries": {"*": {"*": _TEXT}},
-        "bin": _NAMES,
-        **dict.fromkeys(("python3", "python2", "java", "gcc", "g++", "perl", "postgres"), _TEXT),
-    },
-}
-
-
-def _checked(endpoint: str, answer: dict[str, Any], base: str) -> dict[str, Any]:
-    """``answer`` if every field its schema lists has the right type; else one
-    :class:`SandboxProtocolError` naming the endpoint and the field."""
-    schema = _SCHEMAS.get(endpoint)
-    if schema is not None:
-        _check_fields(endpoint, answer, schema, "", base)
-    return answer
-
-
-def _check_fields(
-    endpoint: str, value: Mapping[str, Any], schema: _Schema, path: str, base: str
-) -> None:
-    for key, kind in schema.items():
-        keys = list(value) if key == "*" else [key] if key in value else []
-        for name in keys:
-            field, where = value[name], f"{path}{name}"
-            if field is None:
-                continue
-            if isinstance(kind, _Kind):
-                if not kind.accepts(field):
-                    raise _malformed(endpoint, where, field, kind.expected, base)
-            elif isinstance(field, Mapping):
-                _check_fields(endpoint, field, kind, f"{where}.", base)
-            else:
-                raise _malformed(endpoint, where, field, "an object", base)
-
-
-def _malformed(endpoint: str, where: str, value: object, expected: str, base: str) -> SandboxError:
-    shown = repr(value)
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    return SandboxProtocolError(
-        f"{endpoint} answered {where} = {shown}, which is not {expected} as the sandbox "
-        f"protocol says; the client cannot use this answer. Check that {base} is a sandbox "
-        "server (of a version this client knows) and that no proxy in between rewrites its "
-        "answers."
-    )
-
-
 # --- Helpers of the transport ---------------------------------------------------------------
 
 
-def _base_url(url: str) -> str:
-    """``url`` with a trailing slash, so that endpoint paths can be appended (contract)."""
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
-        raise SandboxConfigError(
-            f"{url!r} is not a sandbox URL. Give its base address with the scheme, such as "
-            "'http://127.0.0.1:8000/' (check SANDBOX_URL)."
-        )
-    return url.strip().rstrip("/") + "/"
-
-
-def _session(token: str | None) -> requests.Session:
+def _http_session(token: str | None) -> requests.Session:
     """One session per client: pooled connections, the token on every request, and quick
     retries of GET and HEAD when a connection cannot be opened.
 
@@ -1308,42 +1115,14 @@ def _session(token: str | None) -> requests.Session:
     return session
 
 
-def _resource(uuid: str, path: str | None) -> str:
-    """Path of an environment or of one of its files, quoted so that any name travels."""
-    uuid = quote(uuid, safe="")
-    return environment_path(uuid) if path is None else file_path(uuid, quote(path, safe="/"))
-
-
-def _raise_for_status(response: requests.Response) -> None:
-    if response.status_code >= 300:
-        raise error_for_status(response.status_code)(response)
-
-
-def _json_object(response: requests.Response, base: str) -> dict[str, Any]:
-    """The JSON object of a 2xx answer; anything else breaks the protocol."""
-    try:
-        data = json.loads(response.content)
-    except ValueError:  # not JSON, or not UTF-8
-        data = None
-    if isinstance(data, dict):
-        return data
-    method = response.request.method if response.request is not None else "request"
-    what = "not JSON" if data is None else "JSON but not an object"
-    raise SandboxProtocolError(
-        f"{method} {response.url} answered {response.status_code} with a body that is {what}: "
-        f"{body_snippet(response)!r}. Check that {base} is a sandbox server and that no proxy "
-        "in between rewrites its answers."
-    )
-
-
-def _config_json(config: Mapping[str, Any]) -> str:
-    try:
-        return json.dumps(dict(config), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise SandboxConfigError(
-            f"The config cannot be sent as JSON ({exc}). Nothing was sent; use only strings, "
-            "numbers, booleans, lists and dicts in it."
-        ) from exc
+def _requests_form(parts: list[Part]) -> dict[str, Any]:
+    """The form built by :func:`execute_form`, as ``requests`` takes it."""
+    return {
+        part.name: (part.filename, part.value, part.content_type)
+        if part.filename
+        else (None, part.value)
+        for part in parts
+    }
 
 
 def _read_archive(environ: _BinaryReadable | bytes | None) -> bytes | None:
@@ -1359,31 +1138,9 @@ def _read_archive(environ: _BinaryReadable | bytes | None) -> bytes | None:
     return bytes(data)
 
 
-def _form(config: str, archive: bytes | None) -> dict[str, Any]:
-    """The multipart form of ``execute/``: ``config`` as a plain field, the upload as a file."""
-    form: dict[str, Any] = {"config": (None, config)}
-    if archive is not None:
-        form["environment"] = ("environment.tgz", archive, "application/gzip")
-    return form
-
-
-def _busy_wait(attempt: int) -> float:
-    """Exponential backoff with jitter: 0.25 s, 0.5 s, 1 s... up to 3 s, each one 50-100 %."""
-    ceiling = min(_BUSY_MAX_WAIT, _BUSY_FIRST_WAIT * 2.0 ** min(attempt - 1, 16))
-    return ceiling * random.uniform(0.5, 1.0)
-
-
-def _busy_advice(response: requests.Response, elapsed: float, attempts: int) -> str:
-    busy = response.text.strip() == OVERLOADED_TEXT
-    why = "no container became free" if busy else "the server stayed unavailable"
-    return (
-        f"the sandbox stayed busy for {elapsed:.1f} s ({attempts} attempts; {why}). Try again "
-        "later, allow a longer wait (busy_budget=... on Sandbox or execute), or use a sandbox "
-        "with more containers"
-    )
-
-
-def _translate(exc: BaseException, method: str, url: str, timeout: float) -> SandboxError:
+def _translate(
+    exc: BaseException, method: str, url: str, timeout: float, setting: str
+) -> SandboxError:
     """The :class:`SandboxError` telling what went wrong with ``method url`` and what to do.
 
     ``exc`` comes from ``requests``, or from urllib3 or the socket while the body was read.
@@ -1410,7 +1167,7 @@ def _translate(exc: BaseException, method: str, url: str, timeout: float) -> San
         )
     # A timeout while reading the body reaches us as a ConnectionError wrapping urllib3's.
     if isinstance(exc, requests.exceptions.Timeout) or _in_chain(exc, ReadTimeoutError):
-        return SandboxTimeout(_timeout_message(method, url, timeout))
+        return SandboxTimeout(timeout_message(method, url, timeout, setting))
     if isinstance(
         exc,
         requests.exceptions.ChunkedEncodingError
@@ -1447,20 +1204,6 @@ def _connection_message(exc: BaseException, method: str, url: str, cause: BaseEx
             "retry if needed."
         )
     return f"Cannot reach the sandbox at {url} ({cause}). " + _CHECK_SERVER
-
-
-def _timeout_message(method: str, url: str, timeout: float) -> str:
-    text = (
-        f"The sandbox at {url} did not answer {method} within {timeout:g} s (a deadline for "
-        "the whole answer, headers and body, however slowly it arrives)."
-    )
-    if method == "POST":
-        text += " The commands may still be running on the server, which cannot cancel them."
-    return (
-        text + " If the server is only slow, allow more time: Sandbox(url, timeout=...), or "
-        "SANDBOX_TIMEOUT / c.SandboxKernel.timeout for the kernel (execute/ also gets the "
-        "server's execute_timeout + 10 s once the specifications are known)."
-    )
 
 
 def _never_sent(exc: BaseException) -> bool:

@@ -1,10 +1,11 @@
-"""Finding a sandbox: configuration, a local server advertised in the Jupyter runtime
-directory, or a private embedded server started for the caller.
+"""Local sandbox servers: the ones advertised in the Jupyter runtime directory, token files, and
+a private embedded server started for the caller. Which one a front-end uses is decided in one
+place, :func:`sandbox_kernel.settings.resolve`.
 
 A running ``sandbox-kernel serve`` writes ``sandbox-kernel-server-<pid>.json`` (``{url, token,
-pid}``, mode 0600) into the Jupyter runtime directory, so local clients find it and its token
-without configuration. A private server is not advertised: it belongs to its starter, which
-stops it when done.
+pid, started_by}``, mode 0600) into the Jupyter runtime directory, so local clients find it and
+its token without configuration (``lab`` writes one for the server it starts). A private
+server is not advertised: it belongs to its starter, which stops it when done.
 
 Tokens never travel on a command line, where ``ps`` shows them to every local user: they are
 passed in files readable by their owner only (:func:`read_token_file`, :func:`write_token_file`)
@@ -126,10 +127,15 @@ def token_from_options(token: str | None, token_file: Path | None) -> str | None
     return read_token_file(token_file) if token_file is not None else token
 
 
-def write_advertisement(path: Path, url: str, token: str | None) -> None:
-    """Write ``{url, token, pid}`` readable by the owner only (it holds the token)."""
+def write_advertisement(
+    path: Path, url: str, token: str | None, started_by: str | None = None
+) -> None:
+    """Write ``{url, token, pid, started_by}`` readable by the owner only (it holds the token).
+
+    ``started_by`` names the command that started the server (``"sandbox-kernel lab"``), so
+    that ``%sandbox_status`` can say which local server a kernel uses."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = json.dumps({"url": url, "token": token, "pid": os.getpid()})
+    data = json.dumps({"url": url, "token": token, "pid": os.getpid(), "started_by": started_by})
     fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as file:
         file.write(data)
@@ -141,6 +147,8 @@ class ServerInfo:
     url: str
     token: str | None
     pid: int | None = None
+    #: The command that started it, when its advertisement says (``"sandbox-kernel lab"``).
+    started_by: str | None = None
 
 
 def _alive(pid: int) -> bool:
@@ -156,7 +164,13 @@ def _alive(pid: int) -> bool:
 def read_server_info(path: Path) -> ServerInfo | None:
     try:
         data = json.loads(path.read_text())
-        return ServerInfo(str(data["url"]), data.get("token"), data.get("pid"))
+        started_by = data.get("started_by")
+        return ServerInfo(
+            str(data["url"]),
+            data.get("token"),
+            data.get("pid"),
+            started_by if isinstance(started_by, str) else None,
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -179,35 +193,13 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def open_sandbox(
-    url: str | None = None, token: str | None = None
-) -> tuple[ServerInfo, EmbeddedServer | None]:
-    """The sandbox to use: the configured one, else a private embedded server (started now;
-    the caller stops it)."""
-    info = configured_sandbox(url, token)
-    if info is not None:
-        return info, None
-    server = EmbeddedServer()
-    info = server.start()
-    return ServerInfo(info.url, server.token, info.pid), server
-
-
-def configured_sandbox(url: str | None = None, token: str | None = None) -> ServerInfo | None:
-    """An explicit URL, else ``SANDBOX_URL``/``SANDBOX_TOKEN``, else an advertised server."""
-    token = token or os.environ.get("SANDBOX_TOKEN") or None  # "" means no token
-    if url:
-        return ServerInfo(url, token)
-    if os.environ.get("SANDBOX_URL"):
-        return ServerInfo(os.environ["SANDBOX_URL"], token)
-    servers = advertised_servers()
-    return servers[0] if servers else None
-
-
 class EmbeddedServer:
     """A private ``sandbox-kernel serve`` process: free port, random token, not advertised.
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`. Its log goes to
-    ``log_path`` (a temporary file by default) so that a failure to start can be explained.
+    ``log_path`` so that a failure to start can be explained; by default to a scratch
+    directory that :meth:`stop` removes after a clean stop (no empty
+    ``sandbox-kernel-server-*`` directories pile up in /tmp).
     """
 
     def __init__(
@@ -235,6 +227,7 @@ class EmbeddedServer:
         self.env = env
         self.process: subprocess.Popen[bytes] | None = None
         self.info: ServerInfo | None = None
+        self._keep_log = False
 
     @property
     def url(self) -> str:
@@ -280,7 +273,7 @@ class EmbeddedServer:
                 break
             time.sleep(0.02)
         log_text = self.log_text()
-        self.stop()
+        self.stop(keep_log=True)
         raise RuntimeError(
             f"the embedded sandbox server did not start (log: {self.log_path}):\n{log_text}"
         )
@@ -290,19 +283,30 @@ class EmbeddedServer:
             return self.log_path.read_text(errors="replace")[-4000:]
         return ""
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0, *, keep_log: bool = False) -> None:
         """SIGTERM (the server kills its jobs and cleans up), then SIGKILL if it lingers.
 
-        The token file goes too: the secret does not outlive the server (the log stays)."""
+        The token file goes too: the secret does not outlive the server. The scratch directory
+        goes after a clean stop; a log kept there stays when the server failed (or when
+        ``keep_log``), since an error message names it."""
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        clean = True
+        if process is not None:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            clean = process.returncode == 0
         self.token_file.unlink(missing_ok=True)
+        self.info_file.unlink(missing_ok=True)
+        self._keep_log = self._keep_log or keep_log or not clean  # a later stop() keeps it too
+        if not self._keep_log and self.log_path.parent == self._scratch:
+            self.log_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: the log of a failure stays
+            self._scratch.rmdir()
 
     def __enter__(self) -> EmbeddedServer:
         self.start()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import shlex
 import sys
 from typing import Any
@@ -27,7 +28,8 @@ from IPython.display import publish_display_data
 
 from . import magics
 from .session import CellOutcome
-from .session.connection import IPYTHON_SWITCH, HostPathRefused, SandboxContext
+from .session.connection import IPYTHON_SWITCH, HostPathRefused
+from .session.context import OperationFailed, SandboxContext
 from .views import render
 from .views.render import Bundle
 
@@ -70,10 +72,10 @@ def _adapter(shell: InteractiveShell, magic: magics.Magic) -> Any:
     def run(line: str, cell: str | None = None) -> Any:
         try:
             result = magic.run(context_of(shell), line, cell)
-        except (magics.MagicUsageError, magics.MagicFailed, HostPathRefused) as problem:
+        except (magics.MagicUsageError, OperationFailed, HostPathRefused) as problem:
             raise UsageError(str(problem)) from None
-        if result.script is not None:
-            return _run_cell(shell, result.script)
+        if result.script is not None:  # a teaching cell: its output is shown already
+            return _ShownOutcome(**vars(_run_cell(shell, result.script)))
         if result.view is not None:
             publish_display_data(result.view._repr_mimebundle_())  # type: ignore[no-untyped-call]
             result.view.start()
@@ -85,15 +87,30 @@ def _adapter(shell: InteractiveShell, magic: magics.Magic) -> Any:
 
 
 def _shown(value: Any, bundles: list[Bundle]) -> Any:
-    """``value``, displaying as the magic's bundle when it is the only one (no double output)."""
-    kind = _SHOWN_TYPES.get(type(value))
-    if kind is not None and len(bundles) == 1:
-        shown = kind(value)
-        shown.sandbox_bundle = bundles[0]
-        return shown
+    """``value``, displaying as the magic's bundle when it is the only one: one output, and
+    ``x = %magic`` still gives the value (a dict, a list, a typed fact...)."""
+    if value is not None and len(bundles) == 1:
+        shown = _displaying(value, bundles[0])
+        if shown is not None:
+            return shown
     for bundle in bundles:
         publish_display_data(bundle)  # type: ignore[no-untyped-call]
-    return value
+    return None if bundles else value
+
+
+def _displaying(value: Any, bundle: Bundle) -> Any:
+    """A copy of ``value`` of a subclass that displays as ``bundle``; None if it cannot be."""
+    kind = _SHOWN_TYPES.get(type(value))
+    if kind is not None:
+        shown = kind(value)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        shown_class = type(f"Shown{type(value).__name__}", (_Shown, type(value)), {})
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.init}
+        shown = shown_class(**fields)
+    else:
+        return None
+    object.__setattr__(shown, "sandbox_bundle", bundle)  # frozen dataclasses too
+    return shown
 
 
 class _Shown:
@@ -103,6 +120,14 @@ class _Shown:
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Bundle:
         return dict(self.sandbox_bundle)
+
+
+class _ShownOutcome(CellOutcome):
+    """A teaching cell's outcome (``outcome = %%sandbox_c ...`` gives it), which adds no
+    ``Out[]`` to the notebook: the cell's output was streamed and shown already."""
+
+    def _ipython_display_(self) -> None:
+        pass
 
 
 class ShownDict(_Shown, dict):  # type: ignore[type-arg]
@@ -153,7 +178,7 @@ def _sandbox_cell(shell: InteractiveShell) -> Any:
 
 
 def _run_cell(shell: InteractiveShell, code: str) -> CellOutcome:
-    outcome = context_of(shell).session.run_cell(code)
+    outcome: CellOutcome = context_of(shell).session.run_cell(code)
     for notice in outcome.notices:
         print(notice, file=sys.stderr)
     if outcome.stdout:

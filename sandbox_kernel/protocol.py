@@ -22,6 +22,11 @@ LIBRARIES: Final = "libraries/"
 ENVIRONMENT: Final = "environments/{uuid}/"
 FILE: Final = "files/{uuid}/{path}/"
 
+#: What ``libraries/`` lists under ``libraries`` (contract), in the order shown to users.
+LIBRARY_CATEGORIES: Final = ("system", "python", "perl", "c")
+#: The key of ``libraries/`` that lists the executables on PATH.
+EXECUTABLES: Final = "bin"
+
 #: ``status`` values below zero are errors of the sandbox itself, not of the commands.
 STATUS_OK: Final = 0
 STATUS_UNKNOWN_ERROR: Final = -1

@@ -2,12 +2,17 @@
 
 Every server gets temporary data and runtime directories, and its process table is checked
 when it stops: no command it ran may survive it.
+
+Two tiers: ``pytest -m "not slow"`` runs the fast one (pure modules, the server's application
+and the kernel's handlers in-process, the protocol over loopback, one kernel cell and one
+interrupt through jupyter_client); plain ``pytest`` runs everything. The suites marked
+``slow`` start many processes: the suites of :data:`SLOW_SUITES` (below), and single tests
+marked ``pytest.mark.slow`` where they are.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +23,57 @@ import pytest
 import requests
 
 from sandbox_kernel.discovery import EmbeddedServer
+
+# Re-exported: the suites import these from here (one definition, in helpers.py).
+from .helpers import descendants as descendants
+from .helpers import kernel_env, living, patched_environ
+from .helpers import processes_matching as processes_matching
+from .helpers import wait_until as wait_until
+
+#: Suites (folders and files under tests/) whose every test is slow: each test starts servers,
+#: kernels, JupyterLab, a browser, or attacks the sandbox with many processes of its own.
+#: The one list: files do not mark themselves, so that the fast tier does not import them.
+SLOW_SUITES = frozenset(
+    {
+        "hostile",
+        "faults",
+        "load",
+        "test_cli.py",
+        "test_kernel_suite.py",
+        "test_magics_kernel.py",
+        "test_notebooks.py",
+        "test_panel_browser.py",
+        "test_server_isolation.py",
+    }
+)
+
+
+def _suite(path: Path) -> str | None:
+    """The folder or file directly under tests/ that ``path`` belongs to."""
+    try:
+        return path.relative_to(Path(__file__).parent).parts[0]
+    except (ValueError, IndexError):
+        return None
+
+
+def _fast_tier_only(config: pytest.Config) -> bool:
+    """Whether the run is exactly ``-m "not slow"``, the fast tier."""
+    return " ".join(str(config.getoption("markexpr") or "").split()) == "not slow"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """The fast tier does not even import the slow suites (importing JupyterLab, Playwright
+    and the hostile harness took 6 s of its minute); any other run collects them."""
+    if _fast_tier_only(config) and _suite(collection_path) in SLOW_SUITES:
+        return True
+    return None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests of :data:`SLOW_SUITES` ``slow``."""
+    for item in items:
+        if _suite(item.path) in SLOW_SUITES:
+            item.add_marker(pytest.mark.slow)
 
 
 def _require(program: str, package: str) -> None:
@@ -86,53 +142,6 @@ class Server:
         self.embedded.stop()
 
 
-def processes_matching(marker: str) -> list[int]:
-    """PIDs (host-wide) whose command line contains ``marker``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if marker.encode() in cmdline:
-            found.append(int(entry))
-    return found
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below ``pid`` (by parent links in /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
-def _alive(pids: list[int]) -> list[int]:
-    return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _prerequisites() -> None:
     _require("bwrap", "bubblewrap")
@@ -147,16 +156,8 @@ def jupyter_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
         "JUPYTER_DATA_DIR": str(root / "data"),
         "JUPYTER_CONFIG_DIR": str(root / "config"),
     }
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    os.environ.pop("SANDBOX_URL", None)
-    os.environ.pop("SANDBOX_TOKEN", None)
-    yield env
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with patched_environ(**env, SANDBOX_URL=None, SANDBOX_TOKEN=None):
+        yield env
 
 
 @pytest.fixture(scope="session")
@@ -180,8 +181,8 @@ def start_server(
         process = server.embedded.process
         before = descendants(process.pid) if process is not None else []
         server.stop()
-        assert wait_until(lambda pids=before: not _alive(pids)), (
-            f"processes left behind by the server: {_alive(before)}"
+        assert wait_until(lambda pids=before: not living(pids)), (
+            f"processes left behind by the server: {living(before)}"
         )
 
 
@@ -272,11 +273,10 @@ def start_kernel(kernelspec: str) -> Iterator[Callable[..., KernelSession]]:
     kernels: list[KernelSession] = []
 
     def start(server: Server | None = None, cwd: Path | None = None, **extra: str) -> KernelSession:
-        env = {k: v for k, v in os.environ.items() if k not in ("SANDBOX_URL", "SANDBOX_TOKEN")}
-        if server is not None:
-            env["SANDBOX_URL"] = server.url
-            env["SANDBOX_TOKEN"] = server.token or ""
-        env.update(extra)
+        if server is None:
+            env = kernel_env(**extra)
+        else:
+            env = kernel_env(server.url, server.token or "", **extra)
         kernel = KernelSession(env, cwd)
         kernels.append(kernel)
         return kernel

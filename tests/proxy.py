@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import http.client
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -20,6 +21,9 @@ class CountingProxy:
         #: Bytes added to the body of every GET of ``files/``: a server sending more than
         #: its HEAD announced (its Content-Length tells the truth about what is sent).
         self.inflate = 0
+        #: Seconds to wait before forwarding a request whose path starts with the key (a slow
+        #: ``libraries/`` or ``usages/``, as on the public server).
+        self.delays: dict[str, float] = {}
         self._lock = threading.Lock()
         proxy = self
 
@@ -32,6 +36,10 @@ class CountingProxy:
             def _forward(self) -> None:
                 with proxy._lock:
                     proxy.counts[f"{self.command} {self.path}"] += 1
+                    delay = max(
+                        (s for p, s in proxy.delays.items() if self.path.startswith(p)), default=0
+                    )
+                time.sleep(delay)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 upstream = http.client.HTTPConnection(proxy.target_host, proxy.target_port)

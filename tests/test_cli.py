@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import stat
 import subprocess
@@ -13,26 +12,32 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .conftest import Server, wait_until
+from .helpers import kernel_env
+from .test_lab import public_temp_dir
 
 CLI = [sys.executable, "-m", "sandbox_kernel.cli"]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, timeout=120, env=env or os.environ.copy()
+        [*CLI, *args], capture_output=True, text=True, timeout=120, env=env or kernel_env()
     )
 
 
 def test_run_uses_a_private_embedded_server_by_default(tmp_path: Path) -> None:
-    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
+    env = kernel_env(JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"))
     env["JUPYTER_DATA_DIR"] = str(tmp_path / "data")
-    done = run_cli("run", "--", "echo hello from the sandbox; id -u; pwd", env=env)
+    with public_temp_dir() as temp:
+        done = run_cli("run", "--", "echo hello from the sandbox; id -u; pwd",
+                       env={**env, "TMPDIR": str(temp)})  # fmt: skip
+        left = list(temp.iterdir())
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "hello from the sandbox"
     assert lines[1] != "0"  # not root
     assert lines[2] == "/home/student"
     assert not list((tmp_path / "runtime").glob("sandbox-kernel-server-*.json"))  # not advertised
+    assert left == []  # its scratch directory went with the server
 
 
 def test_run_passes_the_exit_code_and_stderr(server: Server) -> None:
@@ -72,7 +77,7 @@ def test_run_needs_a_command() -> None:
 
 def test_serve_advertises_itself_and_cleans_up(tmp_path: Path) -> None:
     runtime = tmp_path / "runtime"
-    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime), "JUPYTER_DATA_DIR": str(tmp_path)}
+    env = kernel_env(JUPYTER_RUNTIME_DIR=str(runtime), JUPYTER_DATA_DIR=str(tmp_path))
     server = subprocess.Popen(
         [*CLI, "serve", "--port", "0"],
         stdout=subprocess.PIPE,
@@ -142,3 +147,70 @@ def test_token_and_token_file_exclude_each_other(tmp_path: Path) -> None:
         done = run_cli(command, "--token", "t", "--token-file", str(tmp_path / "token"))
         assert done.returncode == 2, (command, done.stderr)
         assert "not allowed with argument" in done.stderr, (command, done.stderr)
+
+
+# -- settings resolved once (settings.resolve), checked at the edge ----------------------------
+
+
+def test_a_malformed_sandbox_url_is_a_usage_error_naming_the_setting(tmp_path: Path) -> None:
+    """run, lab and demo refuse it before starting anything: exit 2, the setting named, no
+    traceback, nothing left in the temporary directory."""
+    temp = tmp_path / "tmp"  # nothing may even try to start a server
+    temp.mkdir()
+    rest = {"run": ["--", "true"], "lab": ["--no-browser"], "demo": ["--output", str(tmp_path)]}
+    for command, words in rest.items():
+        for bad in ("localhost:7000", "http://127.0.0.1:port/", "ftp://127.0.0.1/"):
+            env = kernel_env(SANDBOX_URL=bad, TMPDIR=str(temp),
+                             JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"))  # fmt: skip
+            done = run_cli(command, *words, env=env)
+            assert (done.returncode, "Traceback" in done.stderr) == (2, False), done.stderr
+            assert "SANDBOX_URL" in done.stderr and repr(bad) in done.stderr, done.stderr
+        done = run_cli(command, "--url", "localhost:7000", *words, env=kernel_env(TMPDIR=str(temp)))
+        assert done.returncode == 2 and "check --url" in done.stderr, (command, done.stderr)
+    assert list(temp.iterdir()) == []
+
+
+def test_a_malformed_timeout_is_a_usage_error(server: Server) -> None:
+    env = kernel_env(SANDBOX_URL=server.url, SANDBOX_TOKEN=server.token or "",
+                     SANDBOX_TIMEOUT="soon")  # fmt: skip
+    done = run_cli("run", "--", "true", env=env)
+    assert done.returncode == 2 and "SANDBOX_TIMEOUT=soon" in done.stderr, done.stderr
+
+
+def test_run_waits_as_long_as_its_command_may_run(server: Server) -> None:
+    """``run --timeout`` is the command's limit: the answer is awaited that long (plus a
+    margin) even when the client's own timeout (SANDBOX_TIMEOUT) is shorter."""
+    env = kernel_env(SANDBOX_URL=server.url, SANDBOX_TOKEN=server.token or "",
+                     SANDBOX_TIMEOUT="1")  # fmt: skip
+    done = run_cli("run", "--timeout", "10", "--", "sleep 2; echo done", env=env)
+    assert (done.returncode, done.stdout) == (0, "done\n"), done.stderr
+    # Without --timeout the client's 1 s applies, and the error names the setting.
+    done = run_cli("run", "--", "sleep 3", env=env)
+    assert done.returncode == 125 and "SANDBOX_TIMEOUT" in done.stderr, done.stderr
+
+
+def test_an_embedded_server_leaves_no_scratch_directory_behind() -> None:
+    from sandbox_kernel.discovery import EmbeddedServer
+
+    server = EmbeddedServer("--workers", "1")
+    server.start()
+    scratch = server.log_path.parent
+    assert scratch.name.startswith("sandbox-kernel-server-") and scratch.is_dir()
+    server.stop()
+    assert not scratch.exists()
+    # One that fails to start keeps its log, which the error names (and only that).
+    failed = EmbeddedServer("--workers", "0")
+    try:
+        failed.start()
+    except RuntimeError as error:
+        assert str(failed.log_path) in str(error) and "--workers" in str(error)
+    else:
+        failed.stop()
+        raise AssertionError("a server with --workers 0 started")
+    try:
+        assert [path.name for path in failed.log_path.parent.iterdir()] == ["server.log"]
+        failed.stop()  # again, as a caller's cleanup does: the log stays
+        assert failed.log_path.exists()
+    finally:
+        failed.log_path.unlink()
+        failed.log_path.parent.rmdir()

@@ -48,6 +48,7 @@ def test_library_attributes(sandbox: Sandbox) -> None:
     assert "json" in sandbox.libraries["python"]
 
 
+@pytest.mark.slow  # a server of its own, kept busy for seconds
 def test_usage_counts_busy_runs(start_server: Callable[..., Server]) -> None:
     server = start_server("--workers", "2")
     sandbox = Sandbox(server.url, token=server.token)
@@ -86,6 +87,7 @@ def test_http_errors_are_typed(sandbox: Sandbox, server: Server) -> None:
         Sandbox(server.url, token="wrong").specifications()
 
 
+@pytest.mark.slow  # a server of its own, kept busy for seconds
 def test_busy_server_is_retried_within_the_budget(start_server: Callable[..., Server]) -> None:
     server = start_server("--workers", "1")
     waits: list[float] = []

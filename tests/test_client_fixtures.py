@@ -414,11 +414,19 @@ def test_usage_v3(fake: FakeSandbox) -> None:
     assert fake.count("GET", "/usages/") == 2  # the load is asked anew
 
 
-@pytest.mark.parametrize(("total", "running", "load"), [(0, 0, 0.0), (4, 9, 1.0), (4, -1, 0.0)])
+@pytest.mark.parametrize(("total", "running", "load"), [(0, 0, 0.0), (4, 9, 1.0)])
 def test_usage_is_clamped(fake: FakeSandbox, total: int, running: int, load: float) -> None:
     containers = {"total": total, "running": running, "available": total - running}
     fake.on("GET", "/specifications/", reply(200, {"containers": containers}))
     assert sandbox(fake).usage() == load
+
+
+def test_a_negative_count_is_a_malformed_answer(fake: FakeSandbox) -> None:
+    """One rule for every reader of the load: a count below zero is not a sandbox's answer."""
+    containers = {"total": 4, "running": -1, "available": 5}
+    fake.on("GET", "/specifications/", reply(200, {"containers": containers}))
+    with pytest.raises(SandboxProtocolError, match=r"containers\.running = -1"):
+        sandbox(fake).usage()
 
 
 # --- Environments and files -----------------------------------------------------------------

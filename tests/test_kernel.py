@@ -1,4 +1,8 @@
-"""The Sandbox kernel end to end, through jupyter_client, against real embedded servers."""
+"""The Sandbox kernel end to end, through jupyter_client, against real embedded servers.
+
+Each test starts kernel processes: one cell and one interrupt stay in the fast tier, the rest
+are ``slow`` (the kernel's handlers are tested in-process in ``fast/test_kernel_inprocess.py``).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from sandbox_kernel.client import Sandbox
 
@@ -34,6 +40,7 @@ def test_files_and_shell_state_carry_across_cells(
     assert third.stdout == "\n  indented\n\n"
 
 
+@pytest.mark.slow
 def test_failing_cell_gives_a_readable_error(server: Server, start_kernel: StartKernel) -> None:
     kernel = start_kernel(server)
     cell = kernel.run("echo partial; no_such_command_here")
@@ -49,6 +56,7 @@ def test_failing_cell_gives_a_readable_error(server: Server, start_kernel: Start
     assert kernel.run("echo still here").stdout == "still here\n"
 
 
+@pytest.mark.slow
 def test_timeout_names_the_limit_and_the_next_cell_works(
     start_server: StartServer, start_kernel: StartKernel
 ) -> None:
@@ -64,6 +72,7 @@ def test_timeout_names_the_limit_and_the_next_cell_works(
     assert after.stdout == "yes unset\nwritten-before\n"
 
 
+@pytest.mark.slow
 def test_busy_sandbox_shows_one_waiting_line_then_runs(
     start_server: StartServer, start_kernel: StartKernel
 ) -> None:
@@ -97,11 +106,13 @@ def test_interrupt_ends_the_cell_and_kills_the_command(
     assert kernel.run("echo ${before:-lost}").stdout == "1\n"
 
 
+@pytest.mark.slow
 def test_interrupt_ends_a_magics_request(server: Server, kernelspec: str, tmp_path: Path) -> None:
     """An interrupt ends a magic's request at once, as it ends a cell's: a look-up, a download
     and an upload to a sandbox that never answers (a real proxy holding the request)."""
     from .faults.fault_proxy import HANG, FaultProxy
-    from .hostile.test_page import FolderKernel, kernel_env
+    from .helpers import kernel_env
+    from .hostile.test_page import FolderKernel
 
     (tmp_path / "up.txt").write_text("to upload\n")
     with FaultProxy(server.url) as proxy:
@@ -127,6 +138,7 @@ def test_interrupt_ends_a_magics_request(server: Server, kernelspec: str, tmp_pa
             kernel.stop()
 
 
+@pytest.mark.slow
 def test_server_killed_and_restarted(
     start_server: StartServer, start_kernel: StartKernel, tmp_path: Path
 ) -> None:
@@ -148,6 +160,7 @@ def test_server_killed_and_restarted(
     assert back.stdout == "kept\ncontent\n"
 
 
+@pytest.mark.slow
 def test_expired_environment_is_said_and_replaced(
     start_server: StartServer, start_kernel: StartKernel
 ) -> None:
@@ -161,6 +174,7 @@ def test_expired_environment_is_said_and_replaced(
     assert "is gone from the sandbox" in cell.stderr and "were lost" in cell.stderr
 
 
+@pytest.mark.slow
 def test_restart_starts_a_fresh_environment(server: Server, start_kernel: StartKernel) -> None:
     kernel = start_kernel(server)
     kernel.run("x=1; touch f")
@@ -169,6 +183,7 @@ def test_restart_starts_a_fresh_environment(server: Server, start_kernel: StartK
     assert kernel.run("echo ${x:-unset}; ls").stdout == "unset\n"
 
 
+@pytest.mark.slow
 def test_reopened_notebook_is_told_how_to_continue(
     server: Server, start_kernel: StartKernel
 ) -> None:
@@ -185,6 +200,7 @@ def test_reopened_notebook_is_told_how_to_continue(
     assert cell.stdout == ""  # a fresh environment until the user asks
 
 
+@pytest.mark.slow
 def test_display_shows_images(server: Server, start_kernel: StartKernel) -> None:
     kernel = start_kernel(server)
     logo = Path(__file__).parent.parent / "kernelspec" / "logo-32x32.png"
@@ -194,6 +210,7 @@ def test_display_shows_images(server: Server, start_kernel: StartKernel) -> None
     assert shown["data"]["image/png"] == png.decode()
 
 
+@pytest.mark.slow
 def test_completion_and_inspection_use_the_carried_state(
     server: Server, start_kernel: StartKernel
 ) -> None:
@@ -211,6 +228,7 @@ def test_completion_and_inspection_use_the_carried_state(
     assert "not found in the sandbox" in missing["data"]["text/plain"]
 
 
+@pytest.mark.slow
 def test_default_is_a_private_embedded_server(start_kernel: StartKernel, tmp_path: Path) -> None:
     before = set(processes_matching("--exit-with-parent"))
     kernel = start_kernel(None, JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"))
@@ -223,12 +241,14 @@ def test_default_is_a_private_embedded_server(start_kernel: StartKernel, tmp_pat
     assert wait_until(lambda: not started & set(processes_matching("--exit-with-parent")), 15)
 
 
+@pytest.mark.slow
 def test_banner_says_not_isolated(start_server: StartServer, start_kernel: StartKernel) -> None:
     server = start_server("--isolation", "none", "--workers", "1")
     kernel = start_kernel(server)
     assert "NOT ISOLATED" in kernel.client.kernel_info(reply=True)["content"]["banner"]
 
 
+@pytest.mark.slow
 def test_shell_options_and_exit_traps_of_the_cell_are_respected(
     server: Server, start_kernel: StartKernel
 ) -> None:
@@ -244,6 +264,7 @@ def test_shell_options_and_exit_traps_of_the_cell_are_respected(
     assert "shell state" not in after.stderr
 
 
+@pytest.mark.slow
 def test_an_internal_error_still_gets_a_reply(server: Server, start_kernel: StartKernel) -> None:
     kernel = start_kernel(server)
     cell = kernel.run('%%c --args "it\'s"\nint main(void) { return 0; }')

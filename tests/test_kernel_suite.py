@@ -3,26 +3,20 @@ embedded server."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import jupyter_kernel_test as jkt
 import pytest
 
 from .conftest import Server
+from .helpers import sandbox_environ
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _sandbox(server: Server, kernelspec: str) -> Iterator[None]:
     """The suite starts its kernel in setUpClass, from this process's environment."""
-    saved = {name: os.environ.get(name) for name in ("SANDBOX_URL", "SANDBOX_TOKEN")}
-    os.environ["SANDBOX_URL"], os.environ["SANDBOX_TOKEN"] = server.url, server.token or ""
-    yield
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with sandbox_environ(server.url, server.token):
+        yield
 
 
 class TestSandboxKernel(jkt.KernelTests):

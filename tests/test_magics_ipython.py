@@ -11,10 +11,13 @@ from typing import Any
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.testing.globalipapp import start_ipython
+from IPython.utils.capture import capture_output
 
+from sandbox_kernel.client import Specs
 from sandbox_kernel.session import CellOutcome
 
 from .conftest import Server
+from .helpers import sandbox_environ
 
 
 @pytest.fixture(scope="module")
@@ -33,23 +36,17 @@ def local(folder: Path, request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture(scope="module")
 def shell(server: Server, folder: Path) -> Iterator[InteractiveShell]:
-    saved = {name: os.environ.get(name) for name in ("SANDBOX_URL", "SANDBOX_TOKEN")}
-    os.environ["SANDBOX_URL"], os.environ["SANDBOX_TOKEN"] = server.url, server.token or ""
-    ip = start_ipython()
-    assert ip is not None
-    previous = os.getcwd()
-    os.chdir(folder)
-    try:
-        ip.run_line_magic("load_ext", "sandbox_kernel")
-    finally:
-        os.chdir(previous)
-    yield ip
-    ip.run_line_magic("unload_ext", "sandbox_kernel")
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with sandbox_environ(server.url, server.token):
+        ip = start_ipython()
+        assert ip is not None
+        previous = os.getcwd()
+        os.chdir(folder)
+        try:
+            ip.run_line_magic("load_ext", "sandbox_kernel")
+        finally:
+            os.chdir(previous)
+        yield ip
+        ip.run_line_magic("unload_ext", "sandbox_kernel")
 
 
 def run(shell: InteractiveShell, code: str) -> Any:
@@ -74,13 +71,13 @@ def test_sandbox_cells_carry_environment_and_shell_state(
 
 def test_magics_return_python_objects(shell: InteractiveShell) -> None:
     specs = shell.run_line_magic("sandbox_specs", "")
-    assert isinstance(specs, dict) and "container" in specs
+    assert isinstance(specs, Specs) and specs.containers and specs.containers > 0
     assert "isolation" in specs._repr_mimebundle_()["text/plain"]
     load = shell.run_line_magic("sandbox_usage", "")
     assert isinstance(load, float) and 0.0 <= load <= 1.0
     assert "load" in load._repr_mimebundle_()["text/plain"]
     found = shell.run_line_magic("sandbox_libraries", "bash --category bin")
-    assert ("bin", "bash", "") in found
+    assert ("bin", "bash") in [(row.category, row.name) for row in found]
     status = shell.run_line_magic("sandbox_status", "")
     assert status["url"] == os.environ["SANDBOX_URL"]
     environ = shell.run_line_magic("sandbox_env", "COURSE=intro")
@@ -107,6 +104,8 @@ def test_teaching_cells_keep_ipythons_own_names(shell: InteractiveShell) -> None
     assert java.stdout == "j\n"
     assert shell.run_cell_magic("sandbox_python3", "", "print(6 * 7)").stdout == "42\n"
     assert shell.run_cell_magic("sandbox_perl", "", "print 1+1").stdout == "2"
+    # The outcome is there for a script, but a notebook gets no Out[] line for it.
+    assert shell.display_formatter.format(outcome) == ({}, {})
     # IPython's own %%python3, %%perl and %%bash still run locally.
     for name in ("python3", "perl", "bash"):
         magic = shell.find_cell_magic(name)
@@ -147,6 +146,16 @@ def test_download_and_upload(shell: InteractiveShell, local: Path) -> None:
     )
     assert Path(saved).read_text() == "result\n"
     assert Path(saved).parent == local.resolve()
+    # --show: the file, once (one display, and the value displays as nothing more).
+    with capture_output() as captured:
+        result = shell.run_cell(
+            f"%sandbox_download /home/student/out.txt --to {local} --show --force"
+        )
+    shown = [*captured.outputs, *([result.result] if result.result is not None else [])]
+    assert len(shown) == 1, shown
+    assert "result" in str(
+        shown[0]._repr_mimebundle_() if hasattr(shown[0], "_repr_mimebundle_") else shown[0].data
+    )
 
 
 def test_connect_reset_use_help_and_cpp(

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from .conftest import KernelSession, Server
-from .hostile.test_page import FolderKernel, kernel_env
+from .helpers import kernel_env
+from .hostile.test_page import FolderKernel
 
 StartKernel = Callable[..., KernelSession]
 
@@ -64,14 +65,18 @@ def test_timeout_magic(kernel: KernelSession) -> None:
 
 def test_specs_libraries_usage_status_help(kernel: KernelSession) -> None:
     specs = shown(kernel.run("%sandbox_specs"))
-    for row in ("isolation", "bubblewrap", "execute timeout", "10 s", "environment expiration"):
+    for row in ("isolation", "bubblewrap", "time per run", "10 s", "environments kept for"):
         assert row in specs
     assert "bubblewrap" in shown(kernel.run("%sandbox_specs --refresh"))
     libraries = kernel.run("%sandbox_libraries bash --category bin")
     assert libraries.of_type("display_data")[0]["data"]["text/html"].count("<tr>") >= 2
-    assert re.search(r"^bin\s+bash$", shown(libraries), re.MULTILINE)
+    assert re.search(r"^executables\s+bash$", shown(libraries), re.MULTILINE)
     assert shown(libraries).splitlines()[0].endswith("matches")
-    assert "python" in shown(kernel.run("%sandbox_libraries json --category python"))
+    assert re.search(
+        r"^Python modules\s+json",
+        shown(kernel.run("%sandbox_libraries json --category python")),
+        re.MULTILINE,
+    )
     bad = kernel.run("%sandbox_libraries --category fortran")
     assert bad.reply["ename"] == "UsageError" and "invalid choice" in bad.reply["evalue"]
     assert "load " in shown(kernel.run("%sandbox_usage")) and "/4 busy" in shown(

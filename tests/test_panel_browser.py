@@ -37,7 +37,8 @@ from typing import Any
 import pytest
 import requests
 
-from .conftest import Server, _alive, descendants, wait_until
+from .conftest import Server, descendants, wait_until
+from .helpers import kernel_env, living
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -164,9 +165,7 @@ def lab(
     ]
     if os.geteuid() == 0:  # containers and CI run as root; JupyterLab refuses without this
         command.append("--allow-root")
-    env = dict(os.environ, **jupyter_dirs)
-    env["SANDBOX_URL"] = server.url
-    env["SANDBOX_TOKEN"] = server.token or ""
+    env = kernel_env(server.url, server.token or "", **jupyter_dirs)
     log = (home / "jupyterlab.log").open("wb")
     process = subprocess.Popen(
         command, env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
@@ -198,13 +197,13 @@ def lab(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=10)
-        left = _alive(before)
-        if left and not wait_until(lambda: not _alive(before), timeout=10):
-            for pid in _alive(before):
+        left = living(before)
+        if left and not wait_until(lambda: not living(before), timeout=10):
+            for pid in living(before):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         log.close()
-        assert not _alive(before), f"processes left behind by JupyterLab: {_alive(before)}"
+        assert not living(before), f"processes left behind by JupyterLab: {living(before)}"
 
 
 @pytest.fixture(scope="module")
@@ -335,6 +334,33 @@ def screenshot(page: Any, name: str) -> Path:
     return path
 
 
+#: Where the documentation's screenshots live; the panel test refreshes them there when
+#: SANDBOX_KERNEL_UPDATE_DOCS=1 (otherwise they go to tests/artifacts/ only, and a test run
+#: leaves the repository unchanged).
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def photograph(element: Any, name: str) -> Path:
+    """Screenshot one element (a cell with its output) as ``tests/artifacts/<name>.png``, and
+    as ``docs/<name>.png`` when SANDBOX_KERNEL_UPDATE_DOCS=1; returns the artifact's path."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    element.scroll_into_view_if_needed()
+    element.screenshot(path=str(path), animations="disabled")
+    if os.environ.get("SANDBOX_KERNEL_UPDATE_DOCS") == "1":
+        (DOCS / f"{name}.png").write_bytes(path.read_bytes())
+    return path
+
+
+def hide_left_sidebar(page: Any) -> None:
+    """Collapse JupyterLab's left sidebar (the file browser), so that the notebook, and the
+    panel with it, takes the page's width."""
+    current = page.locator("#jp-left-stack:not(.lm-mod-hidden)")
+    if current.count():
+        page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab.lm-mod-current").first.click()
+        current.wait_for(state="hidden")
+
+
 # -- tests ------------------------------------------------------------------------------------
 
 
@@ -372,20 +398,25 @@ def test_two_notebooks_in_two_tabs(lab: Lab, new_page: Callable[[], Any]) -> Non
 
 
 def test_panel_in_the_browser(lab: Lab, new_page: Callable[[], Any]) -> None:
-    """%sandbox_panel in JupyterLab: every tab shows real values, the library search filters
-    as one types, and the load moves while another notebook runs cells."""
+    """%sandbox_panel in JupyterLab: every tab shows real values in human form, the Libraries
+    tab starts on the tools and categories with its search box focused and filters as one
+    types, and the load (gauge, chart) moves while another notebook runs a cell. Each tab is
+    photographed (docs/panel-*.png with SANDBOX_KERNEL_UPDATE_DOCS=1)."""
     from playwright.sync_api import expect
 
-    write_notebook(lab, "panel", ["echo seed > seed.txt", "%sandbox_panel --interval 0.5"])
-    write_notebook(lab, "busy", ["sleep 4; echo busy done"])
+    write_notebook(lab, "panel", ["mkdir -p project && cd project && echo seed > seed.txt",
+                                  "%sandbox_panel --interval 0.5"])  # fmt: skip
+    write_notebook(lab, "busy", ["sleep 8; echo busy done"])
     page = open_notebook(new_page(), lab, "panel")
+    hide_left_sidebar(page)
     run_all(page)
     panel = notebook_panel(page)
     tabs = panel.locator(".lm-TabBar-tab, .p-TabBar-tab")
     tabs.first.wait_for(timeout=30_000)
     titles = [title.strip() for title in tabs.all_inner_texts()]
-    for title in ("Overview", "Specifications", "Libraries", "Load", "Files"):
-        assert title in titles, titles
+    assert titles == ["Overview", "Specifications", "Libraries", "Load", "Files"], titles
+    cell = panel.locator(".jp-CodeCell").nth(1)
+    assert panel.locator(".widget-hprogress, .widget-progress").count() == 1  # one gauge
 
     def show(title: str) -> Any:
         panel.locator(".lm-TabBar-tab, .p-TabBar-tab", has_text=title).first.click()
@@ -393,26 +424,56 @@ def test_panel_in_the_browser(lab: Lab, new_page: Callable[[], Any]) -> None:
         return panel.locator(".widget-tab-contents > :not(.lm-mod-hidden):not(.p-mod-hidden)").first
 
     contents = show("Overview")
-    expect(contents).to_contain_text("sandbox version", timeout=20_000)
     expect(contents).to_contain_text("3.0.3+sandbox-kernel", timeout=20_000)
     expect(contents).to_contain_text("connected", timeout=20_000)
-    expect(show("Specifications")).to_contain_text("bubblewrap", timeout=20_000)
+    expect(contents).to_contain_text("expires in 1 day")
+    expect(contents).to_contain_text("/4 busy", timeout=20_000)
+    expect(contents).not_to_contain_text("unknown")
+    photograph(cell, "panel-overview")
+    specifications = show("Specifications")
+    expect(specifications).to_contain_text("bubblewrap", timeout=20_000)
+    expect(specifications).to_contain_text("environments kept for")
+    for absent in ("unknown", "Docker", "days ("):
+        expect(specifications).not_to_contain_text(absent)
+    photograph(cell, "panel-specifications")
+
     libraries = show("Libraries")
-    expect(libraries).to_contain_text("matches", timeout=30_000)
-    before = libraries.locator("caption").first.inner_text()
-    libraries.locator("input[type=text]").first.fill("bash")
-    expect(libraries.locator("caption").first).not_to_have_text(before, timeout=10_000)
+    search = libraries.locator("input[type=text]").first
+    expect(search).to_be_focused(timeout=10_000)  # ready to type
+    expect(libraries).to_contain_text("Main tools", timeout=30_000)
+    expect(libraries).to_contain_text("entries installed")
+    expect(libraries.locator(".widget-toggle-button", has_text="executables · ")).to_be_visible()
+    photograph(cell, "panel-libraries")
+    page.keyboard.type("gcc")
+    expect(libraries.locator("caption").first).to_contain_text("matches", timeout=10_000)
+    gcc = libraries.locator("tr", has=page.locator("td", has_text=re.compile("^executables$")))
+    expect(gcc.filter(has=page.locator("td", has_text=re.compile(r"^gcc$")))).to_contain_text(
+        re.compile(r"gcc\s*\d+\.\d+")
+    )  # an executable with its version
+    search.fill("bash")
+    expect(libraries.locator("caption").first).not_to_contain_text("gcc", timeout=10_000)
     expect(libraries).to_contain_text("bash")
-    after = int(libraries.locator("caption").first.inner_text().split()[0])
-    assert after < int(before.split()[0])
+    expect(libraries).not_to_contain_text("?")
+
     files = show("Files")
-    expect(files).to_contain_text("seed.txt", timeout=10_000)
+    expect(files).to_contain_text("Files in /home/student/project", timeout=10_000)
+    expect(files).to_contain_text("seed.txt")
+    files.locator("select option", has_text="seed.txt").click()
+    files.locator("button", has_text="Show").click()
+    expect(files.locator("pre")).to_have_text("seed\n", timeout=10_000)
+    photograph(cell, "panel-files")
+
     load = show("Load")
     expect(load).to_contain_text("0/4 busy", timeout=20_000)
+    expect(load.locator("svg text", has_text="now")).to_be_visible()
+    expect(load.locator("svg text", has_text="100%")).to_be_visible()
     busy = open_notebook(new_page(), lab, "busy")
     start_run_all(busy)
     page.bring_to_front()
     expect(load).to_contain_text("1/4 busy", timeout=20_000)
+    expect(load.locator("svg text", has_text="1/4 busy")).to_be_visible()
+    page.wait_for_timeout(3000)  # a few samples at 25 % in the chart
+    photograph(cell, "panel-load")
     screenshot(page, "panel")
     wait_until_run(busy)
     expect(load).to_contain_text("0/4 busy", timeout=20_000)

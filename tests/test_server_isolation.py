@@ -32,6 +32,7 @@ from sandbox_kernel.archive import build_archive
 from sandbox_kernel.discovery import advertisement_path
 
 from .conftest import Server, descendants, processes_matching, wait_until
+from .helpers import living
 
 MAIN_ARGS = (
     "--workers",
@@ -558,18 +559,6 @@ def test_shutdown_kills_running_commands(start_server: Callable[..., Server]) ->
     stopper.join(15)
     exit_time = time.monotonic() - started
 
-    def survivors() -> list[int]:
-        """Live processes of the old tree (zombies waiting for init to reap them are dead)."""
-        alive = []
-        for child in tree:
-            try:
-                state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (OSError, IndexError):
-                continue
-            if state != "Z":
-                alive.append(child)
-        return alive
-
     problems = []
     if not marker_gone:
         problems.append(f"the command still ran {marker_time:.1f} s after SIGTERM")
@@ -578,8 +567,8 @@ def test_shutdown_kills_running_commands(start_server: Callable[..., Server]) ->
             f"the server ended {exit_time:.1f} s after SIGTERM with status {process.returncode}"
             " (negative: killed by Server.stop's SIGKILL fallback)"
         )
-    if not wait_until(lambda: not survivors(), 5):
-        problems.append(f"processes of the server's tree left behind: {survivors()}")
+    if not wait_until(lambda: not living(tree), 5):
+        problems.append(f"processes of the server's tree left behind: {living(tree)}")
     if info_file.exists() or advertisement_path(pid).exists():
         problems.append("the info / advertisement file was not removed")
     assert not problems, "; ".join(problems)
@@ -618,3 +607,20 @@ def test_permissions_taken_away_by_a_command_do_not_break_the_environment(
     again = server.run("chmod 700 d; ls d; echo ok", environment=first["environment"], save=True)
     assert again["execution"][0]["stdout"] == "in\nok"
     assert server.get(f"environments/{again['environment']}/").status_code == 200
+
+
+def test_isolation_holds_with_a_private_temporary_folder(tmp_path: Path) -> None:
+    """A ``TMPDIR`` the sandbox user cannot enter (pytest's own, mode 0700 under root) must not
+    stop the bubblewrap probe: the server starts isolated, not "NOT ISOLATED"."""
+    from sandbox_kernel.discovery import EmbeddedServer
+
+    private = tmp_path / "private-tmp"
+    private.mkdir(mode=0o700)
+    env = {**os.environ, "TMPDIR": str(private)}
+    with EmbeddedServer("--isolation", "bwrap", data_dir=tmp_path / "data", env=env) as server:
+        specs = requests.get(
+            server.url + "specifications/",
+            headers={"Authorization": f"Bearer {server.token}"},
+            timeout=30,
+        ).json()
+    assert specs["container"]["isolation"]["isolated"] is True

@@ -97,6 +97,7 @@ def test_output_printed_before_a_timeout_is_kept(server: Server) -> None:
     assert entry["stderr"].endswith("Command timed out after 0.3 seconds\n")
 
 
+@pytest.mark.slow  # a server of its own, kept busy for seconds
 def test_budget_is_shared_by_the_commands(start_server: Callable[..., Server]) -> None:
     server = start_server("--execute-timeout", "1.5", "--workers", "1")
     answer = server.run("sleep 1", "sleep 5")
@@ -298,6 +299,7 @@ def test_specifications_have_the_3x_shape_and_our_additions(server: Server) -> N
     assert container["isolation"]["method"] == "bubblewrap"
 
 
+@pytest.mark.slow  # a server of its own, kept busy for seconds
 def test_usages_answer_at_once_with_busy_containers(start_server: Callable[..., Server]) -> None:
     server = start_server("--workers", "2")
     thread = threading.Thread(target=server.run, args=("sleep 1.5",))
@@ -328,6 +330,7 @@ def test_libraries_list_what_the_sandbox_has(server: Server) -> None:
 # -- concurrency ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a server of its own, kept busy for seconds
 def test_parallel_runs_and_503_when_full(start_server: Callable[..., Server]) -> None:
     server = start_server("--workers", "2")
     results: list[float] = []

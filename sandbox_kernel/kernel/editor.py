@@ -10,6 +10,8 @@ import subprocess
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .._generations import CATEGORY_NAMES, Inventory
+from ..protocol import LIBRARY_CATEGORIES
 from ..session import ShellState
 
 KEYWORDS = [
@@ -96,9 +98,7 @@ BUILTINS = [
     "wait",
 ]
 #: After these, the next word is a command name.
-_COMMAND_POSITION = re.compile(
-    r"(^|[;&|(`]|\$\(|\b(?:then|do|else|elif|if|while|until|time|!))\s*$"
-)
+_COMMAND_POSITION = re.compile(r"(^|[;&|(`!]|\$\(|\b(?:then|do|else|elif|if|while|until|time))\s*$")
 _WORD = re.compile(r"[^\s;&|()<>`'\"]*$")
 _OPENS_BLOCK = re.compile(r"(\b(then|do|else|in)|[{(]|\|\||&&|\|)\s*$")
 
@@ -109,8 +109,12 @@ class Knowledge:
 
     state: ShellState
     environ: Mapping[str, str]
-    executables: list[str]
-    libraries: Mapping[str, Mapping[str, str]]
+    #: What the sandbox has installed; None until the kernel has fetched it.
+    inventory: Inventory | None = None
+
+    @property
+    def executables(self) -> tuple[str, ...]:
+        return self.inventory.executables if self.inventory is not None else ()
 
 
 def complete(code: str, cursor: int, known: Knowledge) -> dict[str, Any]:
@@ -176,16 +180,13 @@ def _describe(name: str, known: Knowledge) -> list[str]:
         lines.append(f"{name}: a bash builtin")
     if name in known.executables:
         lines.append(f"{name}: an executable on the sandbox's PATH")
-    labels = {
-        "system": "system package",
-        "python": "Python module",
-        "perl": "Perl module",
-        "c": "C library",
-    }
-    for category, label in labels.items():
-        version = known.libraries.get(category, {}).get(name)
-        if version is not None:
-            lines.append(f"{name}: {label}, version {version}")
+    libraries = known.inventory.libraries if known.inventory is not None else {}
+    for category in LIBRARY_CATEGORIES:
+        entries = libraries.get(category, {})
+        if name in entries:
+            version = entries[name]
+            told = f", version {version}" if version else ""
+            lines.append(f"{name}: {CATEGORY_NAMES[category]}{told}")
     if not lines and known.executables:
         lines.append(f"{name}: not found in the sandbox (no such command or library)")
     return lines

@@ -18,11 +18,12 @@ the kernel started in (the notebook's), unless ``c.SandboxKernel.allow_host_path
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import fnmatch
 import logging
 import os
 import signal
-import threading
 from typing import Any
 
 from ipykernel.kernelapp import IPKernelApp
@@ -34,14 +35,23 @@ from .. import __version__, magics
 from .._errors import SandboxError
 from ..client import Cancellation, cancel_scope
 from ..magics.cells import split_cell
-from ..session import CellError, CellOutcome, Session, records
-from ..session.connection import KERNEL_SWITCH, HostPathRefused, SandboxContext
+from ..session import CellError, CellOutcome, ShellState, records
+from ..session.connection import KERNEL_SWITCH, HostPathRefused
+from ..session.context import OperationFailed, SandboxContext
+from ..settings import KERNEL_NAMES
 from ..views import render
 from ..views.render import Bundle
 from . import editor
 
 log = logging.getLogger(__name__)
 
+#: Seconds ``kernel_info`` waits for the specifications shown in the banner.
+_BANNER_WAIT = 5.0
+#: Where a kernel's settings are given, for a cell that cannot run without them.
+KERNEL_SETTINGS_HELP = (
+    "c.SandboxKernel.url / .token / .timeout in ipython_kernel_config.py, or SANDBOX_URL, "
+    "SANDBOX_TOKEN, SANDBOX_TIMEOUT in the environment Jupyter starts the kernel with"
+)
 #: Cells this many seconds apart at most are shown as one "busy" line update.
 _BUSY_TEXT = "sandbox busy, waiting… (attempt {attempt}, {elapsed:.0f} s so far)"
 
@@ -78,6 +88,13 @@ class SandboxKernel(Kernel):
         help="Seconds to wait for the sandbox's answers (default: $SANDBOX_TIMEOUT, else 60; "
         "an execute/ also gets the server's execute_timeout + 10 s).",
     )
+    side_timeout = Float(
+        None,
+        allow_none=True,
+        config=True,
+        help="Seconds to wait for requests made beside the cells: specifications, load, "
+        "libraries, downloads, uploads (default: $SANDBOX_SIDE_TIMEOUT, else the timeout).",
+    )
     allow_host_paths = Bool(
         False,
         config=True,
@@ -93,29 +110,23 @@ class SandboxKernel(Kernel):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.context = SandboxContext(
+        #: The notebook's sandbox: the one façade of every operation (see SandboxContext).
+        self.sandbox = SandboxContext(
             self.url,
             self.token,
             self.timeout,
+            self.side_timeout,
+            names=KERNEL_NAMES,
             allow_host_paths=self.allow_host_paths,  # SANDBOX_ALLOW_HOST_PATHS=1 is read there
             host_paths_switch=KERNEL_SWITCH,
         )
-        self.context.connection  # noqa: B018  (connect now: a private server starts here)
+        # Resolve now (a private server starts here). Settings that cannot be used do not stop
+        # the kernel: the banner and every cell say what is wrong.
+        self.sandbox.start()
         self._cancel: Cancellation | None = None
         self._history: list[str] = []
-        self._libraries: dict[str, Any] | None = None
-        self._libraries_thread: threading.Thread | None = None
         self._pending_notices = self._reopened_notice()
         self._wire_comms()
-
-    @property
-    def sandbox(self) -> Session:
-        """The notebook's session (replaced by ``%sandbox_connect``)."""
-        return self.context.session
-
-    @property
-    def sandbox_url(self) -> str:
-        return self.context.connection.url
 
     def _wire_comms(self) -> None:
         """Comms for widgets (the panel): a kernelbase.Kernel gets no comm handlers of its own.
@@ -137,18 +148,25 @@ class SandboxKernel(Kernel):
 
     @property
     def banner(self) -> str:  # type: ignore[override]
+        problem = self.sandbox.problem
+        if problem is not None:
+            return f"Sandbox (bash) kernel {__version__}. {problem}"
+        settings = self.sandbox.settings
         lines = [
             f"Sandbox (bash) kernel {__version__}: cells run as bash in the sandbox at "
-            f"{self.sandbox_url}"
+            f"{settings.url}, {settings.describe()}."
         ]
-        background = self.context.connection.background
+        # kernel_info is answered on the event loop: wait a little for the specifications (the
+        # context's worker fetches them), never a whole timeout.
         try:
-            version = background.sandbox_version
-            isolation = background.isolation
+            specs = self.sandbox.submit(self.sandbox.specs).result(timeout=_BANNER_WAIT)
         except SandboxError as error:
             return "\n".join([*lines, f"The sandbox does not answer yet: {error}"])
-        lines.append(f"Sandbox version {version or 'unknown'}.")
-        if isolation is not None and not isolation.get("isolated", True):
+        except concurrent.futures.TimeoutError:
+            return "\n".join([*lines, f"The sandbox did not answer within {_BANNER_WAIT:g} s."])
+        if specs.sandbox_version:
+            lines.append(f"Sandbox version {specs.sandbox_version}.")
+        if specs.isolation is not None and not specs.isolation.isolated:
             lines.append("NOT ISOLATED: commands can read and write the server's machine.")
         return "\n".join(lines)
 
@@ -173,8 +191,9 @@ class SandboxKernel(Kernel):
         if not code.strip():
             return self._ok()
         try:
-            outcome = await self._execute_cell(code, silent)
-        except (magics.MagicUsageError, magics.MagicFailed, HostPathRefused) as problem:
+            blocked = not code.lstrip().startswith("%sandbox_connect") and self._unusable()
+            outcome = blocked or await self._execute_cell(code, silent)
+        except (magics.MagicUsageError, OperationFailed, HostPathRefused) as problem:
             name = "UsageError" if isinstance(problem, magics.MagicUsageError) else "MagicError"
             outcome = CellOutcome(error=CellError(name, str(problem)))
         except Exception as bug:  # a reply is owed whatever happens, or the cell hangs
@@ -189,8 +208,8 @@ class SandboxKernel(Kernel):
                     ],
                 )
             )
-        if self.context.started:
-            self.context.cell_done()
+        if self.sandbox.started:
+            self.sandbox.cell_done()
         if outcome is None:
             return self._ok()
         if not silent:
@@ -213,6 +232,20 @@ class SandboxKernel(Kernel):
             "evalue": error.evalue,
             "traceback": traceback,
         }
+
+    def _unusable(self) -> CellOutcome | None:
+        """Every cell says it while the settings cannot be used (the banner says it too);
+        ``%sandbox_connect URL`` still runs, and repairs it."""
+        problem = self.sandbox.problem
+        if problem is None:
+            return None
+        return CellOutcome(
+            error=CellError(
+                "SandboxNotConfigured",
+                problem,
+                [f"Fix the setting, then restart the kernel. Settings: {KERNEL_SETTINGS_HELP}"],
+            )
+        )
 
     async def _execute_cell(self, code: str, silent: bool) -> CellOutcome | None:
         """Magics of the leading lines first (nothing runs after a bad one), then the bash."""
@@ -237,7 +270,7 @@ class SandboxKernel(Kernel):
             raise magics.MagicUsageError(f"%{name} is a line magic: write it with one %")
         result: magics.MagicResult | None
         if name == "sandbox_panel":  # widgets are made on the event loop's thread
-            result = magic.run(self.context, arguments, body)
+            result = magic.run(self.sandbox, arguments, body)
         else:
             result = await self._run_magic_cancellable(magic, arguments, body)
         if result is None:
@@ -263,11 +296,11 @@ class SandboxKernel(Kernel):
 
         def run() -> magics.MagicResult:
             with cancel_scope(cancel):
-                return magic.run(self.context, arguments, body)
+                return magic.run(self.sandbox, arguments, body)
 
         try:
             return await asyncio.to_thread(run)
-        except (magics.MagicFailed, SandboxError):
+        except (OperationFailed, SandboxError):
             if cancel.cancelled:
                 return None
             raise
@@ -304,7 +337,7 @@ class SandboxKernel(Kernel):
 
         def run() -> CellOutcome:  # the displays fetched after the execute are cancellable too
             with cancel_scope(cancel):
-                return self.sandbox.run_cell(code, cancel=cancel, on_busy=on_busy)
+                return self.sandbox.session.run_cell(code, cancel=cancel, on_busy=on_busy)
 
         try:
             return await asyncio.to_thread(run)
@@ -356,7 +389,9 @@ class SandboxKernel(Kernel):
         notebook = os.environ.get("JPY_SESSION_NAME")
         if not notebook:
             return []
-        record = records.last_environment(notebook, self.sandbox_url)
+        if self.sandbox.problem is not None:
+            return []
+        record = records.last_environment(notebook, self.sandbox.url)
         if record is None:
             return []
         return [
@@ -368,36 +403,27 @@ class SandboxKernel(Kernel):
 
     def _remember_environment(self) -> None:
         notebook = os.environ.get("JPY_SESSION_NAME")
-        if notebook and self.sandbox.environment:
-            records.remember(
-                notebook, self.sandbox_url, self.sandbox.environment, self.sandbox.expire
-            )
+        if not notebook or not self.sandbox.started:
+            return
+        session = self.sandbox.session
+        if session.environment:
+            records.remember(notebook, self.sandbox.url, session.environment, session.expire)
 
     # -- editor support ----------------------------------------------------------------------------
 
     def _knowledge(self) -> editor.Knowledge:
-        libraries = self._libraries_now()
+        """What completion and inspection know: the shell state, and the inventory once it is
+        fetched (the first call starts fetching it in the background, 1 to 2 s on the public
+        server; completion works without it meanwhile)."""
+        inventory = self.sandbox.cached_inventory if self.sandbox.started else None
+        if inventory is None and self.sandbox.started:
+            self.sandbox.prefetch_inventory()
+        session = self.sandbox.session if self.sandbox.started else None
         return editor.Knowledge(
-            state=self.sandbox.state,
-            environ=self.sandbox.environ,
-            executables=list(libraries.get("bin") or []),
-            libraries=libraries.get("libraries") or {},
+            state=session.state if session else ShellState(),
+            environ=session.environ if session else {},
+            inventory=inventory,
         )
-
-    def _libraries_now(self) -> dict[str, Any]:
-        """The cached library list; the first call starts fetching it in the background
-        (1 to 2 s on the public server) and completes without it meanwhile."""
-        if self._libraries is None and self._libraries_thread is None:
-            self._libraries_thread = threading.Thread(target=self._fetch_libraries, daemon=True)
-            self._libraries_thread.start()
-        return self._libraries or {}
-
-    def _fetch_libraries(self) -> None:
-        try:
-            self._libraries = self.context.connection.background.libraries()
-        except SandboxError as error:
-            log.warning("could not list the sandbox's libraries: %s", error)
-            self._libraries_thread = None
 
     async def do_complete(self, code: str, cursor_pos: int) -> dict[str, Any]:
         return editor.complete(code, cursor_pos, self._knowledge())
@@ -405,10 +431,10 @@ class SandboxKernel(Kernel):
     async def do_inspect(
         self, code: str, cursor_pos: int, detail_level: int = 0, omit_sections: Any = ()
     ) -> dict[str, Any]:
-        if self._libraries is None and self._libraries_thread is None:
-            self._libraries_now()
-        if self._libraries_thread is not None and self._libraries is None:
-            await asyncio.to_thread(self._libraries_thread.join, 5)
+        if self.sandbox.started and self.sandbox.cached_inventory is None:
+            coming = asyncio.wrap_future(self.sandbox.prefetch_inventory())
+            with contextlib.suppress(Exception):  # inspection works without it
+                await asyncio.wait_for(asyncio.shield(coming), 5)
         return editor.inspect(code, cursor_pos, self._knowledge())
 
     async def do_is_complete(self, code: str) -> dict[str, Any]:
@@ -447,14 +473,14 @@ class SandboxKernel(Kernel):
 
     async def do_shutdown(self, restart: bool) -> dict[str, Any]:
         self._interrupt()
-        if self.context.started and self.sandbox.environment:
+        if self.sandbox.started and self.sandbox.session.environment:
             # Kept in the kernel's log: after a restart, %sandbox_use UUID goes back to it.
             self.log.warning(
                 "%s: the notebook's sandbox environment was %s",
                 "restarting" if restart else "shutting down",
-                self.sandbox.environment,
+                self.sandbox.session.environment,
             )
-        await asyncio.to_thread(self.context.close)
+        await asyncio.to_thread(self.sandbox.close)
         return {"status": "ok", "restart": restart}
 
 

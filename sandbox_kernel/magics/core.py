@@ -14,7 +14,7 @@ import shlex
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from ..session.connection import SandboxContext
+from ..session.context import OperationFailed, SandboxContext
 from ..views.render import Bundle
 
 
@@ -23,9 +23,10 @@ class MagicUsageError(Exception):
     was sent to the sandbox."""
 
 
-class MagicFailed(Exception):
+class MagicFailed(OperationFailed):
     """A magic was used right but could not do its job (a file exists, the sandbox said no);
-    the message says what happened and what to do."""
+    the message says what happened and what to do. Front-ends catch its base,
+    :class:`OperationFailed`, which the façade's operations raise."""
 
 
 @dataclasses.dataclass

@@ -3,32 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
-import fnmatch
 import math
-import os
 import posixpath
-import secrets
-import time
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
 
 from .. import protocol
-from .._errors import SandboxError, SandboxProtocolError
-from ..archive import ArchiveError, build_archive
-from ..client import Sandbox
+from .._errors import SandboxError
+from .._generations import CATEGORIES
 from ..protocol import WORKING_DIR
 from ..session import mime_type
-from ..session.cellscript import STATE_DIR
-from ..session.connection import SandboxContext
+from ..session.context import OperationFailed, SandboxContext
 from ..views import render
 from .core import REGISTRY, MagicFailed, MagicResult, MagicUsageError, _Parser, magic
 
-#: What ``libraries/`` answers with (contract): four library categories, then executables.
-LIBRARY_CATEGORIES = ("system", "python", "perl", "c")
-CATEGORIES = (*LIBRARY_CATEGORIES, "bin")
 _LIBRARY_ROWS = 200
 
 
@@ -53,15 +39,16 @@ def sandbox_connect(
     context: SandboxContext, args: argparse.Namespace, cell: str | None
 ) -> MagicResult:
     try:
-        connection = context.connect(args.url, args.token)
+        settings = context.connect(args.url, args.token)
+        version = context.specs().sandbox_version
     except SandboxError as error:
         raise _sandbox_error(f"connect to {args.url}", error) from None
-    version = connection.background.sandbox_version or "unknown version"
+    about = f"sandbox {version}" if version else "a sandbox that does not tell its version"
     return MagicResult(
-        value=connection.url,
+        value=settings.url,
         bundles=[
             render.text(
-                f"Connected to {connection.url} ({version}); the next cell starts "
+                f"Connected to {settings.url} ({about}); the next cell starts "
                 "in a fresh environment there."
             )
         ],
@@ -72,23 +59,25 @@ def sandbox_connect(
 def sandbox_status(
     context: SandboxContext, args: argparse.Namespace, cell: str | None
 ) -> MagicResult:
-    connection, session = context.connection, context.session
+    settings, session = context.settings, context.session
     try:
-        isolation = render.isolation_text(connection.background.isolation)
-        server_timeout = connection.background.execute_timeout
+        specs = context.specs()
+        isolation = render.isolation_text(specs.isolation)
+        server_timeout = specs.execute_timeout
     except SandboxError as error:
-        isolation, server_timeout = f"unknown (sandbox unreachable: {error})", None
+        isolation, server_timeout = f"not known (sandbox unreachable: {error})", None
     status = {
-        "url": connection.url,
-        "private embedded server": "yes" if connection.private else "no",
+        "url": settings.url,
+        "server": settings.describe(),
         "environment": session.environment or "none yet (the next cell starts a fresh one)",
-        "expires": session.expire or render.UNKNOWN,
+        "lifetime": render.expires_text(session.expire) if session.environment else "",
         "isolation": isolation,
         "cell time limit": _timeout_text(session.timeout, server_timeout),
         "environ": ", ".join(f"{k}={v}" for k, v in session.environ.items()) or "none",
         "current directory": session.state.cwd or WORKING_DIR,
         "cells run": session.cells,
     }
+    status = {name: value for name, value in status.items() if value != ""}
     return MagicResult(
         value=status,
         bundles=[render.table(["", "value"], list(status.items()), caption="Sandbox status")],
@@ -163,27 +152,13 @@ def _specs_arguments(parser: _Parser) -> None:
 def sandbox_specs(
     context: SandboxContext, args: argparse.Namespace, cell: str | None
 ) -> MagicResult:
-    client = context.connection.background
-    if args.refresh:
-        del client.sandbox_version  # every specification attribute goes with it
+    # Only specifications/: the load is %sandbox_usage's (usages/ takes 2 s on the public
+    # server, and a look at the specifications must not pay for it).
     try:
-        facts = {
-            name: getattr(client, name)
-            for name in (
-                "sandbox_version",
-                "docker_version",
-                "containers",
-                "memory",
-                "cpu",
-                "execute_timeout",
-                "expiration",
-                "isolation",
-            )
-        }
-        specs = client.cached_specifications()
+        specs = context.specs(refresh=args.refresh)
     except SandboxError as error:
         raise _sandbox_error("read the specifications", error) from None
-    return MagicResult(value=dict(specs), bundles=[render.specifications(client.url, specs, facts)])
+    return MagicResult(value=specs, bundles=[render.specifications(context.url, specs)])
 
 
 def _libraries_arguments(parser: _Parser) -> None:
@@ -195,44 +170,12 @@ def _libraries_arguments(parser: _Parser) -> None:
 def sandbox_libraries(
     context: SandboxContext, args: argparse.Namespace, cell: str | None
 ) -> MagicResult:
-    client = context.connection.background
     try:
-        libraries: Any = client.libraries or {}
-        executables: Any = client.bin or []
+        rows = context.inventory().rows(args.category, args.pattern)
     except SandboxError as error:
         raise _sandbox_error("list the libraries", error) from None
-    rows = [
-        row
-        for row in library_rows(libraries, executables, args.category)
-        if matches(row[1], args.pattern)
-    ]
     shown = rows[:_LIBRARY_ROWS]
     return MagicResult(value=rows, bundles=[render.libraries(shown, len(rows), _LIBRARY_ROWS)])
-
-
-def library_rows(
-    libraries: Any, executables: Any, category: str | None
-) -> list[tuple[str, str, str]]:
-    """(category, name, version) rows of a ``libraries/`` answer; parts of the wrong shape (a
-    server's mistake) are left out rather than failing the search."""
-    rows: list[tuple[str, str, str]] = []
-    for name in LIBRARY_CATEGORIES:
-        if category in (None, name):
-            entries = libraries.get(name) if isinstance(libraries, Mapping) else None
-            if isinstance(entries, Mapping):
-                rows += sorted((name, str(k), str(v)) for k, v in entries.items())
-    if category in (None, "bin"):
-        names = executables if isinstance(executables, list | Mapping) else []
-        rows += [("bin", name, "") for name in sorted(str(name) for name in names)]
-    return rows
-
-
-def matches(name: str, pattern: str) -> bool:
-    if not pattern:
-        return True
-    if any(char in pattern for char in "*?["):
-        return fnmatch.fnmatch(name.lower(), pattern.lower())
-    return pattern.lower() in name.lower()
 
 
 @magic("sandbox_usage", "the sandbox's load now: busy/total, CPU, memory")
@@ -240,124 +183,13 @@ def sandbox_usage(
     context: SandboxContext, args: argparse.Namespace, cell: str | None
 ) -> MagicResult:
     try:
-        sample = sample_load(context.connection.background)
+        load = context.load()
     except SandboxError as error:
         raise _sandbox_error("read the load", error) from None
-    return MagicResult(value=sample.load, bundles=[sample.line()])
-
-
-@dataclasses.dataclass
-class LoadSample:
-    """The load at one moment: busy / total containers, and the host's CPU and memory."""
-
-    busy: int | None
-    total: int | None
-    cpu: float | None = None
-    memory_used: int | None = None
-    memory_total: int | None = None
-    at: float = dataclasses.field(default_factory=time.time)
-
-    @property
-    def load(self) -> float:
-        if not self.busy or not self.total:
-            return 0.0
-        return max(0.0, min(1.0, self.busy / self.total))
-
-    def line(self) -> render.Bundle:
-        memory = None
-        if self.memory_used is not None:
-            memory = (
-                f"{render.human_bytes(self.memory_used)} / {render.human_bytes(self.memory_total)}"
-            )
-        return render.usage_line(self.load, self.busy, self.total, self.cpu, memory)
-
-
-def sample_load(client: Sandbox, specs: Mapping[str, Any] | None = None) -> LoadSample:
-    """One load sample: ``usages/`` on 3.x servers, ``specifications/`` counts on 2.x.
-
-    ``specs``: the (cached) specifications, when the caller has them already. A field of the
-    wrong type (``"cpu": {"usage": "lots"}``) raises :class:`SandboxProtocolError` naming it,
-    so that ``%sandbox_usage`` and the panel say what is wrong instead of failing somewhere
-    in the formatting.
-    """
-    if specs is None:
-        specs = client.cached_specifications()
-    if "host" in specs or "container" in specs:  # 3.x shapes
-        usages = client.usages()
-        read_usages = _FieldReader(client.url, "usages/", usages)
-        read_specs = _FieldReader(client.url, "specifications/", specs)
-        return LoadSample(
-            busy=read_usages.count("container"),
-            total=read_specs.count("container.count"),
-            cpu=read_usages.number("cpu.usage"),
-            memory_used=read_usages.count("memory.ram"),
-            memory_total=read_specs.count("host.memory.ram"),
-        )
-    read = _FieldReader(client.url, "specifications/", client.specifications())
-    return LoadSample(busy=read.count("containers.running"), total=read.count("containers.total"))
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-@dataclasses.dataclass
-class _FieldReader:
-    """Reads dotted fields of a server's answer; absent is None, a wrong type is an error."""
-
-    url: str
-    endpoint: str
-    answer: Mapping[str, Any]
-
-    def count(self, path: str) -> int | None:
-        value = self._get(path)
-        if value is None:
-            return None
-        if _is_number(value) and float(value).is_integer() and value >= 0:
-            return int(value)
-        raise self._malformed(path, value, "a count (a whole number, 0 or more)")
-
-    def number(self, path: str) -> float | None:
-        value = self._get(path)
-        if value is None:
-            return None
-        if _is_number(value):
-            return float(value)
-        raise self._malformed(path, value, "a number")
-
-    def _get(self, path: str) -> Any:
-        value: Any = self.answer
-        walked: list[str] = []
-        for key in path.split("."):
-            if value is None:
-                return None
-            if not isinstance(value, Mapping):
-                raise self._malformed(".".join(walked), value, "an object")
-            walked.append(key)
-            value = value.get(key)
-        return value
-
-    def _malformed(self, path: str, value: object, expected: str) -> SandboxProtocolError:
-        shown = repr(value)
-        shown = shown if len(shown) <= 60 else shown[:60] + "…"
-        return SandboxProtocolError(
-            f"The sandbox at {self.url} answered {self.endpoint} with {path} = {shown}, where "
-            f"the protocol has {expected}. It may not be a sandbox server, or a different "
-            "version: check the URL, or the server's version and log."
-        )
+    return MagicResult(value=load.fraction, bundles=[render.usage_line(load)])
 
 
 # -- the environment's files ---------------------------------------------------------------------
-
-
-def environment_path(context: SandboxContext, path: str) -> str:
-    """A path of the environment, relative to its root: relative paths start at the shell's
-    current directory, absolute ones must be under the working directory."""
-    cwd = context.session.state.cwd or WORKING_DIR
-    full = posixpath.normpath(posixpath.join(cwd, path))
-    if full != WORKING_DIR and not full.startswith(WORKING_DIR + "/"):
-        raise MagicUsageError(f"{path!r} is outside the environment ({WORKING_DIR})")
-    return posixpath.relpath(full, WORKING_DIR)
 
 
 def _download_arguments(parser: _Parser) -> None:
@@ -381,89 +213,25 @@ def sandbox_download(
     uuid = args.uuid or context.session.environment
     if not uuid:
         raise MagicFailed("There is no environment yet: run a cell first, or give --uuid UUID.")
-    remote = environment_path(context, args.path) if args.path else None
+    try:
+        remote = context.remote_path(args.path) if args.path else None
+    except OperationFailed as error:  # a path the user wrote: bad use, nothing was sent
+        raise MagicUsageError(f"%sandbox_download: {error}") from None
     name = posixpath.basename(remote) if remote and remote != "." else f"{uuid}.tgz"
     if remote == ".":
         remote = None
-    target = local_target(context, args.to, name, args.force, "%sandbox_download --to")
-    client = context.connection.background
+    target = context.local_target(args.to, name, args.force, "%sandbox_download --to")
     try:
-        # What the server announces is all that is accepted: a server sending more is cut off.
-        data = client.download(uuid, remote, max_bytes=client.check(uuid, remote)).getvalue()
+        data = context.fetch(remote, uuid)
     except SandboxError as error:
         raise _sandbox_error(f"download {args.path or 'the environment'}", error) from None
-    write_new(target, data, args.force)
-    bundles = [
-        render.text(f"Saved {args.path or f'environment {uuid}'} ({len(data)} bytes) to {target}")
-    ]
-    if args.show and remote:
-        bundles.append(_shown(name, data))
-    return MagicResult(value=str(target), bundles=bundles)
-
-
-def local_target(
-    context: SandboxContext, folder: str, name: str, force: bool, purpose: str
-) -> Path:
-    """Where a download goes: ``name`` (a base name) directly in ``folder``, never elsewhere.
-
-    The folder must be inside the notebook's folder (:meth:`SandboxContext.local_path`);
-    ``purpose`` names the magic or button in a refusal.
-    """
-    base = context.local_path(folder, f"{purpose} would write into")
-    if not base.is_dir():
-        raise MagicFailed(f"{purpose} {folder}: no such local folder ({base}); create it first.")
-    if name in ("", ".", "..") or "/" in name or "\0" in name:
-        raise MagicUsageError(f"{name!r} cannot be a local file name")
-    target = base / name
-    if target.is_symlink():
-        raise MagicFailed(f"{target} is a symbolic link: refusing to write through it.")
-    if target.exists() and not force:
-        raise MagicFailed(f"{target} already exists: add --force to overwrite it.")
-    if target.exists() and not target.is_file():
-        raise MagicFailed(f"{target} exists and is not a regular file: refusing to replace it.")
-    return target
-
-
-def write_new(target: Path, data: bytes, force: bool) -> None:
-    """Write ``data`` to ``target``, a new file; with ``force``, replace it.
-
-    Never through a symbolic link; a replaced file is swapped in whole (written beside it,
-    then renamed over it), so that a hard link to a file elsewhere is never written through.
-    """
-    if not force:
-        _write_file(target, data, exclusive_name=target)
-        return
-    partial = target.with_name(f".{target.name}.{secrets.token_hex(6)}.partial")
-    _write_file(partial, data, exclusive_name=target)
-    try:
-        os.replace(partial, target)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            partial.unlink()
-        raise MagicFailed(f"Cannot write {target}: {error}") from None
-
-
-def _write_file(path: Path, data: bytes, exclusive_name: Path) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-    try:
-        fd = os.open(path, flags, 0o644)
-    except FileExistsError:
-        raise MagicFailed(
-            f"{exclusive_name} already exists: add --force to overwrite it."
-        ) from None
-    except OSError as error:
-        raise MagicFailed(f"Cannot write {exclusive_name}: {error}") from None
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-    except OSError as error:  # a full disk: no half-written file is left
-        with contextlib.suppress(OSError):
-            path.unlink()
-        raise MagicFailed(f"Cannot write {exclusive_name}: {error}") from None
-
-
-def _shown(name: str, data: bytes) -> render.Bundle:
-    return render.file_bundle(name, mime_type(name), data)
+    context.save_locally(target, data, args.force)
+    if args.show and remote:  # one output: the file itself
+        return MagicResult(
+            value=str(target), bundles=[render.file_bundle(name, mime_type(name), data)]
+        )
+    saved = f"Saved {args.path or f'environment {uuid}'} ({len(data)} bytes) to {target}"
+    return MagicResult(value=str(target), bundles=[render.text(saved)])
 
 
 def _upload_arguments(parser: _Parser) -> None:
@@ -481,37 +249,15 @@ def sandbox_upload(
 ) -> MagicResult:
     if args.name and len(args.paths) != 1:
         raise MagicUsageError("%sandbox_upload: --as names one file; give a single LOCAL path")
-    local = [context.local_path(path, "%sandbox_upload would read") for path in args.paths]
-    missing = [str(path) for path in local if not path.exists()]
-    if missing:
-        raise MagicFailed(f"No such local file or folder: {', '.join(missing)}")
-    names = [args.name] if args.name else [path.name for path in local]
     try:
-        archive = build_archive(local, names, reserved=(STATE_DIR,))
-    except (ArchiveError, OSError) as error:
-        raise MagicFailed(f"Cannot upload: {error}") from None
-    session = context.session
-    config: dict[str, Any] = {"commands": ["true"], "save": True}
-    if session.environment:
-        config["environment"] = session.environment
-    try:
-        answer = context.connection.client.execute(config, archive)
+        environment, names = context.upload(args.paths, args.name)
     except SandboxError as error:
         raise _sandbox_error("upload", error) from None
-    environment, expire = answer.get("environment"), answer.get("expire")
-    if not isinstance(environment, str) or not protocol.is_uuid(environment):
-        raise MagicFailed(
-            f"The sandbox at {context.connection.url} answered the upload without an environment "
-            f"uuid (environment = {environment!r}): the files are not there. Check that it is a "
-            "sandbox server, then upload again."
-        )
-    session.uploaded(environment, expire if isinstance(expire, str) else None)
     return MagicResult(
         value=names,
         bundles=[
             render.text(
-                f"Uploaded {', '.join(names)}: there for the next cell "
-                f"(environment {session.environment})."
+                f"Uploaded {', '.join(names)}: there for the next cell (environment {environment})."
             )
         ],
     )
@@ -559,7 +305,10 @@ def sandbox_timeout(
     context: SandboxContext, args: argparse.Namespace, cell: str | None
 ) -> MagicResult:
     session = context.session
-    server = session.server_timeout()
+    try:
+        server = context.specs().execute_timeout
+    except SandboxError:
+        server = None
     if args.seconds is not None:
         if not (args.seconds > 0 and math.isfinite(args.seconds)):
             raise MagicUsageError("%sandbox_timeout: give a positive number of seconds")

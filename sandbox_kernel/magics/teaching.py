@@ -15,7 +15,7 @@ import secrets
 import shlex
 
 from .._errors import SandboxError
-from ..session.connection import SandboxContext
+from ..session.context import SandboxContext
 from .core import MagicFailed, MagicResult, MagicUsageError, _Parser, magic
 
 _DEFAULT_HEAP_MB = 256
@@ -148,8 +148,7 @@ def _check_file_name(name: str) -> None:
 
 def _check_available(context: SandboxContext, language: Language) -> None:
     try:
-        listed = context.connection.background.bin or []
-        executables = {str(name) for name in listed}
+        executables = set(context.inventory().executables)
     except SandboxError as error:
         raise MagicFailed(f"Could not list the sandbox's executables: {error}") from None
     missing = [program for program in language.needs if program not in executables]
@@ -164,10 +163,9 @@ def _check_available(context: SandboxContext, language: Language) -> None:
 def _heap_mb(context: SandboxContext) -> int:
     """Half the sandbox's memory limit for the JVM heap (the rest: metaspace, threads)."""
     try:
-        memory = context.connection.background.memory or {}
+        ram = context.specs().limits.ram
     except SandboxError:
         return _DEFAULT_HEAP_MB
-    ram = memory.get("ram")
-    if isinstance(ram, int) and ram > 0:
+    if ram is not None and ram > 0:
         return max(32, ram // 2 // 1024**2)
     return _DEFAULT_HEAP_MB

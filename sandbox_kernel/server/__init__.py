@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
@@ -35,7 +36,7 @@ from .connections import ConnectionGuard, listen_backlog, raise_descriptor_limit
 from .executor import Executor
 from .libraries import LibraryCache
 from .runners import Isolation, IsolationError, RunnerPool
-from .settings import ServerSettings, parse_size
+from .settings import ServerSettings, add_setting_options
 from .storage import Storage
 from .sysinfo import UsageSampler
 
@@ -43,6 +44,7 @@ __all__ = [
     "ServerSettings",
     "TokenSource",
     "add_arguments",
+    "assembled_app",
     "main",
     "resolve_token",
     "serve",
@@ -53,35 +55,22 @@ log = logging.getLogger("sandbox_kernel.server")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``sandbox-kernel serve``."""
-    defaults = ServerSettings()
+    """The options of ``sandbox-kernel serve``: one per setting (see :class:`ServerSettings`),
+    then the ones that are not settings."""
+    add_setting_options(parser, by_hand={"token": _add_token_options})
     add = parser.add_argument
-    add("--host", default=defaults.host, help="address to bind (default: loopback only)")
-    add("--port", type=int, default=defaults.port, help="port, 0 for a free one (default 7000)")
-    add("--workers", type=int, default=defaults.workers, help="parallel executions (default 8)")
+    add("--info-file", type=Path, help=argparse.SUPPRESS)
+    add("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     add(
-        "--execute-timeout",
-        type=float,
-        default=defaults.execute_timeout,
-        help="time budget of one execute/ request, seconds (default 10)",
+        "--no-advertise",
+        action="store_true",
+        help="do not write the server's URL and token into the Jupyter runtime directory",
     )
-    add(
-        "--expiration",
-        type=int,
-        default=defaults.expiration,
-        help="lifetime of a saved environment, seconds (default 86400)",
-    )
-    add(
-        "--data-dir",
-        type=Path,
-        help="where environments live (default: sandbox-kernel/ under the Jupyter data directory)",
-    )
-    add(
-        "--max-storage",
-        type=parse_size,
-        default=defaults.max_storage,
-        help="bound on stored environments, e.g. 10G (default 10G)",
-    )
+    add("--log-level", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
+
+
+def _add_token_options(parser: argparse.ArgumentParser) -> None:
+    """Three ways to give the one ``token`` setting (see :func:`resolve_token`)."""
     tokens = parser.add_mutually_exclusive_group()
     tokens.add_argument(
         "--token-file",
@@ -97,99 +86,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "prefer --token-file",
     )
     tokens.add_argument("--no-token", action="store_true", help="accept requests without token")
-    add(
-        "--allowed-host",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="a Host/Origin name to accept besides loopback ones (repeatable)",
-    )
-    add(
-        "--isolation",
-        choices=["auto", "bwrap", "none"],
-        default="auto",
-        help="bwrap: require bubblewrap; none: run commands unconfined (default: auto)",
-    )
-    caps = parser.add_argument_group("caps")
-    caps.add_argument("--workdir-quota", type=parse_size, default=defaults.workdir_quota)
-    caps.add_argument(
-        "--workdir-inodes",
-        type=_positive_int,
-        default=defaults.workdir_inodes,
-        metavar="N",
-        help=f"files and directories a saved working directory may hold "
-        f"(default {defaults.workdir_inodes})",
-    )
-    caps.add_argument(
-        "--max-storage-inodes",
-        type=_positive_int,
-        default=defaults.max_storage_inodes,
-        metavar="N",
-        help=f"files and directories of all stored environments together "
-        f"(default {defaults.max_storage_inodes})",
-    )
-    caps.add_argument("--max-upload", type=parse_size, default=defaults.max_upload)
-    caps.add_argument("--max-archive-entries", type=int, default=defaults.max_archive_entries)
-    caps.add_argument("--max-archive-bytes", type=parse_size, default=defaults.max_archive_bytes)
-    caps.add_argument(
-        "--max-output",
-        type=parse_size,
-        default=defaults.max_output,
-        help="bytes of stdout and stderr of all commands of one request together, counted "
-        "after JSON escaping (default 1M)",
-    )
-    caps.add_argument(
-        "--max-result",
-        type=parse_size,
-        default=defaults.max_result,
-        metavar="SIZE",
-        help="bytes of the result file sent back (default 1M)",
-    )
-    caps.add_argument("--max-processes", type=int, default=defaults.max_processes)
-    caps.add_argument("--memory-limit", type=parse_size, default=defaults.memory_limit)
-    caps.add_argument(
-        "--cpu-limit", type=int, default=defaults.cpu_limit, help="CPU seconds per process"
-    )
-    caps.add_argument("--max-parts", type=int, default=defaults.max_parts)
-    connections = parser.add_argument_group("connections")
-    connections.add_argument(
-        "--header-timeout",
-        type=_positive_seconds,
-        default=defaults.header_timeout,
-        metavar="SECONDS",
-        help="a request's line and headers must arrive within this time of the connection "
-        "(or of the request's first byte on a kept-alive connection), else it is closed "
-        "(default 10)",
-    )
-    connections.add_argument(
-        "--keepalive-timeout",
-        type=_positive_seconds,
-        default=defaults.keepalive_timeout,
-        metavar="SECONDS",
-        help="an idle kept-alive connection is closed after this time (default 15)",
-    )
-    add("--info-file", type=Path, help=argparse.SUPPRESS)
-    add("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
-    add(
-        "--no-advertise",
-        action="store_true",
-        help="do not write the server's URL and token into the Jupyter runtime directory",
-    )
-    add("--log-level", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
-    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,32 +131,37 @@ def settings_from_args(
 ) -> ServerSettings:
     """The settings ``args`` describe; ``token`` if already resolved (see :func:`resolve_token`)."""
     token = token or resolve_token(args)
-    return ServerSettings(
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        execute_timeout=args.execute_timeout,
-        expiration=args.expiration,
-        data_dir=args.data_dir or default_data_dir(),
-        token=token.token,
-        allowed_hosts=args.allowed_host,
-        isolation=args.isolation,
-        max_storage=args.max_storage,
-        max_storage_inodes=args.max_storage_inodes,
-        workdir_quota=args.workdir_quota,
-        workdir_inodes=args.workdir_inodes,
-        max_upload=args.max_upload,
-        max_archive_entries=args.max_archive_entries,
-        max_archive_bytes=args.max_archive_bytes,
-        max_output=args.max_output,
-        max_result=args.max_result,
-        max_processes=args.max_processes,
-        memory_limit=args.memory_limit,
-        cpu_limit=args.cpu_limit,
-        max_parts=args.max_parts,
-        header_timeout=args.header_timeout,
-        keepalive_timeout=args.keepalive_timeout,
+    return ServerSettings.from_args(
+        args, token=token.token, data_dir=args.data_dir or default_data_dir()
     )
+
+
+@contextlib.asynccontextmanager
+async def assembled_app(
+    settings: ServerSettings,
+) -> AsyncIterator[tuple[web.Application, Isolation, Storage]]:
+    """The sandbox application and the parts it runs on (isolation, storage, runners, load
+    sampler, library cache, executor), started in order and stopped in the reverse one.
+    ``serve`` puts it behind a socket; tests may put it behind aiohttp's test server."""
+    assert settings.data_dir is not None
+    async with contextlib.AsyncExitStack() as cleanup:
+        isolation = await Isolation.probe(settings)
+        if isolation.cgroups is not None:
+            cleanup.push_async_callback(asyncio.to_thread, isolation.cgroups.remove)
+        storage = Storage(settings, settings.data_dir)
+        await asyncio.to_thread(storage.open, isolation.uid)
+        cleanup.push_async_callback(asyncio.to_thread, storage.close)
+        pool = RunnerPool(isolation, storage.work, settings.workers)
+        cleanup.push_async_callback(pool.close)
+        pool.fill()
+        sampler = UsageSampler(storage.root)
+        sampler.start()
+        cleanup.push_async_callback(sampler.stop)
+        libraries = LibraryCache(pool)
+        cleanup.push_async_callback(libraries.close)
+        executor = Executor(settings, storage, isolation, pool)
+        app = SandboxApp(settings, storage, isolation, executor, libraries, sampler).build()
+        yield app, isolation, storage
 
 
 async def serve(
@@ -283,22 +184,7 @@ async def serve(
     sock = _listen(settings.host, settings.port)
     async with contextlib.AsyncExitStack() as cleanup:
         cleanup.callback(sock.close)
-        isolation = await Isolation.probe(settings)
-        if isolation.cgroups is not None:
-            cleanup.push_async_callback(asyncio.to_thread, isolation.cgroups.remove)
-        storage = Storage(settings, settings.data_dir)
-        await asyncio.to_thread(storage.open, isolation.uid)
-        cleanup.push_async_callback(asyncio.to_thread, storage.close)
-        pool = RunnerPool(isolation, storage.work, settings.workers)
-        cleanup.push_async_callback(pool.close)
-        pool.fill()
-        sampler = UsageSampler(storage.root)
-        sampler.start()
-        cleanup.push_async_callback(sampler.stop)
-        libraries = LibraryCache(pool)
-        cleanup.push_async_callback(libraries.close)
-        executor = Executor(settings, storage, isolation, pool)
-        app = SandboxApp(settings, storage, isolation, executor, libraries, sampler).build()
+        app, isolation, storage = await cleanup.enter_async_context(assembled_app(settings))
         guard = ConnectionGuard(settings.header_timeout, settings.workers)
         # First, so that the header deadline ends as soon as aiohttp has parsed the headers,
         # whatever the other middlewares answer.

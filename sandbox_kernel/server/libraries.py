@@ -11,18 +11,19 @@ import contextlib
 import logging
 from typing import Any
 
+from ..protocol import EXECUTABLES, LIBRARY_CATEGORIES
 from .runners import RunnerPool
 
 log = logging.getLogger(__name__)
 
 _TIMEOUT = 60.0
 
-# One section per category, "name<TAB>version" per line ("?" when a version is unknown).
-_INVENTORY = r"""
-echo '#system'
-dpkg-query -W -f '${Package}\t${Version}\n' 2>/dev/null
-echo '#python'
-python3 - <<'PYTHON' 2>/dev/null
+#: One shell snippet per section of the inventory, printing "name<TAB>version" per line ("?"
+#: or nothing when a version is unknown); the executables section prints names only.
+_LISTERS: dict[str, str] = {
+    "system": r"""dpkg-query -W -f '${Package}\t${Version}\n' 2>/dev/null
+""",
+    "python": r"""python3 - <<'PYTHON' 2>/dev/null
 import importlib.metadata as metadata, pkgutil, sys
 seen = {}
 for dist in metadata.distributions():
@@ -38,28 +39,36 @@ for name in sys.builtin_module_names:
 for name, version in sorted(seen.items()):
     print(f"{name}\t{version}")
 PYTHON
-echo '#perl'
-perl -MExtUtils::Installed -e '
+""",
+    "perl": r"""perl -MExtUtils::Installed -e '
     my $installed = ExtUtils::Installed->new(skip_cwd => 1);
     for my $module ($installed->modules) {
         my $version = eval { $installed->version($module) } // "?";
         print "$module\t", ($version eq "" ? "?" : $version), "\n";
     }' 2>/dev/null
-echo '#c'
-ldconfig -p 2>/dev/null | sed -n 's/^\t\(lib[^ ]*\)\.so\.\{0,1\}\([0-9.]*\) .*/\1\t\2/p' | sort -u
-echo '#bin'
-IFS=: read -r -a dirs <<< "$PATH"
+""",
+    "c": r"""ldconfig -p 2>/dev/null |
+    sed -n 's/^\t\(lib[^ ]*\)\.so\.\{0,1\}\([0-9.]*\) .*/\1\t\2/p' | sort -u
+""",
+    EXECUTABLES: r"""IFS=: read -r -a dirs <<< "$PATH"
 for dir in "${dirs[@]}"; do
     for path in "$dir"/*; do
         [ -x "$path" ] && [ ! -d "$path" ] && printf '%s\n' "${path##*/}"
     done
 done | sort -u
-"""
+""",
+}
+
+#: The whole inventory, one ``#section`` header before each lister's output. A category added
+#: to the protocol without a lister here fails at import, not with an empty list at run time.
+_INVENTORY = "".join(
+    f"echo '#{section}'\n{_LISTERS[section]}" for section in (*LIBRARY_CATEGORIES, EXECUTABLES)
+)
 
 
 def parse_inventory(text: str) -> dict[str, Any]:
     """The inventory's sections as the 3.x ``libraries/`` answer."""
-    libraries: dict[str, dict[str, str]] = {"system": {}, "python": {}, "perl": {}, "c": {}}
+    libraries: dict[str, dict[str, str]] = {category: {} for category in LIBRARY_CATEGORIES}
     executables: set[str] = set()
     section = ""
     for line in text.splitlines():
@@ -70,11 +79,11 @@ def parse_inventory(text: str) -> dict[str, Any]:
         name = name.strip()
         if not name:
             continue
-        if section == "bin":
+        if section == EXECUTABLES:
             executables.add(name)
         elif section in libraries:
             libraries[section].setdefault(name, version.strip() or "?")
-    return {"libraries": libraries, "bin": sorted(executables)}
+    return {"libraries": libraries, EXECUTABLES: sorted(executables)}
 
 
 #: The inventory's output is kept up to this (the public server's answer is ~21 KB).

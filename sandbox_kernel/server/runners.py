@@ -37,6 +37,7 @@ from . import trees
 from .cgroups import Cgroups, RunCgroup
 from .seccomp import SeccompFilter, load_filter
 from .settings import ServerSettings, format_size
+from .storage import searchable_by
 
 log = logging.getLogger(__name__)
 
@@ -475,7 +476,9 @@ class Isolation:
     async def _try_bwrap(self) -> str | None:
         if shutil.which("bwrap") is None:
             return "bubblewrap is not installed (apt-get install -y bubblewrap)"
-        with tempfile.TemporaryDirectory(prefix="sandbox-kernel-probe-") as workdir:
+        with tempfile.TemporaryDirectory(
+            prefix="sandbox-kernel-probe-", dir=self._probe_parent()
+        ) as workdir:
             path = Path(workdir)
             os.chown(path, self.uid, self.gid)
             runner = BwrapRunner(self, path)
@@ -488,6 +491,14 @@ class Isolation:
                 await runner.close()
             if outcome.exit_code != 0 or outcome.stdout.strip() != b"ok":
                 return f"bubblewrap test command failed: {outcome.stderr.decode(errors='replace')}"
+        return None
+
+    def _probe_parent(self) -> str | None:
+        """Where the probe's folder can go: bubblewrap binds it as the sandbox user, who must
+        traverse every parent (a ``TMPDIR`` under a private folder would fail the probe)."""
+        for parent in (tempfile.gettempdir(), "/var/tmp", "/tmp"):
+            if searchable_by(Path(parent) / "probe", self.uid):
+                return parent
         return None
 
     def new_runner(self, workdir: Path) -> Runner:

@@ -1,10 +1,19 @@
-"""Settings of the embedded sandbox server, with the defaults of ``sandbox-kernel serve``."""
+"""Settings of the embedded sandbox server, each written once with its command-line option.
+
+A setting that ``sandbox-kernel serve`` accepts carries its option in its field
+(:func:`setting`): :func:`add_setting_options` and :meth:`ServerSettings.from_args` are generated
+from the fields, so that adding an option is one line in :class:`ServerSettings`, its default
+and its help text stay together, and the help can never show another default than the one used.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 from ..protocol import DEFAULT_EXECUTE_TIMEOUT
 
@@ -31,44 +40,216 @@ def format_size(size: float) -> str:
     return f"{size:.1f} TiB"
 
 
+def _positive_int(text: str) -> int:
+    # The name shows in argparse's message for a non-number ("invalid _positive_int value").
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
+def _size_as_written(size: int) -> str:
+    """Bytes the way ``--max-storage`` and friends are written: ``10G``, ``256M``, ``1000``."""
+    for unit in ("T", "G", "M", "K"):
+        scale = _UNITS[unit.lower()]
+        if size and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
+_T = TypeVar("_T")
+#: The key of a field's metadata that holds its :class:`Option`.
+_OPTION = "sandbox_kernel.server.option"
+#: What ``--isolation`` accepts.
+ISOLATIONS = ("auto", "bwrap", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """How one setting is written on the command line of ``sandbox-kernel serve``.
+
+    ``help`` may say ``{default}``: it becomes the field's default as a user would write it
+    (``10G``, ``10``), so the help cannot drift from the default in use.
+    """
+
+    flag: str
+    #: Text to value, as argparse's ``type`` (its name shows in argparse's error message).
+    parse: Callable[[str], Any] = str
+    help: str | None = None
+    #: Title of the help section the option is listed in; None: the main one.
+    group: str | None = None
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    #: Given once per value (``--allowed-host a --allowed-host b``); the setting is a list.
+    repeatable: bool = False
+
+    @property
+    def dest(self) -> str:
+        """The attribute argparse stores the value in (``--max-output`` -> ``max_output``)."""
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    def add_to(self, parser: argparse._ActionsContainer, default: object) -> None:
+        """Add this option, whose setting defaults to ``default``, to ``parser``."""
+        parser.add_argument(
+            self.flag,
+            action="append" if self.repeatable else "store",
+            type=self.parse,
+            default=default,
+            choices=self.choices,
+            metavar=self.metavar,
+            help=self.help.format(default=self.as_written(default)) if self.help else None,
+        )
+
+    def as_written(self, value: object) -> str:
+        """``value`` as a user would write it after :attr:`flag`."""
+        if self.parse is parse_size and isinstance(value, int):
+            return _size_as_written(value)
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def setting(
+    default: _T,
+    flag: str,
+    parse: Callable[[str], Any] = str,
+    help: str | None = None,
+    *,
+    group: str | None = None,
+    metavar: str | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> _T:
+    """A field of :class:`ServerSettings` that ``sandbox-kernel serve`` sets with ``flag``."""
+    option = Option(flag, parse, help, group, metavar, choices)
+    return dataclasses.field(default=default, metadata={_OPTION: option})
+
+
+def repeated_setting(flag: str, help: str, *, metavar: str | None = None) -> list[str]:
+    """A list field of :class:`ServerSettings`, one ``flag`` per item, empty by default."""
+    option = Option(flag, help=help, metavar=metavar, repeatable=True)
+    return dataclasses.field(default_factory=list, metadata={_OPTION: option})
+
+
 @dataclasses.dataclass
 class ServerSettings:
-    """Everything the server can be told. Caps are settings so that tests can use small ones."""
+    """Everything the server can be told. Caps are settings so that tests can use small ones.
 
-    host: str = "127.0.0.1"
-    port: int = 7000
-    workers: int = 8
-    execute_timeout: float = DEFAULT_EXECUTE_TIMEOUT
-    expiration: int = 86400
-    data_dir: Path | None = None
+    The fields with a :func:`setting` are the options of ``sandbox-kernel serve``, listed in
+    this order in its help; the others are set by code (the token by the token options, which
+    are written by hand since three options make one setting).
+    """
+
+    host: str = setting("127.0.0.1", "--host", help="address to bind (default: loopback only)")
+    port: int = setting(7000, "--port", int, "port, 0 for a free one (default {default})")
+    workers: int = setting(8, "--workers", int, "parallel executions (default {default})")
+    execute_timeout: float = setting(
+        DEFAULT_EXECUTE_TIMEOUT,
+        "--execute-timeout",
+        float,
+        "time budget of one execute/ request, seconds (default {default})",
+    )
+    expiration: int = setting(
+        86400, "--expiration", int, "lifetime of a saved environment, seconds (default {default})"
+    )
+    data_dir: Path | None = setting(  # noqa: RUF009 (setting() is a dataclasses.field)
+        None,
+        "--data-dir",
+        Path,
+        "where environments live (default: sandbox-kernel/ under the Jupyter data directory)",
+    )
+    # Storage: bytes of all stored environments together.
+    max_storage: int = setting(
+        10 * 1024**3,
+        "--max-storage",
+        parse_size,
+        "bound on stored environments, e.g. 10G (default {default})",
+    )
     token: str | None = None
-    allowed_hosts: list[str] = dataclasses.field(default_factory=list)
-    isolation: str = "auto"  # auto | bwrap | none
+    allowed_hosts: list[str] = repeated_setting(  # noqa: RUF009 (a dataclasses.field)
+        "--allowed-host",
+        "a Host/Origin name to accept besides loopback ones (repeatable)",
+        metavar="NAME",
+    )
+    isolation: str = setting(
+        "auto",
+        "--isolation",
+        help="bwrap: require bubblewrap; none: run commands unconfined (default: {default})",
+        choices=ISOLATIONS,
+    )
 
-    # Storage: bytes and inodes, per run and in all.
-    max_storage: int = 10 * 1024**3
-    max_storage_inodes: int = 1_000_000
-    workdir_quota: int = 1024**3
-    workdir_inodes: int = 100_000
+    # Storage of one run and of all, in bytes and inodes.
+    workdir_quota: int = setting(1024**3, "--workdir-quota", parse_size, group="caps")
+    workdir_inodes: int = setting(
+        100_000,
+        "--workdir-inodes",
+        _positive_int,
+        "files and directories a saved working directory may hold (default {default})",
+        group="caps",
+        metavar="N",
+    )
+    max_storage_inodes: int = setting(
+        1_000_000,
+        "--max-storage-inodes",
+        _positive_int,
+        "files and directories of all stored environments together (default {default})",
+        group="caps",
+        metavar="N",
+    )
     # Uploads.
-    max_upload: int = 256 * 1024**2
-    max_archive_entries: int = 20_000
-    max_archive_bytes: int = 1024**3
+    max_upload: int = setting(256 * 1024**2, "--max-upload", parse_size, group="caps")
+    max_archive_entries: int = setting(20_000, "--max-archive-entries", int, group="caps")
+    max_archive_bytes: int = setting(1024**3, "--max-archive-bytes", parse_size, group="caps")
     max_config_bytes: int = 1024**2
-    max_parts: int = 8
     # Per request: stdout and stderr of all commands together, counted as JSON-escaped text;
     # the result file has its own bound.
-    max_output: int = 1024**2
-    max_result: int = 1024**2
-    max_processes: int = 256
-    memory_limit: int = 1024**3
-    cpu_limit: int = 60
+    max_output: int = setting(
+        1024**2,
+        "--max-output",
+        parse_size,
+        "bytes of stdout and stderr of all commands of one request together, counted after "
+        "JSON escaping (default {default})",
+        group="caps",
+    )
+    max_result: int = setting(
+        1024**2,
+        "--max-result",
+        parse_size,
+        "bytes of the result file sent back (default {default})",
+        group="caps",
+        metavar="SIZE",
+    )
+    # Each process of a run.
+    max_processes: int = setting(256, "--max-processes", int, group="caps")
+    memory_limit: int = setting(1024**3, "--memory-limit", parse_size, group="caps")
+    cpu_limit: int = setting(60, "--cpu-limit", int, "CPU seconds per process", group="caps")
     max_open_files: int = 1024
+    max_parts: int = setting(8, "--max-parts", int, group="caps")
     # Connections: a request's headers must arrive within header_timeout seconds of the
     # connection (or of the previous answer); an idle keep-alive connection is closed after
     # keepalive_timeout seconds.
-    header_timeout: float = 10.0
-    keepalive_timeout: float = 15.0
+    header_timeout: float = setting(
+        10.0,
+        "--header-timeout",
+        _positive_seconds,
+        "a request's line and headers must arrive within this time of the connection (or of "
+        "the request's first byte on a kept-alive connection), else it is closed "
+        "(default {default})",
+        group="connections",
+        metavar="SECONDS",
+    )
+    keepalive_timeout: float = setting(
+        15.0,
+        "--keepalive-timeout",
+        _positive_seconds,
+        "an idle kept-alive connection is closed after this time (default {default})",
+        group="connections",
+        metavar="SECONDS",
+    )
     # Unprivileged account the commands run as when the server runs as root.
     run_as: str = "nobody"
     sweep_interval: float = 60.0
@@ -80,5 +261,46 @@ class ServerSettings:
             raise ValueError("--execute-timeout must be a positive number of seconds")
         if self.expiration <= 0:
             raise ValueError("--expiration must be a positive number of seconds")
-        if self.isolation not in {"auto", "bwrap", "none"}:
+        if self.isolation not in ISOLATIONS:
             raise ValueError("--isolation must be auto, bwrap or none")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> ServerSettings:
+        """The settings ``args`` holds (parsed with :func:`add_setting_options`); ``overrides``
+        win over them and give the settings that have no option (the token, say)."""
+        values = {name: getattr(args, option.dest) for name, option in setting_options()}
+        return cls(**(values | overrides))
+
+
+def add_setting_options(
+    parser: argparse.ArgumentParser,
+    by_hand: Mapping[str, Callable[[argparse.ArgumentParser], None]] | None = None,
+) -> None:
+    """Add the option of every setting that has one, in the order of the fields.
+
+    ``by_hand`` maps a field to a function adding options written by hand, called at that
+    field's place so that ``--help`` lists them there (the token options, say).
+    """
+    defaults = ServerSettings()
+    by_hand = by_hand or {}
+    fields = dataclasses.fields(ServerSettings)
+    unknown = set(by_hand) - {field.name for field in fields}
+    if unknown:  # a misspelt name would silently drop options
+        raise ValueError(f"ServerSettings has no field {', '.join(sorted(unknown))}")
+    groups: dict[str | None, argparse._ActionsContainer] = {None: parser}
+    for field in fields:
+        if field.name in by_hand:
+            by_hand[field.name](parser)
+        option = field.metadata.get(_OPTION)
+        if option is None:
+            continue
+        if option.group not in groups:
+            groups[option.group] = parser.add_argument_group(option.group)
+        option.add_to(groups[option.group], getattr(defaults, field.name))
+
+
+def setting_options() -> Iterator[tuple[str, Option]]:
+    """The fields of :class:`ServerSettings` that have an option, with it (in help order)."""
+    for field in dataclasses.fields(ServerSettings):
+        if _OPTION in field.metadata:
+            yield field.name, field.metadata[_OPTION]

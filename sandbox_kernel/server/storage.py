@@ -334,7 +334,7 @@ def _work_area(root: Path, uid: int) -> Path:
         for leftover in shared.iterdir():
             if not _owned_by_live_server(leftover.name):
                 _remove(leftover)
-    if uid == os.geteuid() or _searchable(root, uid):
+    if uid == os.geteuid() or searchable_by(root, uid):
         os.chmod(root, 0o711)
         if shared is not None:
             own = _own_folder(shared / str(os.getpid()), 0o711)
@@ -422,7 +422,7 @@ def _link_to_base(entry: trees.Entry, base_folder: int) -> bool:
     return True
 
 
-def _searchable(path: Path, uid: int) -> bool:
+def searchable_by(path: Path, uid: int) -> bool:
     """Whether ``uid`` may traverse every parent of ``path`` (``path`` itself gets 0711)."""
     for directory in path.resolve().parents:
         info = directory.stat()

@@ -14,7 +14,7 @@ import dataclasses
 import re
 import secrets
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .. import protocol
@@ -166,17 +166,27 @@ class Session:
             "state (variables, functions, aliases, directory): this kernel did not save it there."
         )
 
-    def uploaded(self, environment: str, expire: str | None) -> None:
-        """The environment made by an upload of this session (``%sandbox_upload``) on top of
-        the current one: the next cell continues from it, shell state included (the upload
-        cannot have replaced the state file: archives may not write ``.sandbox_kernel/``, and
-        its name is random)."""
-        self.environment, self.expire = environment, expire
-        self._record_state()
+    def adopt(self, answer: Mapping[str, Any], state_file: str | None = None) -> bool:
+        """Continue from the environment an ``execute/`` answer saved (a cell's, an upload's):
+        the only writer of environment, expiry and state file after a run. False when the
+        answer names no environment; nothing changes then.
 
-    def _record_state(self) -> None:
-        if self.environment and self.state_file:
+        ``state_file``: the state file the run wrote (a completed cell's bookkeeping). Without
+        one, the current state file carries over: the run cannot have replaced it (a cell that
+        ended early never touches the previous one; an upload may not write
+        ``.sandbox_kernel/``, and the file's name is random). The records remember which state
+        file belongs to the new environment, for ``%sandbox_use``.
+        """
+        environment, expire = answer.get("environment"), answer.get("expire")
+        if not isinstance(environment, str) or not protocol.is_uuid(environment):
+            return False
+        self.environment = environment
+        self.expire = expire if isinstance(expire, str) else None
+        if state_file is not None:
+            self.state_file = state_file
+        if self.state_file:
             records.remember_state(self.client.url, self.environment, self.state_file)
+        return True
 
     def server_timeout(self) -> float | None:
         """The server's ``execute_timeout``, if it tells (cached specifications)."""
@@ -207,7 +217,7 @@ class Session:
             # URL, a proxy's page) keeps the environment.
             if self.environment is None or self.environment not in error.response.text:
                 return CellOutcome(error=_unreachable(error, self))
-            lost = self.reset()
+            lost = self.reset()  # the next run_cell's answer is adopted as usual
             outcome = self.run_cell(code, cancel=cancel, on_busy=on_busy)
             outcome.notices.insert(0, _lost_environment(lost))
             return outcome
@@ -238,11 +248,9 @@ class Session:
         self, answer: dict[str, Any], nonce: str, next_state: str, offset: int
     ) -> CellOutcome:
         outcome = CellOutcome(answer=answer)
-        if answer.get("environment"):  # saved whatever the outcome (contract)
-            self.environment = answer["environment"]
-            self.expire = answer.get("expire")
         executions = answer.get("execution") or []
         if not executions:
+            self.adopt(answer)  # saved whatever the outcome (contract)
             outcome.error = _sandbox_failure(answer.get("status"))
             return outcome
         entry = executions[0]
@@ -266,6 +274,8 @@ class Session:
         book = parse_bookkeeping(answer.get("result"), nonce)
         if book is not None and book.state != next_state:
             book = None  # not what this cell's script writes
+        # Saved whatever the outcome (contract).
+        self.adopt(answer, book.state if book is not None else None)
         if book is None:
             if self.environment:
                 outcome.notices.append(
@@ -278,11 +288,9 @@ class Session:
             outcome.state_saved = True
             self._remember(book)
             outcome.displays = self._fetch_displays(book, outcome)
-        self._record_state()
         return outcome
 
     def _remember(self, book: Bookkeeping) -> None:
-        self.state_file = book.state
         self.state = ShellState(
             cwd=book.cwd,
             files=book.files,

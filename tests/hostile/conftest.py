@@ -40,6 +40,7 @@ import pytest
 import requests
 
 from ..conftest import Server, descendants, processes_matching, wait_until
+from ..helpers import living
 
 MiB = 1024**2
 KiB = 1024
@@ -440,19 +441,6 @@ def _entries(directory: Path, prefix: str = "") -> list[str]:
         return []
 
 
-def _living(pids: list[int]) -> list[int]:
-    """Those of ``pids`` still running (a zombie waiting for init to reap it is dead)."""
-    alive = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z":
-            alive.append(pid)
-    return alive
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
@@ -505,8 +493,8 @@ def stop_and_check(hostile: Hostile) -> None:
     """Stop a hostile server: it must exit at once and leave no process and no cgroup."""
     tree = descendants(hostile.server.pid)
     hostile.server.stop()
-    assert wait_until(lambda: not _living(tree), 5), (
-        f"processes left after the server stopped: {[_cmdline(pid) for pid in _living(tree)]}"
+    assert wait_until(lambda: not living(tree), 5), (
+        f"processes left after the server stopped: {[_cmdline(pid) for pid in living(tree)]}"
     )
     assert wait_until(lambda: not any(path.exists() for path in hostile.cgroups), 5), (
         f"cgroups left after the server stopped: {hostile.cgroups}"

@@ -5,16 +5,16 @@ is written or shown."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from sandbox_kernel._errors import SandboxAnswerTooLarge
-from sandbox_kernel.session.connection import SandboxContext
+from sandbox_kernel.session.context import SandboxContext
 
 from ..conftest import KernelSession, Server
+from ..helpers import kernel_env
 from ..proxy import CountingProxy
 
 #: Bytes the proxy adds: a little (one more than announced) and a lot.
@@ -29,9 +29,7 @@ def inflating(server: Server) -> Iterator[CountingProxy]:
 
 
 def kernel_on(proxy: CountingProxy, server: Server, folder: Path) -> KernelSession:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_")}
-    env.update(SANDBOX_URL=proxy.url, SANDBOX_TOKEN=server.token or "")
-    return KernelSession(env, cwd=folder)
+    return KernelSession(kernel_env(proxy.url, server.token or ""), cwd=folder)
 
 
 @pytest.mark.parametrize("extra", INFLATIONS)

@@ -27,6 +27,7 @@ import pytest
 
 from sandbox_kernel.archive import ArchiveError, ArchiveLimits, extract_archive
 
+from ..helpers import member, tgz
 from .conftest import (
     MAX_ARCHIVE_BYTES,
     MAX_ENTRIES,
@@ -36,27 +37,6 @@ from .conftest import (
     new_marker,
     stop_and_check,
 )
-
-
-def member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.linkname = linkname
-    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
-    info.mtime = int(time.time())
-    return info
-
-
-def tgz(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.GNU_FORMAT) as archive:
-        for info, data in members:
-            if data is None:
-                archive.addfile(info)
-            else:
-                info.size = len(data)
-                archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def good(marker: str) -> tuple[tarfile.TarInfo, bytes]:

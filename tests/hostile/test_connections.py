@@ -36,6 +36,7 @@ import requests
 from sandbox_kernel.discovery import read_server_info, write_token_file
 
 from ..conftest import Server, descendants, wait_until
+from ..helpers import living
 from .conftest import Hostile, make_hostile, stop_and_check
 
 HEADER_TIMEOUT = 1.0
@@ -399,7 +400,7 @@ def limited_server(tmp_path: Path, soft: int, hard: int, *args: str) -> Iterator
             process.kill()
             process.wait()
         assert process.returncode == 0, f"the server ended with {process.returncode}"
-        assert wait_until(lambda: not [p for p in tree if Path(f"/proc/{p}").exists()], 10)
+        assert wait_until(lambda: not living(tree), 10)
 
 
 def own_descriptors(needed: int) -> None:

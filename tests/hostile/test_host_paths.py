@@ -35,9 +35,10 @@ import pytest
 from sandbox_kernel.client import Sandbox
 from sandbox_kernel.discovery import write_advertisement
 
+from ..helpers import kernel_env
 from ..proxy import CountingProxy
 from .conftest import Hostile
-from .test_page import FakeSandbox, FolderKernel, kernel_env
+from .test_page import FakeSandbox, FolderKernel
 
 Trial = Callable[[Callable[[str], None]], None]
 KERNEL_SWITCHES = ("c.SandboxKernel.allow_host_paths = True", "SANDBOX_ALLOW_HOST_PATHS=1")

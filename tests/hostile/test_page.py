@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 import queue
 import re
 import threading
@@ -35,6 +34,7 @@ import pytest
 
 from .. import test_panel_browser as browser_harness
 from ..conftest import KernelSession
+from ..helpers import kernel_env
 from ..test_panel_browser import (
     Lab,
     notebook_panel,
@@ -73,8 +73,30 @@ FRAME = re.compile(
 SAFE_LINK = re.compile(r"(?:https?://|mailto:)", re.IGNORECASE)
 #: Tags our own HTML (tables, lines, the panel's views) may contain; attributes: style only,
 #: plus the panel's images and load plot.
-OWN_TAGS = {"table", "caption", "thead", "tbody", "tr", "th", "td", "code", "b", "i", "pre", "div"}
+OWN_TAGS = {
+    "table",
+    "caption",
+    "thead",
+    "tbody",
+    "tr",
+    "th",
+    "td",
+    "code",
+    "b",
+    "i",
+    "pre",
+    "div",
+    "p",
+    "span",
+}
 OWN_ATTRIBUTES = {"style"}
+#: The load chart (``render.load_chart``): its tags and their attributes, all our own.
+CHART_TAGS = {"svg", "title", "line", "text", "tspan", "polygon", "polyline", "rect"}
+CHART_ATTRIBUTES = {
+    "width", "height", "viewbox", "role", "xmlns", "fill", "fill-opacity", "stroke",
+    "stroke-width", "stroke-dasharray", "points", "x", "y", "x1", "y1", "x2", "y2", "dx",
+    "text-anchor",
+}  # fmt: skip
 
 
 # -- helpers shared with the other front-end tests ------------------------------------------------
@@ -87,17 +109,6 @@ class FolderKernel(KernelSession):
     def __init__(self, env: dict[str, str], folder: Path) -> None:
         self.folder = folder
         super().__init__(env, cwd=folder)
-
-
-def kernel_env(url: str | None, token: str | None, **extra: str) -> dict[str, str]:
-    """This process's environment for a kernel: ``SANDBOX_URL``/``SANDBOX_TOKEN`` as given."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_")}
-    if url is not None:
-        env["SANDBOX_URL"] = url
-    if token is not None:
-        env["SANDBOX_TOKEN"] = token
-    env.update(extra)
-    return env
 
 
 def fixture_body(name: str) -> Any:
@@ -462,13 +473,11 @@ def own_html_problems(text: str) -> list[str]:
     """Tags or attributes in our own HTML that a server's string could have brought."""
     problems = []
     for tag, attributes in tags_of(text):
-        if tag not in OWN_TAGS | {"svg", "polyline", "img"}:
+        if tag not in OWN_TAGS | CHART_TAGS | {"img"}:
             problems.append(f"<{tag}> in {text[:200]!r}")
-        allowed = OWN_ATTRIBUTES | (
-            {"width", "height", "fill", "stroke", "stroke-width", "points"}
-            if tag in ("svg", "polyline")
-            else set()
-        )
+        allowed = OWN_ATTRIBUTES | (CHART_ATTRIBUTES if tag in CHART_TAGS else set())
+        if tag == "th":
+            allowed = allowed | {"scope"}
         if tag == "img":
             src = attributes.get("src") or ""
             if not src.startswith("data:image/"):

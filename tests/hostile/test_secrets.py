@@ -35,6 +35,7 @@ import requests
 from sandbox_kernel.discovery import read_server_info, read_token_file
 
 from ..conftest import KernelSession, Server, descendants, processes_matching, wait_until
+from ..helpers import kernel_env
 
 CLI = [sys.executable, "-m", "sandbox_kernel.cli"]
 AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
@@ -296,7 +297,7 @@ def test_serve_token_on_the_command_line_is_visible_as_documented(
 @pytest.mark.parametrize("command", ["serve", "run", "lab", "demo"])
 def test_help_warns_about_token_on_the_command_line(command: str) -> None:
     done = subprocess.run([*CLI, command, "--help"], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+                          env=kernel_env(COLUMNS="200"))  # fmt: skip
     assert done.returncode == 0, done.stderr
     text = " ".join(done.stdout.split())
     assert "--token-file PATH" in text

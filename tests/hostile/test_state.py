@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from ..conftest import Cell, KernelSession, Server
+from ..helpers import kernel_env
 from .conftest import new_marker
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -34,15 +35,12 @@ PLANTED = {
 def notebook_kernel(
     kernelspec: str, server: Server, tmp_path: Path
 ) -> Iterator[Callable[[], KernelSession]]:
-    import os
-
     started: list[KernelSession] = []
     folder = tmp_path / "notebook"
     folder.mkdir()
 
     def start() -> KernelSession:
-        env = dict(os.environ, SANDBOX_URL=server.url, SANDBOX_TOKEN=server.token or "")
-        kernel = KernelSession(env, cwd=folder)
+        kernel = KernelSession(kernel_env(server.url, server.token or ""), cwd=folder)
         started.append(kernel)
         return kernel
 

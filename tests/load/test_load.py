@@ -26,6 +26,7 @@ import pytest
 from sandbox_kernel.client import Sandbox
 
 from ..conftest import Cell, KernelSession, Server, descendants, processes_matching, wait_until
+from ..helpers import living
 
 StartKernel = Callable[..., KernelSession]
 StartServer = Callable[..., Server]
@@ -255,7 +256,7 @@ def test_many_kernels_share_a_small_server(
     for kernel in kernels:
         kernel.stop()
     server.stop()
-    assert wait_until(lambda: not [p for p in running if Path(f"/proc/{p}").exists()], 10)
+    assert wait_until(lambda: not living(running), 10)
     assert not processes_matching(MARK)
     assert not workdirs.exists(), f"{workdirs} left after the server stopped"
     assert not staging.exists(), f"{staging} left after the server stopped"

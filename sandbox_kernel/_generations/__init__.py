@@ -1,0 +1,86 @@
+"""Server generations: the only place that knows how each one words its answers.
+
+The client fetches ``specifications/``, ``usages/`` and ``libraries/``; this package checks them
+(:mod:`._schema`) and turns them into typed facts (:mod:`._facts`): :class:`Specs`,
+:class:`Load`, :class:`Inventory`. Nothing here does I/O, so every transport (the synchronous
+client, an asyncio one) shares it. A new server generation is one module beside :mod:`.v2`
+and :mod:`.v3` (``GENERATION``, ``NEEDS_USAGES``, ``matches``, ``specs``, ``load``,
+``setting``), listed in :data:`_GENERATIONS`, newest first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+from . import v2, v3
+from ._facts import (
+    CATEGORIES,
+    CATEGORY_NAMES,
+    NO_LIMIT,
+    Host,
+    Inventory,
+    Isolation,
+    Library,
+    Load,
+    RunLimits,
+    Specs,
+    matches,
+)
+from ._read import inventory as read_inventory
+from ._schema import checked
+
+__all__ = [
+    "CATEGORIES",
+    "CATEGORY_NAMES",
+    "NO_LIMIT",
+    "Host",
+    "Inventory",
+    "Isolation",
+    "Library",
+    "Load",
+    "RunLimits",
+    "Specs",
+    "checked",
+    "container_setting",
+    "generation_of",
+    "matches",
+    "needs_usages",
+    "read_inventory",
+    "read_load",
+    "read_specs",
+]
+
+#: Newest first: the first whose ``matches`` accepts an answer reads it.
+_GENERATIONS: tuple[ModuleType, ...] = (v3, v2)
+
+
+def generation_of(specs: Mapping[str, Any]) -> ModuleType:
+    """The module that reads a server whose ``specifications/`` answered ``specs``."""
+    return next(module for module in _GENERATIONS if module.matches(specs))
+
+
+def read_specs(specs: Mapping[str, Any]) -> Specs:
+    """Typed facts of a (checked) ``specifications/`` answer."""
+    result: Specs = generation_of(specs).specs(specs)
+    return result
+
+
+def read_load(specs: Mapping[str, Any], usages: Mapping[str, Any] | None) -> Load:
+    """The load from a (checked) ``specifications/`` answer and, on generations that need it
+    (``NEEDS_USAGES``), a fresh ``usages/`` answer."""
+    result: Load = generation_of(specs).load(specs, usages)
+    return result
+
+
+def container_setting(specs: Mapping[str, Any], key: str) -> Any:
+    """A per-container setting of a (checked) ``specifications/`` answer, as the server wrote
+    it: the raw attributes of the sandbox-api client (``s.cpu``, ``s.memory``...)."""
+    return generation_of(specs).setting(specs, key)
+
+
+def needs_usages(specs: Mapping[str, Any]) -> bool:
+    """Whether the load of this server is in ``usages/`` (else ``specifications/`` tells it,
+    and must be fetched anew for a fresh load)."""
+    return bool(generation_of(specs).NEEDS_USAGES)
