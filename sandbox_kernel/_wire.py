@@ -26,7 +26,7 @@ from ._errors import (
     error_for_status,
 )
 from ._generations import checked
-from .protocol import OVERLOADED_TEXT, environment_path, file_path, validate_config
+from .protocol import EXECUTE, OVERLOADED_TEXT, environment_path, file_path, validate_config
 
 #: Added to the server's ``execute_timeout`` for the deadline of ``execute/``: the server
 #: answers after the commands' budget, plus the time to prepare and save the environment.
@@ -147,9 +147,11 @@ def facts_answer(endpoint: str, answer: Answer, base: str) -> dict[str, Any]:
 
 
 def execute_answer(answer: Answer, base: str) -> dict[str, Any]:
-    """The JSON of an ``execute/`` answer (a 503 is the caller's to retry first)."""
+    """The checked JSON of an ``execute/`` answer (a 503 is the caller's to retry first): a
+    field of the wrong type (``"exit_code": "x"``) raises :class:`SandboxProtocolError`
+    naming it, so that what reads the answer can trust its types."""
     raise_for_status(answer)
-    return json_object(answer, base)
+    return checked(EXECUTE, json_object(answer, base), base)
 
 
 def announced_size(answer: Answer, base: str) -> int:

@@ -101,6 +101,7 @@ __all__ = [
     "Sandbox",
     "Specs",
     "cancel_scope",
+    "scope_cancelled",
     "validate",
 ]
 __all__ += _errors.__all__
@@ -200,6 +201,12 @@ def cancel_scope(cancellation: Cancellation) -> Iterator[Cancellation]:
         yield cancellation
     finally:
         _SCOPE.reset(token)
+
+
+def scope_cancelled() -> bool:
+    """Whether a ``cancel_scope`` this thread is in was cancelled (for a caller waiting on
+    work done elsewhere, which must stop waiting at an interrupt too)."""
+    return _any_cancelled(_SCOPE.get())
 
 
 def _cancellations(extra: Cancellation | None) -> tuple[Cancellation, ...]:
@@ -685,10 +692,12 @@ class Sandbox:
         Asked anew on every call: ``usages/`` on servers that tell the load there (3.x, ~2 s
         on the public server), else ``specifications/`` (2.x), whose answer is kept as well.
         """
+        fresh = SPECIFICATIONS not in self._cache
         specs = self._category(SPECIFICATIONS)
         if needs_usages(specs):
             return read_load(specs, self.usages())
-        specs = self._cache[SPECIFICATIONS] = self._get_json(SPECIFICATIONS)
+        if not fresh:
+            specs = self._cache[SPECIFICATIONS] = self._get_json(SPECIFICATIONS)
         return read_load(specs, None)
 
     def inventory(self, *, refresh: bool = False) -> Inventory:
@@ -703,6 +712,9 @@ class Sandbox:
         """``{"total", "running", "available"}`` containers, asked anew on every access
         (:meth:`load`)."""
         load = self.load()
+        told = container_setting(self._cache[SPECIFICATIONS], "containers")
+        if isinstance(told, Mapping) and not needs_usages(self._cache[SPECIFICATIONS]):
+            return dict(told)  # 2.x tells all three itself
         if load.total is None and load.busy is None:
             return None
         known = load.total is not None and load.busy is not None

@@ -28,8 +28,9 @@ from IPython.display import publish_display_data
 
 from . import magics
 from .session import CellOutcome
-from .session.connection import IPYTHON_SWITCH, HostPathRefused
 from .session.context import OperationFailed, SandboxContext
+from .session.local_paths import IPYTHON_SWITCH, HostPathRefused
+from .settings import IPYTHON_NAMES
 from .views import render
 from .views.render import Bundle
 
@@ -40,7 +41,9 @@ def context_of(shell: InteractiveShell) -> SandboxContext:
     """The sandbox context of this IPython shell (connected on first use)."""
     context = _CONTEXTS.get(id(shell))
     if context is None:
-        context = _CONTEXTS[id(shell)] = SandboxContext(host_paths_switch=IPYTHON_SWITCH)
+        context = _CONTEXTS[id(shell)] = SandboxContext(
+            names=IPYTHON_NAMES, host_paths_switch=IPYTHON_SWITCH
+        )
         context.teaching_prefix = "sandbox_"
         atexit.register(context.close)
     return context
@@ -88,7 +91,8 @@ def _adapter(shell: InteractiveShell, magic: magics.Magic) -> Any:
 
 def _shown(value: Any, bundles: list[Bundle]) -> Any:
     """``value``, displaying as the magic's bundle when it is the only one: one output, and
-    ``x = %magic`` still gives the value (a dict, a list, a typed fact...)."""
+    ``x = %magic`` still gives the value (a dict, a list, a typed fact...). A magic with
+    several bundles has them displayed and gives None (none of the magics has today)."""
     if value is not None and len(bundles) == 1:
         shown = _displaying(value, bundles[0])
         if shown is not None:

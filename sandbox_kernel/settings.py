@@ -15,6 +15,7 @@ import enum
 import math
 import os
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 from ._errors import SandboxConfigError
 from ._wire import normalise_url
@@ -43,6 +44,10 @@ class SettingNames:
     side_timeout: str = "the side timeout given"
 
 
+IPYTHON_NAMES = SettingNames(
+    "SANDBOX_URL", "SANDBOX_TOKEN", "%env SANDBOX_TIMEOUT=SECONDS (before the first magic)",
+    "%env SANDBOX_SIDE_TIMEOUT=SECONDS (before the first magic)",
+)  # fmt: skip
 KERNEL_NAMES = SettingNames(
     "c.SandboxKernel.url", "c.SandboxKernel.token", "c.SandboxKernel.timeout",
     "c.SandboxKernel.side_timeout",
@@ -64,6 +69,8 @@ class SandboxSettings:
     source: Source = Source.EXPLICIT
     #: How the user changes ``timeout`` (named in the error of a request past it).
     timeout_setting: str = "SANDBOX_TIMEOUT"
+    #: How the user changes ``side_timeout``.
+    side_timeout_setting: str = "SANDBOX_SIDE_TIMEOUT or SANDBOX_TIMEOUT"
     #: The advertised server, when the URL is one (``started_by`` says who started it).
     advertised: ServerInfo | None = None
 
@@ -111,11 +118,15 @@ def resolve(
     :class:`LookupError`). Raises :class:`SandboxConfigError` naming a malformed setting."""
     env = os.environ if environ is None else environ
     timeout_value, timeout_setting = _timeout(timeout, names.timeout, env, "SANDBOX_TIMEOUT")
-    side_value, _ = _timeout(side_timeout, names.side_timeout, env, "SANDBOX_SIDE_TIMEOUT")
+    side_value, side_setting = _timeout(
+        side_timeout, names.side_timeout, env, "SANDBOX_SIDE_TIMEOUT"
+    )
     times = {
         "timeout": timeout_value or DEFAULT_TIMEOUT,
         "side_timeout": side_value or timeout_value or DEFAULT_TIMEOUT,
         "timeout_setting": timeout_setting,
+        # Side requests follow the timeout unless they have their own.
+        "side_timeout_setting": side_setting if side_value is not None else timeout_setting,
     }
     given_token = token or env.get("SANDBOX_TOKEN") or None  # "" means no token
     if url:
@@ -175,3 +186,17 @@ def _advertised(url: str) -> ServerInfo | None:
         except SandboxConfigError:
             continue
     return None
+
+
+def same_origin(first: str, second: str) -> bool:
+    """Scheme, host and port equal (the default port of the scheme when none is given)."""
+    try:
+        a, b = urlsplit(first.strip()), urlsplit(second.strip())
+        ports = {"http": 80, "https": 443}
+        return (
+            a.scheme.lower() == b.scheme.lower()
+            and (a.hostname or "") == (b.hostname or "")
+            and (a.port or ports.get(a.scheme.lower())) == (b.port or ports.get(b.scheme.lower()))
+        )
+    except ValueError:  # a port that is not a number
+        return False

@@ -44,6 +44,7 @@ from sandbox_kernel.client import (
     validate,
 )
 from sandbox_kernel.protocol import OVERLOADED_TEXT
+from sandbox_kernel.session import Session
 
 FIXTURES = Path(__file__).parent / "fixtures"
 UUID = "e9c28df3-5b06-4deb-a494-61f687cb22ba"
@@ -752,3 +753,27 @@ def test_connections_are_reused(fake: FakeSandbox) -> None:
     for _ in range(3):
         s.specifications()
     assert len({seen.client_port for seen in fake.seen}) == 1
+
+
+@pytest.mark.parametrize(
+    ("answer", "field"),
+    [
+        ({"status": 0, "execution": [{"exit_code": "x"}]}, r"execution\[0\]\.exit_code"),
+        ({"status": 0, "execution": "abc"}, "execution"),
+        ({"status": 0, "execution": ["abc"]}, r"execution\[0\]"),
+        ({"status": "ok", "execution": []}, "status"),
+        ({"status": 0, "environment": 5.5}, "environment"),
+    ],
+)
+def test_a_malformed_execute_answer_names_its_field(
+    fake: FakeSandbox, answer: dict[str, Any], field: str
+) -> None:
+    """What reads an execute/ answer (the session, run) can trust its types: a wrong one is
+    one SandboxProtocolError naming the field, not a ValueError in a cell."""
+    fake.on("POST", "/execute/", reply(200, answer))
+    with pytest.raises(SandboxProtocolError, match=f"execute/ answered {field}"):
+        sandbox(fake).execute({"commands": ["true"]})
+    session = Session(sandbox(fake))
+    outcome = session.run_cell("true")
+    assert outcome.error is not None and "execute/ answered" in outcome.error.evalue
+    assert outcome.error.ename != "InternalError" and session.environment is None

@@ -165,7 +165,7 @@ def test_the_libraries_tab_starts_on_the_tools_and_the_categories(
         labels = [label for label, _ in panel.category.options]
         assert labels[0] == f"all · {sum(counts.values())}"
         for category in CATEGORIES:
-            assert f"{render.CATEGORY_NAMES[category]} · {counts[category]}" in labels
+            assert f"{render.CATEGORY_LABELS[category]} · {counts[category]}" in labels
         start = text_of(panel.library_list.value)
         assert "Main tools" in start and f"python3 {inventory.tools['python3']}" in start
         assert f"executables {counts['bin']}" in start

@@ -23,7 +23,8 @@ NO_LIMIT: Final = -1
 class Isolation:
     """How our embedded server isolates commands (``container.isolation``, an extension)."""
 
-    isolated: bool
+    #: None when the server does not say.
+    isolated: bool | None
     method: str | None = None
     cgroups: str | None = None
     network: bool | None = None
@@ -72,11 +73,6 @@ class Specs:
     host: Host | None = None
     isolation: Isolation | None = None
     environ: Mapping[str, str] | None = None
-    #: The load as told by ``specifications/`` itself (2.x); None when ``usages/`` tells it.
-    load: Load | None = None
-    #: The sandbox-api attributes ``memory`` and ``cpu`` as the server wrote them.
-    memory_settings: Mapping[str, Any] | None = None
-    cpu_settings: Mapping[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,13 +108,23 @@ class Library:
 
 #: Every category of an inventory, libraries then executables.
 CATEGORIES: Final = (*LIBRARY_CATEGORIES, EXECUTABLES)
-#: What one entry of each category is, in words.
-CATEGORY_NAMES: Final[Mapping[str, str]] = {
-    "system": "system package",
-    "python": "Python module",
-    "perl": "Perl module",
-    "c": "C library",
-    EXECUTABLES: "executable",
+
+
+@dataclasses.dataclass(frozen=True)
+class CategoryName:
+    """How an entry of a category is called, one and many (``C library``, ``C libraries``)."""
+
+    one: str
+    many: str
+
+
+#: The words for each category, on screen and in completion.
+CATEGORY_NAMES: Final[Mapping[str, CategoryName]] = {
+    "system": CategoryName("system package", "system packages"),
+    "python": CategoryName("Python module", "Python modules"),
+    "perl": CategoryName("Perl module", "Perl modules"),
+    "c": CategoryName("C library", "C libraries"),
+    EXECUTABLES: CategoryName("executable", "executables"),
 }
 assert set(CATEGORY_NAMES) == set(CATEGORIES), "every category needs its name"
 

@@ -57,9 +57,9 @@ def size(value: object) -> int | None:
 def isolation(value: object) -> Isolation | None:
     if not isinstance(value, Mapping):
         return None
-    network = value.get("network")
+    network, isolated = value.get("network"), value.get("isolated")
     return Isolation(
-        isolated=bool(value.get("isolated", False)),
+        isolated=isolated if isinstance(isolated, bool) else None,
         method=text(value.get("method")),
         cgroups=text(value.get("cgroups")),
         network=network if isinstance(network, bool) else None,
@@ -123,7 +123,8 @@ def inventory(answer: Mapping[str, Any]) -> Inventory:
     system = found.get("system", {})
     tools: dict[str, str | None] = {}
     for tool, packages in TOOL_PACKAGES.items():
-        tools[tool] = text(answer.get(tool)) or _from_packages(system, packages)
+        given = text(answer.get(tool))
+        tools[tool] = (None if given == "?" else given) or _from_packages(system, packages)
     raw, names = executables(answer)
     return Inventory(libraries=found, executables=names, tools=tools, raw_executables=raw)
 

@@ -1,4 +1,4 @@
-"""Type checks of the answers of ``specifications/``, ``usages/`` and ``libraries/``.
+"""Type checks of the answers of ``execute/``, ``specifications/``, ``usages/`` and ``libraries/``.
 
 Every answer is checked before any reader looks at it, so that a field of the wrong type
 (``"cpu": {"usage": "lots"}``) raises one :class:`SandboxProtocolError` naming the endpoint and
@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final, NamedTuple
 
 from .._errors import SandboxProtocolError
-from ..protocol import EXECUTABLES, LIBRARIES, SPECIFICATIONS, USAGES
+from ..protocol import EXECUTABLES, EXECUTE, LIBRARIES, SPECIFICATIONS, USAGES
 
 
 class Kind(NamedTuple):
@@ -34,6 +34,7 @@ def is_whole(value: object) -> bool:
 NUMBER: Final = Kind(is_number, "a number")
 WHOLE: Final = Kind(is_whole, "a whole number")
 COUNT: Final = Kind(lambda value: is_whole(value) and value >= 0, "a whole number, 0 or more")  # type: ignore[operator]
+STRING: Final = Kind(lambda value: isinstance(value, str), "a string")
 TEXT: Final = Kind(lambda value: isinstance(value, str) or is_number(value), "text")
 BOOLEAN: Final = Kind(lambda value: isinstance(value, bool), "true or false")
 BYTES: Final = Kind(lambda value: is_whole(value) and value >= 0, "a number of bytes")  # type: ignore[operator]
@@ -51,10 +52,17 @@ NAMES: Final = Kind(
     "a list of names",
 )
 
-#: A schema maps a field to its kind, or to the schema of the object it must hold; ``"*"``
-#: stands for every field of that object. ``None`` is always accepted: the server does not
-#: tell. Only the fields that the readers use are listed.
-Schema = Mapping[str, "Kind | Schema"]
+
+class Items(NamedTuple):
+    """A list whose every item is an object of ``schema`` (``execution`` of ``execute/``)."""
+
+    schema: Schema
+
+
+#: A schema maps a field to its kind, to the schema of the object it must hold, or to
+#: :class:`Items`; ``"*"`` stands for every field of that object. ``None`` is always accepted:
+#: the server does not tell. Only the fields that the readers use are listed.
+Schema = Mapping[str, "Kind | Items | Schema"]
 
 _SIZES: Final[Schema] = {"*": BYTES}
 #: Settings of one container: under ``container`` on 3.x, at the top level on 2.x.
@@ -93,6 +101,15 @@ SCHEMAS: Final[Mapping[str, Schema]] = {
             "working_dir_device": TEXT,
         },
     },
+    EXECUTE: {
+        "status": WHOLE,
+        "environment": STRING,
+        "expire": STRING,
+        "result": STRING,
+        "execution": Items(
+            {"exit_code": WHOLE, "stdout": STRING, "stderr": STRING, "time": NUMBER}
+        ),
+    },
     USAGES: {
         "cpu": {"frequency": NUMBER, "usage": NUMBER, "usage_avg": NUMBERS},
         "memory": {"ram": BYTES, "swap": BYTES, "storage": _SIZES},
@@ -130,10 +147,21 @@ def _check_fields(
             if isinstance(kind, Kind):
                 if not kind.accepts(field):
                     raise malformed(endpoint, where, field, kind.expected, base)
+            elif isinstance(kind, Items):
+                _check_items(endpoint, field, kind.schema, where, base)
             elif isinstance(field, Mapping):
                 _check_fields(endpoint, field, kind, f"{where}.", base)
             else:
                 raise malformed(endpoint, where, field, "an object", base)
+
+
+def _check_items(endpoint: str, value: object, schema: Schema, where: str, base: str) -> None:
+    if not isinstance(value, list):
+        raise malformed(endpoint, where, value, "a list", base)
+    for index, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            raise malformed(endpoint, f"{where}[{index}]", item, "an object", base)
+        _check_fields(endpoint, item, schema, f"{where}[{index}].", base)
 
 
 def malformed(

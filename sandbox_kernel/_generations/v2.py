@@ -37,9 +37,6 @@ def specs(answer: Mapping[str, Any]) -> Specs:
         ),
         isolation=_read.isolation(answer.get("isolation")),
         environ=_read.mapping(answer.get("environ")),
-        load=load(answer, None),
-        memory_settings=_read.mapping(answer.get("memory")),
-        cpu_settings=_read.mapping(answer.get("cpu")),
     )
 
 

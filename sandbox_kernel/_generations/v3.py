@@ -21,15 +21,16 @@ def matches(specs: Mapping[str, Any]) -> bool:
 
 def specs(answer: Mapping[str, Any]) -> Specs:
     host, container = _read.section(answer, "host"), _read.section(answer, "container")
-    memory, cpu = _read.section(container, "memory"), _read.section(container, "cpu")
+    memory = _read.section({"memory": setting(answer, "memory")}, "memory")
+    cpu = _read.section({"cpu": setting(answer, "cpu")}, "cpu")
     host_cpu, host_memory = _read.section(host, "cpu"), _read.section(host, "memory")
     return Specs(
         generation=GENERATION,
-        sandbox_version=_read.text(host.get("sandbox_version")),
-        docker_version=_read.text(host.get("docker_version")),
+        sandbox_version=_read.text(_host_fact(answer, "sandbox_version")),
+        docker_version=_read.text(_host_fact(answer, "docker_version")),
         containers=_read.integer(container.get("count")),
-        execute_timeout=_read.number(container.get("execute_timeout")),
-        expiration=_read.integer(container.get("expiration")),
+        execute_timeout=_read.number(setting(answer, "execute_timeout")),
+        expiration=_read.integer(setting(answer, "expiration")),
         limits=RunLimits(
             ram=_read.size(memory.get("ram")),
             swap=_read.size(memory.get("swap")),
@@ -52,11 +53,15 @@ def specs(answer: Mapping[str, Any]) -> Specs:
         )
         if host
         else None,
-        isolation=_read.isolation(container.get("isolation")),
-        environ=_read.mapping(container.get("environ")),
-        memory_settings=_read.mapping(container.get("memory")),
-        cpu_settings=_read.mapping(container.get("cpu")),
+        isolation=_read.isolation(setting(answer, "isolation")),
+        environ=_read.mapping(setting(answer, "environ")),
     )
+
+
+def _host_fact(answer: Mapping[str, Any], key: str) -> Any:
+    """A fact of the host: under ``host``, or at the top level (as sandbox-api read it)."""
+    host = _read.section(answer, "host")
+    return host[key] if key in host else answer.get(key)
 
 
 def load(specs: Mapping[str, Any], usages: Mapping[str, Any] | None) -> Load:

@@ -186,7 +186,7 @@ def _describe(name: str, known: Knowledge) -> list[str]:
         if name in entries:
             version = entries[name]
             told = f", version {version}" if version else ""
-            lines.append(f"{name}: {CATEGORY_NAMES[category]}{told}")
+            lines.append(f"{name}: {CATEGORY_NAMES[category].one}{told}")
     if not lines and known.executables:
         lines.append(f"{name}: not found in the sandbox (no such command or library)")
     return lines

@@ -36,8 +36,8 @@ from .._errors import SandboxError
 from ..client import Cancellation, cancel_scope
 from ..magics.cells import split_cell
 from ..session import CellError, CellOutcome, ShellState, records
-from ..session.connection import KERNEL_SWITCH, HostPathRefused
 from ..session.context import OperationFailed, SandboxContext
+from ..session.local_paths import KERNEL_SWITCH, HostPathRefused
 from ..settings import KERNEL_NAMES
 from ..views import render
 from ..views.render import Bundle
@@ -166,7 +166,7 @@ class SandboxKernel(Kernel):
             return "\n".join([*lines, f"The sandbox did not answer within {_BANNER_WAIT:g} s."])
         if specs.sandbox_version:
             lines.append(f"Sandbox version {specs.sandbox_version}.")
-        if specs.isolation is not None and not specs.isolation.isolated:
+        if specs.isolation is not None and specs.isolation.isolated is False:
             lines.append("NOT ISOLATED: commands can read and write the server's machine.")
         return "\n".join(lines)
 
@@ -395,8 +395,8 @@ class SandboxKernel(Kernel):
         if record is None:
             return []
         return [
-            f"This notebook last used the sandbox environment {record['environment']} "
-            f"(expires {record.get('expire') or 'unknown'}). This kernel starts a fresh one; "
+            f"This notebook last used the sandbox environment {record['environment']}"
+            f"{_lifetime(record.get('expire'))}. This kernel starts a fresh one; "
             f"to continue with those files and shell state, run: %sandbox_use "
             f"{record['environment']}"
         ]
@@ -480,8 +480,17 @@ class SandboxKernel(Kernel):
                 "restarting" if restart else "shutting down",
                 self.sandbox.session.environment,
             )
+        for panel in list(self.sandbox.panels):  # their polling tasks live on this loop
+            with contextlib.suppress(Exception):
+                panel.close()
         await asyncio.to_thread(self.sandbox.close)
         return {"status": "ok", "restart": restart}
+
+
+def _lifetime(expire: object) -> str:
+    """`` (expires in 23 h)`` from a recorded ``expire``; nothing when it is not known."""
+    text = render.expires_text(expire if isinstance(expire, str) else None)
+    return f" ({text})" if text else ""
 
 
 def _interrupted_magic(written: str) -> CellError:

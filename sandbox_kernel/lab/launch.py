@@ -59,10 +59,11 @@ def _run_lab(
     args: argparse.Namespace, sandbox_token: str | None, stack: contextlib.ExitStack
 ) -> int:
     found = found_sandbox(args.url, sandbox_token)
+    folder, notes = open_folder(args.dir)  # a bad --dir fails before anything is made
     logs = Path(tempfile.mkdtemp(prefix="sandbox-kernel-lab-"))  # mode 0700, logs kept
+    stack.callback(_remove_if_empty, logs)
     box = LabSandbox(found) if found is not None else start_advertised_server(logs, stack)
     spec = ensure_kernelspec()
-    folder, notes = open_folder(args.dir)
     token = secrets.token_hex(16)
     token_file = logs / "jupyterlab-token"
     write_token_file(token_file, token)
@@ -86,6 +87,12 @@ def _run_lab(
     say(f"JupyterLab: {url.rstrip('/')}/lab?token={token}{moved}\n"
          f"Ctrl-C (or SIGTERM, SIGHUP) stops {what}.")  # fmt: skip
     return _wait(process, log_path)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """The logs folder stays only when something was logged in it."""
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def _wait(process: subprocess.Popen[bytes], log_path: Path) -> int:

@@ -32,6 +32,8 @@ from collections.abc import Iterable
 STATE_DIR = ".sandbox_kernel"
 RESULT_PATH = f"{STATE_DIR}/result"
 DISPLAY_DIR = f"{STATE_DIR}/display"
+#: Entries of the current directory the bookkeeping lists at most (completion, the panel).
+LISTED_ENTRIES = 500
 START, END = "\x02", "\x03"
 
 #: Shell variables that belong to bash (or to this script) and are never saved.
@@ -114,7 +116,7 @@ __sk_save() {
         printf '#files\n'
         shopt -s nullglob dotglob
         __sk_entries=(*)
-        for __sk_name in "${__sk_entries[@]:0:500}"; do
+        for __sk_name in "${__sk_entries[@]:0:@LISTED@}"; do
             [ -d "$__sk_name" ] && printf '%s/\n' "$__sk_name" || printf '%s\n' "$__sk_name"
         done
         printf '#variables\n'
@@ -203,6 +205,7 @@ def build_script(
         .replace("@NEXT@", shlex.quote(next_state))
         .replace("@SKIP@", _BASH_VARIABLES)
         .replace("@STATE_DIR@", STATE_DIR)
+        .replace("@LISTED@", str(LISTED_ENTRIES))
     )
     return f"{prologue.lstrip()}{code}\n"
 

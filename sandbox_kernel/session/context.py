@@ -25,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import contextvars
+import dataclasses
 import os
 import posixpath
 import secrets
@@ -33,10 +34,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .._errors import SandboxConfigError, SandboxError
+from .._errors import SandboxCancelled, SandboxConfigError, SandboxError
 from .._generations import Inventory, Load, Specs
 from ..archive import ArchiveError, build_archive
-from ..client import Sandbox
+from ..client import Sandbox, scope_cancelled
 from ..protocol import WORKING_DIR
 from ..settings import (
     COMMAND_NAMES,
@@ -44,17 +45,17 @@ from ..settings import (
     SandboxSettings,
     SettingNames,
     resolve,
-)
-from .cellscript import STATE_DIR
-from .connection import (
-    IPYTHON_SWITCH,
-    HostPathRefused,
-    host_paths_allowed_by_environment,
     same_origin,
 )
+from .cellscript import STATE_DIR
+from .local_paths import IPYTHON_SWITCH, HostPathRefused, host_paths_allowed_by_environment
 from .session import Session
 
 _T = TypeVar("_T")
+#: Seconds between two looks at an interrupt while waiting for the worker.
+_POLL = 0.05
+#: The user's timeouts, kept across ``%sandbox_connect``.
+_TIMEOUT_VARIABLES = ("SANDBOX_TIMEOUT", "SANDBOX_SIDE_TIMEOUT")
 
 
 class OperationFailed(Exception):
@@ -71,7 +72,7 @@ class Connection:
         self.client = Sandbox(settings.url, timeout=settings.timeout, token=settings.token,
                               timeout_setting=settings.timeout_setting)  # fmt: skip
         self.side = Sandbox(settings.url, timeout=settings.side_timeout, token=settings.token,
-                            timeout_setting=settings.timeout_setting)  # fmt: skip
+                            timeout_setting=settings.side_timeout_setting)  # fmt: skip
 
     def close(self) -> None:
         self.client.close()
@@ -112,6 +113,7 @@ class SandboxContext:
         self._configured: SandboxSettings | None = None
         self._session: Session | None = None
         self._problem: str | None = None
+        self._closed = False
         self._lock = threading.Lock()
         self._worker = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="sandbox-side"
@@ -137,6 +139,8 @@ class SandboxContext:
         cannot be used (:attr:`problem`)."""
         with self._lock:
             if self._connection is None:
+                if self._closed:  # never start a server for a context that was closed
+                    raise OperationFailed("This notebook's sandbox connection was closed.")
                 if self._problem is not None:
                     raise OperationFailed(self._problem)
                 try:
@@ -190,17 +194,24 @@ class SandboxContext:
         """
         if token is None:
             token = self._configured_token_for(url)
-        resolved = resolve(url, token, *self._given[2:], names=self._names, environ={})
+        # The URL and token are the notebook's; the timeouts stay the user's.
+        timeouts = {name: os.environ[name] for name in _TIMEOUT_VARIABLES if name in os.environ}
+        names = dataclasses.replace(
+            self._names, url="%sandbox_connect URL", token="%sandbox_connect --token"
+        )
+        resolved = resolve(url, token, *self._given[2:], names=names, environ=timeouts)
         candidate = Connection(resolved)
         try:
             self._on_worker(candidate.side.specs)
         except SandboxError:
             candidate.close()
             raise
-        self._drop_connection()
-        with self._lock:
-            self._connection, self._problem = candidate, None
-            self._session = Session(candidate.client)
+        with self._lock:  # in one step: no one sees "no connection" and resolves anew
+            previous, self._connection, self._problem = self._connection, candidate, None
+            self._session, self._inventory = Session(candidate.client), None
+        if previous is not None:
+            with contextlib.suppress(Exception):
+                previous.close()
         return candidate.settings
 
     def _configured_token_for(self, url: str) -> str | None:
@@ -235,7 +246,7 @@ class SandboxContext:
         """``function(*args)`` in the worker thread, waited for (directly when already there)."""
         if threading.get_ident() == self._worker_thread:
             return function(*args)
-        return self.submit(function, *args).result()
+        return _wait(self.submit(function, *args), owned=True)
 
     # -- facts -------------------------------------------------------------------------------
 
@@ -243,15 +254,6 @@ class SandboxContext:
         """The server's specifications (cached; ``refresh`` asks again)."""
         side = self.connection.side
         return self._on_worker(lambda: side.specs(refresh=refresh))
-
-    @property
-    def cached_specs(self) -> Specs | None:
-        """The specifications if they are known already (no request)."""
-        if self._connection is None or not self._connection.side.has_specifications:
-            return None
-        with contextlib.suppress(SandboxError):
-            return self._connection.side.specs()
-        return None
 
     def load(self) -> Load:
         """The load now (never cached)."""
@@ -261,7 +263,7 @@ class SandboxContext:
         """What the sandbox has installed, fetched once (``refresh`` asks again)."""
         if threading.get_ident() == self._worker_thread:  # waiting for itself would hang
             return self.connection.side.inventory(refresh=refresh)
-        return self.prefetch_inventory(refresh=refresh).result()
+        return _wait(self.prefetch_inventory(refresh=refresh), owned=False)
 
     def prefetch_inventory(self, *, refresh: bool = False) -> concurrent.futures.Future[Inventory]:
         """Start fetching the inventory in the worker thread, unless it is known or coming;
@@ -433,8 +435,26 @@ class SandboxContext:
         for panel in list(self.panels):
             with contextlib.suppress(Exception):
                 panel.close()
+        self._closed = True
         self._drop_connection()
         self._worker.shutdown(wait=False, cancel_futures=True)
+
+
+def _wait(future: concurrent.futures.Future[_T], *, owned: bool) -> _T:
+    """The future's result, or :class:`SandboxCancelled` as soon as an interrupt cancels the
+    caller's ``cancel_scope``: a magic waiting behind another request (a panel's refresh, a
+    prefetch) must end at once too. ``owned``: the caller's own job, dropped if not started."""
+    while True:
+        try:
+            return future.result(timeout=_POLL)
+        except concurrent.futures.TimeoutError:
+            if scope_cancelled():
+                if owned:
+                    future.cancel()
+                raise SandboxCancelled(
+                    "Interrupted while waiting for the sandbox's answer; nothing more is "
+                    "waited for."
+                ) from None
 
 
 def _human_size(size: float) -> str:

@@ -42,6 +42,7 @@ from .._errors import SandboxConnectionError, SandboxError, SandboxTimeout
 from .._generations import CATEGORIES, Inventory, Library, Load, Specs
 from ..protocol import WORKING_DIR
 from ..session import mime_type
+from ..session.cellscript import LISTED_ENTRIES
 from ..session.context import OperationFailed, SandboxContext
 from . import render
 
@@ -61,8 +62,6 @@ _HISTORY_SECONDS = 300.0
 _MAX_BACKOFF = 60.0
 #: The largest file the Files tab shows (a bigger one is downloaded instead).
 _MAX_SHOWN = 5 * 1024**2
-#: The shell state lists at most this many entries of the current directory (cellscript).
-_LISTED_ENTRIES = 500
 #: Errors that mean the sandbox is not reachable (as opposed to answering wrongly).
 _UNREACHABLE = (SandboxConnectionError, SandboxTimeout, OSError)
 _BUSY_STYLES = ((0.5, "success"), (0.8, "warning"), (float("inf"), "danger"))
@@ -453,7 +452,7 @@ def ranked(rows: Sequence[Library], pattern: str) -> list[Library]:
 
 def _category_options(inventory: Inventory | None) -> list[tuple[str, str]]:
     """The category buttons, with how many entries each holds once the inventory is known."""
-    names = [(ALL, "all"), *((name, render.CATEGORY_NAMES.get(name, name)) for name in CATEGORIES)]
+    names = [(ALL, "all"), *((name, render.CATEGORY_LABELS.get(name, name)) for name in CATEGORIES)]
     if inventory is None:
         return [(label, value) for value, label in names]
     counts = inventory.counts()
@@ -479,8 +478,8 @@ def _files_heading(environment: str | None, cwd: str | None, folders: int, liste
             f"{folders} folder{'s' if folders != 1 else ''} not listed: download the whole "
             "environment with %sandbox_download"
         )
-    if listed >= _LISTED_ENTRIES:
-        notes.append(f"only the first {_LISTED_ENTRIES} entries are listed")
+    if listed >= LISTED_ENTRIES:
+        notes.append(f"only the first {LISTED_ENTRIES} entries are listed")
     note = f" <span style='opacity:0.75'>({'; '.join(notes)})</span>" if notes else ""
     return f"Files in <code>{html.escape(directory)}</code>, {where}{note}"
 

@@ -19,20 +19,22 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .._generations import CATEGORIES, NO_LIMIT, Inventory, Isolation, Library, Load, Specs
-from ..protocol import EXECUTABLES
+from .._generations import (
+    CATEGORIES,
+    CATEGORY_NAMES,
+    NO_LIMIT,
+    Inventory,
+    Isolation,
+    Library,
+    Load,
+    Specs,
+)
 
 Bundle = dict[str, str]
 UNKNOWN = "unknown"
 
-#: How each inventory category is called on screen (keys: ``_generations.CATEGORIES``).
-CATEGORY_NAMES: Mapping[str, str] = {
-    "system": "system packages",
-    "python": "Python modules",
-    "perl": "Perl modules",
-    "c": "C libraries",
-    EXECUTABLES: "executables",
-}
+#: How each inventory category is called on screen, by its key.
+CATEGORY_LABELS: Mapping[str, str] = {key: name.many for key, name in CATEGORY_NAMES.items()}
 
 
 # -- human forms -------------------------------------------------------------------------------
@@ -292,9 +294,9 @@ def isolation_text(isolation: Isolation | None) -> str:
     """How commands are isolated, in one line; a loud warning when they are not."""
     if isolation is None:
         return "not told by the server"
-    if not isolation.isolated:
+    if isolation.isolated is False:
         return "NOT ISOLATED (commands can read and write the server's machine)"
-    details = [isolation.method or "isolated"]
+    details = [isolation.method or ("isolated" if isolation.isolated else "not told")]
     if isolation.cgroups:
         details.append(isolation.cgroups)
     if isolation.network is False:
@@ -352,6 +354,8 @@ def _memory(ram: int | None, swap: int | None) -> str | None:
         return human_bytes(ram)
     if swap == 0:
         return f"{human_bytes(ram)}, no swap"
+    if swap == NO_LIMIT:
+        return f"{human_bytes(ram)}, swap not limited"
     return f"{human_bytes(ram)} + {human_bytes(swap)} swap"
 
 
@@ -383,7 +387,7 @@ def libraries(rows: Sequence[Library], total: int, shown_limit: int) -> Bundle:
     caption = f"{total} match{'es' if total != 1 else ''}"
     if total > len(rows):
         caption += f" (first {shown_limit} shown: narrow the pattern)"
-    cells = [(CATEGORY_NAMES.get(r.category, r.category), r.name, r.version or "") for r in rows]
+    cells = [(CATEGORY_LABELS.get(r.category, r.category), r.name, r.version or "") for r in rows]
     return table(["category", "name", "version"], cells, caption=caption)
 
 
@@ -396,7 +400,7 @@ def inventory_summary(inventory: Inventory) -> Bundle:
     parts = []
     if tools:
         parts.append(table(["tool", "version"], tools, caption="Main tools"))
-    categories = [(CATEGORY_NAMES.get(name, name), counts.get(name, 0)) for name in CATEGORIES]
+    categories = [(CATEGORY_LABELS.get(name, name), counts.get(name, 0)) for name in CATEGORIES]
     parts.append(table(["category", "entries"], categories, caption=f"{total} entries installed"))
     hint = "Type a name (or a glob such as py*) to search them all, or choose a category."
     return {

@@ -48,7 +48,6 @@ def test_a_3x_server() -> None:
         100_000_000, NO_LIMIT, NO_LIMIT,
     )  # fmt: skip
     assert specs.host is not None and specs.host.cores == 2 and specs.host.max_mhz is None
-    assert specs.load is None  # the load is in usages/
     load = read_load(body("v3", "specifications.json"), body("v3", "usages.json"))
     assert (load.busy, load.total, load.fraction) == (10, 40, 0.25)
     assert load.memory_total == 25276514304
@@ -62,9 +61,24 @@ def test_a_2x_server() -> None:
         100 * 1024**2, 200 * 1024**2, NO_LIMIT,
     )  # fmt: skip
     assert specs.limits.cpu_name and specs.limits.cpu_name.startswith("Intel")
-    assert specs.load is not None and (specs.load.busy, specs.load.total) == (2, 5)
+    load = read_load(body("v2", "specifications.json"), None)  # 2.x: no usages/
+    assert (load.busy, load.total) == (2, 5)
     inventory = read_inventory(body("v2", "libraries.json"))
     assert inventory.tools["python3"] == "3.7.3" and inventory.tools["g++"] == "8.3.0"
+
+
+def test_a_3x_shape_with_top_level_keys_reads_as_sandbox_api_did() -> None:
+    answer = {"host": {"cpu": {"core": 1}}, "container": {"count": 2}, "sandbox_version": "x",
+              "execute_timeout": 7, "isolation": {"method": "docker"}}  # fmt: skip
+    specs = read_specs(answer)
+    assert (specs.sandbox_version, specs.execute_timeout) == ("x", 7.0)
+    assert specs.isolation is not None and specs.isolation.isolated is None  # not told
+
+
+def test_an_unknown_tool_version_is_none() -> None:
+    inventory = read_inventory({"python3": "?", "gcc": "", "libraries": {}, "bin": ["python3"]})
+    assert inventory.tools["python3"] is None and inventory.tools["gcc"] is None
+    assert [row.version for row in inventory.rows("bin")] == [None]
 
 
 def test_an_inventory() -> None:

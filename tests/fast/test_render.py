@@ -369,7 +369,7 @@ def test_the_inventory_at_a_glance(generation: str) -> None:
     assert f"{sum(counts.values())} entries installed" in summary
     for category in CATEGORIES:
         assert re.search(
-            rf"^{render.CATEGORY_NAMES[category]}\s+{counts[category]}$", summary, re.M
+            rf"^{render.CATEGORY_LABELS[category]}\s+{counts[category]}$", summary, re.M
         )
 
 

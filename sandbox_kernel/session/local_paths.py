@@ -1,13 +1,13 @@
-"""Rules of a connection shared by the front-ends: which local paths magics may touch, how each
-front-end says to allow more, and which URLs count as the configured sandbox's origin.
+"""Which local paths magics may touch, and how each front-end says to allow more.
 
-See :class:`sandbox_kernel.session.context.SandboxContext`, which applies them.
+Magic lines run on the user's machine, and a notebook may come from anyone: local paths stay
+inside the folder the front-end started in unless the user allows more.
+:meth:`sandbox_kernel.session.context.SandboxContext.local_path` applies the rule.
 """
 
 from __future__ import annotations
 
 import os
-from urllib.parse import urlsplit
 
 #: The environment variable that lets magics read and write local files anywhere.
 ALLOW_HOST_PATHS_VARIABLE = "SANDBOX_ALLOW_HOST_PATHS"
@@ -33,17 +33,3 @@ def host_paths_allowed_by_environment() -> bool:
     """``SANDBOX_ALLOW_HOST_PATHS=1`` (or true/yes)."""
     value = os.environ.get(ALLOW_HOST_PATHS_VARIABLE, "")
     return value.strip().lower() in ("1", "true", "yes")
-
-
-def same_origin(first: str, second: str) -> bool:
-    """Scheme, host and port equal (the default port of the scheme when none is given)."""
-    try:
-        a, b = urlsplit(first.strip()), urlsplit(second.strip())
-        ports = {"http": 80, "https": 443}
-        return (
-            a.scheme.lower() == b.scheme.lower()
-            and (a.hostname or "") == (b.hostname or "")
-            and (a.port or ports.get(a.scheme.lower())) == (b.port or ports.get(b.scheme.lower()))
-        )
-    except ValueError:  # a port that is not a number
-        return False
