@@ -88,3 +88,24 @@ def test_connect_keeps_the_users_timeouts_and_swaps_in_one_step(
         context.close()
     with pytest.raises(Exception, match="closed"):
         context.connection  # noqa: B018  (no server is started for a closed context)
+
+
+def test_the_private_server_outlives_a_connect_elsewhere(
+    server: Server, monkeypatch: pytest.MonkeyPatch, tmp_path: object
+) -> None:
+    """``%sandbox_connect`` elsewhere, then back: the private embedded server is still there,
+    with its environments, and its own origin gets its token back."""
+    monkeypatch.delenv("SANDBOX_URL", raising=False)
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))  # nothing advertised
+    context = SandboxContext()
+    try:
+        private = context.settings
+        assert "private embedded server" in private.describe()
+        context.session.run_cell("echo kept > f")
+        saved = context.session.environment
+        context.connect(server.url, server.token)
+        context.connect(private.url, None)  # no token given: the configured one applies
+        assert context.session.run_cell("echo back").stdout == "back\n"
+        assert context.fetch("f", saved) == b"kept\n"
+    finally:
+        context.close()

@@ -111,6 +111,9 @@ class SandboxContext:
         #: The settings of the configuration (not of a ``%sandbox_connect``): their origin
         #: alone may get the configured token back.
         self._configured: SandboxSettings | None = None
+        #: The private embedded server's connection after ``%sandbox_connect`` went elsewhere:
+        #: kept (with its environments) so that the notebook can come back to it.
+        self._private: Connection | None = None
         self._session: Session | None = None
         self._problem: str | None = None
         self._closed = False
@@ -209,7 +212,9 @@ class SandboxContext:
         with self._lock:  # in one step: no one sees "no connection" and resolves anew
             previous, self._connection, self._problem = self._connection, candidate, None
             self._session, self._inventory = Session(candidate.client), None
-        if previous is not None:
+        if previous is not None and previous.resolved.server is not None:
+            self._private = previous  # its server runs on until the context closes
+        elif previous is not None:
             with contextlib.suppress(Exception):
                 previous.close()
         return candidate.settings
@@ -437,6 +442,10 @@ class SandboxContext:
                 panel.close()
         self._closed = True
         self._drop_connection()
+        private, self._private = self._private, None
+        if private is not None:
+            with contextlib.suppress(Exception):
+                private.close()
         self._worker.shutdown(wait=False, cancel_futures=True)
 
 
