@@ -476,12 +476,6 @@ class _Specification(_Field[_T]):
     endpoint = SPECIFICATIONS
 
 
-class _Library(_Field[_T]):
-    """An attribute from ``libraries/`` (slow: it starts a container, ~1 s)."""
-
-    endpoint = LIBRARIES
-
-
 def _setting(key: str) -> Callable[[Mapping[str, Any]], Any]:
     """Reads a per-container setting as the server wrote it (a copy when it is an object)."""
 
@@ -492,12 +486,35 @@ def _setting(key: str) -> Callable[[Mapping[str, Any]], Any]:
     return read
 
 
-def _fact(read: Callable[[Specs], _T]) -> Callable[[Mapping[str, Any]], _T]:
-    return lambda specs: read(read_specs(specs))
+class _Fact(_Category[_T]):
+    """An attribute taken from the typed :meth:`Sandbox.specs` (read once per answer)."""
+
+    endpoint = SPECIFICATIONS
+
+    def __init__(self, read: Callable[[Specs], _T], doc: str) -> None:
+        super().__init__(doc)
+        self._read = read
+
+    def _value(self, instance: Sandbox) -> _T:
+        return self._read(instance.specs())
 
 
-def _tool(name: str) -> Callable[[Mapping[str, Any]], str | None]:
-    return lambda answer: read_inventory(answer).tools.get(name)
+class _Installed(_Category[_T]):
+    """An attribute taken from the typed :meth:`Sandbox.inventory` (read once per answer;
+    ``libraries/`` is slow: it starts a container, ~1 s)."""
+
+    endpoint = LIBRARIES
+
+    def __init__(self, read: Callable[[Inventory], _T], doc: str) -> None:
+        super().__init__(doc)
+        self._read = read
+
+    def _value(self, instance: Sandbox) -> _T:
+        return self._read(instance.inventory())
+
+
+def _tool(name: str, doc: str) -> _Installed[str | None]:
+    return _Installed(lambda inventory: inventory.tools.get(name), doc)
 
 
 class LibrariesDict(dict[str, Any]):
@@ -549,12 +566,8 @@ class Sandbox:
     reused: ``close()`` it, or use ``with Sandbox(url) as s:``.
     """
 
-    sandbox_version = _Specification(
-        _fact(lambda specs: specs.sandbox_version), "Version of the sandbox server."
-    )
-    docker_version = _Specification(
-        _fact(lambda specs: specs.docker_version), "Version of Docker on the server."
-    )
+    sandbox_version = _Fact(lambda specs: specs.sandbox_version, "Version of the sandbox server.")
+    docker_version = _Fact(lambda specs: specs.docker_version, "Version of Docker on the server.")
     memory = _Specification(
         _setting("memory"),
         "Memory limits of one container (bytes, -1 for none, on 3.x; '100m'-style on 2.x).",
@@ -564,12 +577,12 @@ class Sandbox:
         _setting("environ"),
         "Environment variables of the containers (2.x only, unless a 3.x server adds it).",
     )
-    execute_timeout = _Specification(
-        _fact(lambda specs: specs.execute_timeout),
+    execute_timeout = _Fact(
+        lambda specs: specs.execute_timeout,
         "Seconds an execute/ may run (2.x, or our embedded server).",
     )
-    expiration = _Specification(
-        _fact(lambda specs: specs.expiration),
+    expiration = _Fact(
+        lambda specs: specs.expiration,
         "Seconds a saved environment is kept (2.x, or our embedded server).",
     )
     isolation = _Specification(
@@ -577,16 +590,16 @@ class Sandbox:
         "How our embedded server isolates commands (``container.isolation``); None elsewhere.",
     )
 
-    python3 = _Library(_tool("python3"), "Version of python3.")
-    python2 = _Library(_tool("python2"), "Version of python2.")
-    java = _Library(_tool("java"), "Version of Java.")
-    gcc = _Library(_tool("gcc"), "Version of gcc.")
-    gpp = _Library(_tool("g++"), "Version of g++.")
-    perl = _Library(_tool("perl"), "Version of perl.")
-    postgres = _Library(_tool("postgres"), "Version of PostgreSQL.")
+    python3 = _tool("python3", "Version of python3.")
+    python2 = _tool("python2", "Version of python2.")
+    java = _tool("java", "Version of Java.")
+    gcc = _tool("gcc", "Version of gcc.")
+    gpp = _tool("g++", "Version of g++.")
+    perl = _tool("perl", "Version of perl.")
+    postgres = _tool("postgres", "Version of PostgreSQL.")
     libraries = _LibrariesAttribute(LibrariesDict.__doc__ or "")
-    bin = _Library(
-        lambda answer: read_inventory(answer).raw_executables,
+    bin = _Installed(
+        lambda inventory: inventory.raw_executables,
         "Every executable on the containers' PATH (a list on 3.x).",
     )
 
@@ -625,6 +638,8 @@ class Sandbox:
         self.max_download = max_download
         self._has_token = token is not None
         self._cache: dict[str, dict[str, Any]] = {}
+        #: Typed facts of the cached answers, by endpoint: (the answer read, its facts).
+        self._typed: dict[str, tuple[dict[str, Any], Any]] = {}
         self._http = _http_session(token)
 
     def __repr__(self) -> str:
@@ -684,7 +699,8 @@ class Sandbox:
         not tell). Fetched once and kept; ``refresh=True`` asks again."""
         if refresh:
             self._forget(SPECIFICATIONS)
-        return read_specs(self._category(SPECIFICATIONS))
+        specs: Specs = self._typed_facts(SPECIFICATIONS, read_specs)
+        return specs
 
     def load(self) -> Load:
         """The load now: busy/total containers, and the host's CPU and memory when told.
@@ -705,7 +721,8 @@ class Sandbox:
         once and kept; ``refresh=True`` asks again."""
         if refresh:
             self._forget(LIBRARIES)
-        return read_inventory(self._category(LIBRARIES))
+        inventory: Inventory = self._typed_facts(LIBRARIES, read_inventory)
+        return inventory
 
     @property
     def containers(self) -> dict[str, Any] | None:
@@ -847,8 +864,7 @@ class Sandbox:
                 raise SandboxCancelled(_CANCELLED)
 
     def _execute_read_timeout(self) -> float:
-        specs = self._cache.get(SPECIFICATIONS)
-        limit = read_specs(specs).execute_timeout if specs is not None else None
+        limit = self.specs().execute_timeout if SPECIFICATIONS in self._cache else None
         return execute_deadline(self.timeout, limit)
 
     # --- Transport ---
@@ -860,8 +876,17 @@ class Sandbox:
             cached = self._cache[endpoint] = self._get_json(endpoint)
         return cached
 
+    def _typed_facts(self, endpoint: str, read: Callable[[dict[str, Any]], Any]) -> Any:
+        """``read`` of the cached answer of ``endpoint``, computed once per answer."""
+        answer = self._category(endpoint)
+        known = self._typed.get(endpoint)
+        if known is None or known[0] is not answer:
+            known = self._typed[endpoint] = (answer, read(answer))
+        return known[1]
+
     def _forget(self, endpoint: str) -> None:
         self._cache.pop(endpoint, None)
+        self._typed.pop(endpoint, None)
 
     @property
     def _json_cap(self) -> _Cap:

@@ -19,6 +19,7 @@ import io
 import os
 import tarfile
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -166,3 +167,44 @@ def tgz(*members: Member) -> bytes:
                 info.size = len(data)
                 archive.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
+
+
+MiB = 1024**2
+
+
+def raw_header(name: str, kind: bytes, size: int, form: int = tarfile.GNU_FORMAT) -> bytes:
+    """A tar header claiming ``size`` bytes of data (tarfile would check the size itself)."""
+    info = member(name, kind)
+    info.size = size
+    return info.tobuf(form)
+
+
+def gzip_bomb(header: bytes, size: int) -> bytes:
+    """``header`` then ``size`` zero bytes, gzip-compressed on the fly (about 1000:1)."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    pieces = [compressor.compress(header)]
+    zeros = bytes(MiB)
+    pieces += [compressor.compress(zeros) for _ in range(size // MiB)]
+    pieces.append(compressor.flush())
+    return b"".join(pieces)
+
+
+def escape_chain(canary: Path) -> list[Member]:
+    """The CVE-2025-4517 chain, aimed at ``canary``: folders with 247-character names and
+    one-letter links to them, so that ``os.path.realpath`` of the final link passes
+    ``PATH_MAX`` and stops resolving; a path filter then believes the link ``escape`` points
+    inside. What follows it (a file, a hard link, a folder through ``escape``) is the
+    caller's."""
+    long_name, steps = "d" * 247, "abcdefghijklmnop"
+    members: list[Member] = []
+    path = ""
+    for step in steps:
+        members.append((member(os.path.join(path, long_name), tarfile.DIRTYPE), None))
+        members.append((member(os.path.join(path, step), tarfile.SYMTYPE, long_name), None))
+        path = os.path.join(path, long_name)
+    link = os.path.join(*steps, "l" * 254)
+    members.append((member(link, tarfile.SYMTYPE, "../" * len(steps)), None))
+    climb = "../" * (len(str(canary).split("/")) + 5)
+    target = f"{link}/{climb}{str(canary).lstrip('/')}"
+    members.append((member("escape", tarfile.SYMTYPE, target), None))
+    return members

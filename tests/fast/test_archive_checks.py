@@ -14,7 +14,6 @@ import gzip
 import os
 import stat
 import tarfile
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,43 +27,17 @@ from sandbox_kernel.archive import (
     remove_entry,
 )
 
-from ..helpers import Member, member, tgz
+from ..helpers import Member, MiB, escape_chain, gzip_bomb, member, raw_header, tgz
 
 RESERVED = (".sandbox_kernel",)
-MiB = 1024**2
 
 GOOD: Member = (member("good.txt"), b"good\n")
 
 
-def gzip_bomb(header: bytes, size: int) -> bytes:
-    """``header`` then ``size`` zero bytes, compressed on the fly (about 1000:1)."""
-    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
-    pieces = [compressor.compress(header)]
-    zeros = bytes(MiB)
-    pieces += [compressor.compress(zeros) for _ in range(size // MiB)]
-    pieces.append(compressor.flush())
-    return b"".join(pieces)
-
-
 def symlink_chain(canary: Path) -> bytes:
-    """CVE-2025-4517: folders with 247-character names and one-letter links to them, so that
-    ``os.path.realpath`` of the last link passes ``PATH_MAX`` and a path filter believes that
-    ``escape`` points inside; then a file written through it, into the canary."""
-    long_name, steps = "d" * 247, "abcdefghijklmnop"
-    members: list[Member] = [GOOD]
-    path = ""
-    for step in steps:
-        members.append((member(os.path.join(path, long_name), tarfile.DIRTYPE), None))
-        members.append((member(os.path.join(path, step), tarfile.SYMTYPE, long_name), None))
-        path = os.path.join(path, long_name)
-    link = os.path.join(*steps, "l" * 254)
-    members.append((member(link, tarfile.SYMTYPE, "../" * len(steps)), None))
-    climb = "../" * (len(str(canary).split("/")) + 5)
-    members.append(
-        (member("escape", tarfile.SYMTYPE, f"{link}/{climb}{str(canary).lstrip('/')}"), None)
-    )
-    members.append((member("escape/planted"), b"written outside\n"))
-    return tgz(*members)
+    """CVE-2025-4517 (:func:`escape_chain`), then a file written through it, into the canary."""
+    planted: Member = (member("escape/planted"), b"written outside\n")
+    return tgz(GOOD, *escape_chain(canary), planted)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,12 +139,14 @@ REFUSED = [
     ),
     Refused(
         "gzip-bomb-in-a-long-name",  # tarfile would read the whole name into memory
-        lambda c: gzip_bomb(_header("././@LongLink", 64 * MiB, tarfile.GNUTYPE_LONGNAME), 64 * MiB),
+        lambda c: gzip_bomb(
+            raw_header("././@LongLink", tarfile.GNUTYPE_LONGNAME, 64 * MiB), 64 * MiB
+        ),
         "decompresses to more than",
     ),
     Refused(
         "announced-size-over-the-cap",
-        lambda c: gzip_bomb(_header("zeros", 64 * MiB), 64 * MiB),
+        lambda c: gzip_bomb(raw_header("zeros", tarfile.REGTYPE, 64 * MiB), 64 * MiB),
         "holds more than 1048576 bytes",
     ),
     Refused("not-gzip", lambda c: b"PK\x03\x04 a zip file", "not a valid gzip file"),
@@ -183,13 +158,6 @@ REFUSED = [
 
 #: Small caps, so that the cap cases stay small.
 LIMITS = ArchiveLimits(max_entries=50, max_bytes=MiB)
-
-
-def _header(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
-    """A tar header announcing ``size`` bytes (tarfile checks sizes itself when writing)."""
-    info = member(name, kind)
-    info.size = size
-    return info.tobuf(tarfile.GNU_FORMAT)
 
 
 @pytest.fixture

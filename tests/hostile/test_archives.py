@@ -18,7 +18,6 @@ import io
 import os
 import tarfile
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import pytest
 
 from sandbox_kernel.archive import ArchiveError, ArchiveLimits, extract_archive
 
-from ..helpers import member, tgz
+from ..helpers import escape_chain, gzip_bomb, member, raw_header, tgz
 from .conftest import (
     MAX_ARCHIVE_BYTES,
     MAX_ENTRIES,
@@ -41,24 +40,6 @@ from .conftest import (
 
 def good(marker: str) -> tuple[tarfile.TarInfo, bytes]:
     return member(f"good{marker}"), b"good\n"
-
-
-def gzip_bomb(header: bytes, size: int) -> bytes:
-    """``header`` then ``size`` zero bytes, gzip-compressed on the fly (~1000:1)."""
-    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
-    pieces = [compressor.compress(header)]
-    zeros = bytes(MiB)
-    for _ in range(size // MiB):
-        pieces.append(compressor.compress(zeros))
-    pieces.append(compressor.flush())
-    return b"".join(pieces)
-
-
-def raw_header(name: str, kind: bytes, size: int, form: int = tarfile.GNU_FORMAT) -> bytes:
-    """A tar header claiming ``size`` bytes of data (tarfile would check the size itself)."""
-    info = member(name, kind)
-    info.size = size
-    return info.tobuf(form)
 
 
 def bomb_member(marker: str, canary: Path) -> bytes:
@@ -80,18 +61,7 @@ def symlink_chain(marker: str, canary: Path, last: str = "file") -> bytes:
     names and one-letter links to them, so that ``os.path.realpath`` of the final link passes
     ``PATH_MAX`` and stops resolving; tarfile's ``data`` filter then believes ``escape``
     points inside, and the last member (a file, a hard link, a folder) lands in the canary."""
-    long_name, steps = "d" * 247, "abcdefghijklmnop"
-    members: list[tuple[tarfile.TarInfo, bytes | None]] = [good(marker)]
-    path = ""
-    for step in steps:
-        members.append((member(os.path.join(path, long_name), tarfile.DIRTYPE), None))
-        members.append((member(os.path.join(path, step), tarfile.SYMTYPE, long_name), None))
-        path = os.path.join(path, long_name)
-    link = os.path.join(*steps, "l" * 254)
-    members.append((member(link, tarfile.SYMTYPE, "../" * len(steps)), None))
-    climb = "../" * (len(str(canary).split("/")) + 5)
-    target = f"{link}/{climb}{str(canary).lstrip('/')}"
-    members.append((member("escape", tarfile.SYMTYPE, target), None))
+    members = [good(marker), *escape_chain(canary)]
     if last == "file":
         members.append((member(f"escape/{marker}"), b"written outside\n"))
     elif last == "hard-link":
