@@ -29,6 +29,7 @@ from .helpers import descendants as descendants
 from .helpers import kernel_env, living, patched_environ
 from .helpers import processes_matching as processes_matching
 from .helpers import wait_until as wait_until
+from .proxy import CountingProxy
 
 #: Suites (folders and files under tests/) whose every test is slow: each test starts servers,
 #: kernels, JupyterLab, a browser, or attacks the sandbox with many processes of its own.
@@ -284,3 +285,12 @@ def start_kernel(kernelspec: str) -> Iterator[Callable[..., KernelSession]]:
     yield start
     for kernel in kernels:
         kernel.stop()
+
+
+@pytest.fixture
+def counting_proxy(server: Server) -> Iterator[CountingProxy]:
+    """A real proxy on loopback in front of :func:`server`, counting (and delaying, with its
+    ``delays``) the requests that pass."""
+    proxy = CountingProxy(server.url)
+    yield proxy
+    proxy.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -18,22 +17,15 @@ from .conftest import Server
 from .proxy import CountingProxy
 
 
-@pytest.fixture
-def proxy(server: Server) -> Iterator[CountingProxy]:
-    counting = CountingProxy(server.url)
-    yield counting
-    counting.close()
-
-
 def test_an_interrupt_ends_a_wait_behind_another_request(
-    server: Server, proxy: CountingProxy
+    server: Server, counting_proxy: CountingProxy
 ) -> None:
     """A magic queued behind a slow side request (a panel's refresh of usages/) ends at the
     interrupt, not when the side request does."""
-    context = SandboxContext(proxy.url, server.token)
+    context = SandboxContext(counting_proxy.url, server.token)
     try:
         context.specs()
-        proxy.delays["/usages/"] = 3.0
+        counting_proxy.delays["/usages/"] = 3.0
         busy = context.submit(context.load)  # the worker is held for 3 s
         cancellation, outcome = Cancellation(), {}
 
@@ -58,11 +50,11 @@ def test_an_interrupt_ends_a_wait_behind_another_request(
 
 
 def test_side_requests_name_their_own_timeout(
-    server: Server, proxy: CountingProxy, monkeypatch: pytest.MonkeyPatch
+    server: Server, counting_proxy: CountingProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SANDBOX_SIDE_TIMEOUT", "1")
-    proxy.delays["/specifications/"] = 3.0
-    context = SandboxContext(proxy.url, server.token)
+    counting_proxy.delays["/specifications/"] = 3.0
+    context = SandboxContext(counting_proxy.url, server.token)
     try:
         with pytest.raises(SandboxTimeout, match="SANDBOX_SIDE_TIMEOUT=1"):
             context.specs()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -21,13 +21,6 @@ from .conftest import KernelSession, Server
 from .proxy import CountingProxy
 
 pytestmark = pytest.mark.slow  # kernels through jupyter_client
-
-
-@pytest.fixture
-def proxy(server: Server) -> Iterator[CountingProxy]:
-    counting = CountingProxy(server.url)
-    yield counting
-    counting.close()
 
 
 def test_a_malformed_url_gives_a_kernel_that_says_what_is_wrong(
@@ -49,23 +42,23 @@ def test_a_malformed_url_gives_a_kernel_that_says_what_is_wrong(
 
 
 def test_sandbox_specs_asks_only_for_the_specifications(
-    start_kernel: Callable[..., KernelSession], server: Server, proxy: CountingProxy
+    start_kernel: Callable[..., KernelSession], server: Server, counting_proxy: CountingProxy
 ) -> None:
-    kernel = start_kernel(server, SANDBOX_URL=proxy.url)
+    kernel = start_kernel(server, SANDBOX_URL=counting_proxy.url)
     cell = kernel.run("%sandbox_specs")
     assert cell.status == "ok", cell.outputs
     assert "Sandbox specifications" in str(cell.outputs)
-    assert proxy.count("GET", "usages/") == 0
-    assert proxy.count("GET", "specifications/") >= 1
+    assert counting_proxy.count("GET", "usages/") == 0
+    assert counting_proxy.count("GET", "specifications/") >= 1
     kernel.run("%sandbox_usage")
-    assert proxy.count("GET", "usages/") == 1  # the load is asked for where it is wanted
+    assert counting_proxy.count("GET", "usages/") == 1  # the load is asked for where it is wanted
 
 
 def test_the_users_timeout_reaches_side_requests_and_is_named(
-    start_kernel: Callable[..., KernelSession], server: Server, proxy: CountingProxy
+    start_kernel: Callable[..., KernelSession], server: Server, counting_proxy: CountingProxy
 ) -> None:
-    proxy.delays["/specifications/"] = 4.0
-    kernel = start_kernel(server, SANDBOX_URL=proxy.url, SANDBOX_TIMEOUT="1")
+    counting_proxy.delays["/specifications/"] = 4.0
+    kernel = start_kernel(server, SANDBOX_URL=counting_proxy.url, SANDBOX_TIMEOUT="1")
     started = time.monotonic()
     cell = kernel.run("%sandbox_specs", timeout=60)
     assert time.monotonic() - started < 3.5  # 1 s, not the delay nor a built-in 10 s
