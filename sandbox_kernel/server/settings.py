@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .._units import format_size as format_size  # the server's modules import it here
 from ..protocol import DEFAULT_EXECUTE_TIMEOUT
 
 _SIZE_RE = re.compile(r"[ \t]*(\d+(?:\.\d+)?)[ \t]*([kmgt]?)i?b?[ \t]*", re.IGNORECASE)
@@ -29,15 +30,6 @@ def parse_size(text: str) -> int:
         raise ValueError(f"{text!r} is not a size: write bytes or a number with K, M, G or T")
     number, unit = match.groups()
     return int(float(number) * _UNITS[unit.lower()])
-
-
-def format_size(size: float) -> str:
-    """Bytes as a short human text (``1.5 MiB``)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(size) < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
 
 
 def _positive_int(text: str) -> int:

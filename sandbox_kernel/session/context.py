@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 from .._errors import SandboxCancelled, SandboxConfigError, SandboxError
 from .._generations import Inventory, Load, Specs
+from .._units import format_size
 from ..archive import ArchiveError, build_archive
 from ..client import Sandbox, scope_cancelled
 from ..protocol import WORKING_DIR
@@ -313,8 +314,8 @@ class SandboxContext:
             size = side.check(environment, remote)
             if limit is not None and size > limit:
                 raise OperationFailed(
-                    f"{remote or 'the environment'} is {_human_size(size)}, more than the "
-                    f"{_human_size(limit)} shown here: download it instead (%sandbox_download)."
+                    f"{remote or 'the environment'} is {format_size(size)}, more than the "
+                    f"{format_size(limit)} shown here: download it instead (%sandbox_download)."
                 )
             return side.download(environment, remote, max_bytes=size).getvalue()
 
@@ -464,14 +465,6 @@ def _wait(future: concurrent.futures.Future[_T], *, owned: bool) -> _T:
                     "Interrupted while waiting for the sandbox's answer; nothing more is "
                     "waited for."
                 ) from None
-
-
-def _human_size(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
 
 
 def _write_file(path: Path, data: bytes, exclusive_name: Path) -> None:

@@ -29,6 +29,7 @@ from .._generations import (
     Load,
     Specs,
 )
+from .._units import format_size
 
 Bundle = dict[str, str]
 UNKNOWN = "unknown"
@@ -46,12 +47,7 @@ def human_bytes(value: object) -> str:
         return UNKNOWN if value is None else str(value)
     if value < 0:
         return "no limit"
-    size = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return UNKNOWN  # pragma: no cover
+    return format_size(value)
 
 
 #: Units of :func:`human_duration`, largest first: (singular, plural, seconds).

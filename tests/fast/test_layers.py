@@ -2,8 +2,9 @@
 
 Protocol and client at the bottom; the session that carries environment and shell state above
 them; the front-ends (kernel, IPython magics) and the views (panel, rendering) on top; the
-server beside them, sharing only protocol definitions (and the archive extractor, which the
-server's unpacker runs). Imports inside functions count as much as those at the top.
+server beside them, sharing only protocol definitions (plus the archive extractor, which the
+server's unpacker runs, and the size formatter of ``_units``). Imports inside functions count
+as much as those at the top.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "sandbox_kernel"
 LAYERS: dict[str, int] = {
     "protocol": 0,
     "_errors": 0,
+    "_units": 0,
     "_generations": 1,
     "_wire": 2,
     "archive": 2,
@@ -37,7 +39,7 @@ LAYERS: dict[str, int] = {
     "__main__": 9,
 }
 #: What the server may import from the rest of the package.
-SERVER_MAY_IMPORT = ("protocol", "archive", "discovery", "__init__")
+SERVER_MAY_IMPORT = ("protocol", "_units", "archive", "discovery", "__init__")
 
 
 def _modules() -> dict[str, Path]:
