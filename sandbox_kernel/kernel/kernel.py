@@ -36,7 +36,7 @@ from .._errors import SandboxError
 from ..client import Cancellation, cancel_scope
 from ..magics.cells import split_cell
 from ..session import CellError, CellOutcome, ShellState, records
-from ..session.context import OperationFailed, SandboxContext
+from ..session.context import OperationFailed, SandboxContext, SandboxNotConfigured
 from ..session.local_paths import KERNEL_SWITCH, HostPathRefused
 from ..settings import KERNEL_NAMES
 from ..views import render
@@ -191,8 +191,15 @@ class SandboxKernel(Kernel):
         if not code.strip():
             return self._ok()
         try:
-            blocked = not code.lstrip().startswith("%sandbox_connect") and self._unusable()
-            outcome = blocked or await self._execute_cell(code, silent)
+            outcome = await self._execute_cell(code, silent)
+        except SandboxNotConfigured as problem:  # the banner says it too
+            outcome = CellOutcome(
+                error=CellError(
+                    "SandboxNotConfigured",
+                    str(problem),
+                    [f"Fix the setting, then restart the kernel. Settings: {KERNEL_SETTINGS_HELP}"],
+                )
+            )
         except (magics.MagicUsageError, OperationFailed, HostPathRefused) as problem:
             name = "UsageError" if isinstance(problem, magics.MagicUsageError) else "MagicError"
             outcome = CellOutcome(error=CellError(name, str(problem)))
@@ -232,20 +239,6 @@ class SandboxKernel(Kernel):
             "evalue": error.evalue,
             "traceback": traceback,
         }
-
-    def _unusable(self) -> CellOutcome | None:
-        """Every cell says it while the settings cannot be used (the banner says it too);
-        ``%sandbox_connect URL`` still runs, and repairs it."""
-        problem = self.sandbox.problem
-        if problem is None:
-            return None
-        return CellOutcome(
-            error=CellError(
-                "SandboxNotConfigured",
-                problem,
-                [f"Fix the setting, then restart the kernel. Settings: {KERNEL_SETTINGS_HELP}"],
-            )
-        )
 
     async def _execute_cell(self, code: str, silent: bool) -> CellOutcome | None:
         """Magics of the leading lines first (nothing runs after a bad one), then the bash."""

@@ -64,6 +64,11 @@ class OperationFailed(Exception):
     no); the message says what happened and what to do. Nothing was lost."""
 
 
+class SandboxNotConfigured(OperationFailed):
+    """The settings name no usable sandbox (a malformed URL or timeout, a private server that
+    did not start): every operation says so, until ``%sandbox_connect`` names one."""
+
+
 class Connection:
     """Settings with their two clients: one for cells, one for the context's worker thread."""
 
@@ -139,20 +144,20 @@ class SandboxContext:
 
     @property
     def connection(self) -> Connection:
-        """The connection, resolved on first use; :class:`OperationFailed` if the settings
-        cannot be used (:attr:`problem`)."""
+        """The connection, resolved on first use; :class:`SandboxNotConfigured` if the
+        settings cannot be used (:attr:`problem`)."""
         with self._lock:
             if self._connection is None:
                 if self._closed:  # never start a server for a context that was closed
                     raise OperationFailed("This notebook's sandbox connection was closed.")
                 if self._problem is not None:
-                    raise OperationFailed(self._problem)
+                    raise SandboxNotConfigured(self._problem)
                 try:
                     self._connection = Connection(resolve(*self._given, names=self._names))
                     self._configured = self._connection.settings
                 except (SandboxConfigError, RuntimeError) as error:
                     self._problem = f"The sandbox is not usable: {error}"
-                    raise OperationFailed(self._problem) from None
+                    raise SandboxNotConfigured(self._problem) from None
             return self._connection
 
     def start(self) -> str | None:
