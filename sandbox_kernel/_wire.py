@@ -55,7 +55,10 @@ def normalise_url(url: object, setting: str = "SANDBOX_URL") -> str:
     (``localhost:7000``) or with a query is refused before anything is sent.
     """
     text = url.strip() if isinstance(url, str) else ""
-    parts = urlsplit(text) if text else None
+    try:
+        parts = urlsplit(text) if text else None
+    except ValueError:  # "http://[::1/": an unclosed IPv6 address
+        parts = None
     if (
         parts is None
         or parts.scheme not in ("http", "https")

@@ -162,17 +162,28 @@ def _alive(pid: int) -> bool:
 
 
 def read_server_info(path: Path) -> ServerInfo | None:
+    """The ``{url, token, pid, started_by}`` of an advertisement; None for a file that is not
+    one (too large, not JSON, fields of the wrong type): it is skipped, never trusted."""
     try:
-        data = json.loads(path.read_text())
+        with open(path, "rb") as file:
+            data = json.loads(file.read(_MAX_TOKEN_FILE + 1)[:_MAX_TOKEN_FILE])
+        url, token, pid = data["url"], data.get("token"), data.get("pid")
         started_by = data.get("started_by")
-        return ServerInfo(
-            str(data["url"]),
-            data.get("token"),
-            data.get("pid"),
-            started_by if isinstance(started_by, str) else None,
-        )
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+    if not isinstance(url, str) or not isinstance(token, str | None):
+        return None
+    if not (
+        pid is None or (isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 2**31)
+    ):
+        return None
+    return ServerInfo(url, token, pid, started_by if _is_command_name(started_by) else None)
+
+
+def _is_command_name(value: object) -> bool:
+    """A ``started_by`` worth showing: a short line of printable text (it ends up in
+    ``%sandbox_status`` and the panel)."""
+    return isinstance(value, str) and 0 < len(value) <= 100 and value.isprintable()
 
 
 def advertised_servers() -> list[ServerInfo]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -57,7 +58,19 @@ WORKING_DIR: Final = "/home/student"
 _UUID_RE: Final = re.compile(
     r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE
 )
+#: The largest integer a float holds (beyond it, ``float()`` overflows).
+_LARGEST_FLOAT: Final = int(sys.float_info.max)
 _ENV_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def is_finite_number(value: object) -> bool:
+    """An int or float a float can hold, not a bool: what a number of the protocol may be.
+    JSON allows integers of any length, which ``math.isfinite`` cannot even look at."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= _LARGEST_FLOAT
+    return math.isfinite(value)
 
 
 def is_uuid(text: object) -> bool:
@@ -143,12 +156,7 @@ def _validate_commands(commands: object) -> tuple[bool, str]:
             command, timeout = item.get("command"), item.get("timeout")
             if set(item) - {"command", "timeout"}:
                 return False, bad
-            if timeout is not None and (
-                isinstance(timeout, bool)
-                or not isinstance(timeout, int | float)
-                or not math.isfinite(timeout)
-                or timeout <= 0
-            ):
+            if timeout is not None and (not is_finite_number(timeout) or timeout <= 0):
                 return False, bad
         else:
             command = item

@@ -3,6 +3,7 @@ so these only tell "absent" from present and convert units."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -49,7 +50,10 @@ def size(value: object) -> int | None:
         if value.strip().lower() in ("host", "-1", "unlimited"):
             return NO_LIMIT
         match = _DOCKER_SIZE.fullmatch(value)
-        return int(float(match.group(1)) * _UNITS[match.group(2).lower()]) if match else None
+        if match is None:
+            return None
+        size = float(match.group(1)) * _UNITS[match.group(2).lower()]
+        return int(size) if math.isfinite(size) else None  # "9999…9m" is no size
     found = integer(value)
     return NO_LIMIT if found is not None and found < 0 else found
 

@@ -8,12 +8,11 @@ union of the fields the generations' readers use; a new generation adds its own 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any, Final, NamedTuple
 
 from .._errors import SandboxProtocolError
-from ..protocol import EXECUTABLES, EXECUTE, LIBRARIES, SPECIFICATIONS, USAGES
+from ..protocol import EXECUTABLES, EXECUTE, LIBRARIES, SPECIFICATIONS, USAGES, is_finite_number
 
 
 class Kind(NamedTuple):
@@ -24,7 +23,7 @@ class Kind(NamedTuple):
 
 
 def is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return is_finite_number(value)
 
 
 def is_whole(value: object) -> bool:

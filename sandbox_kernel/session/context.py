@@ -155,7 +155,8 @@ class SandboxContext:
                 try:
                     self._connection = Connection(resolve(*self._given, names=self._names))
                     self._configured = self._connection.settings
-                except (SandboxConfigError, RuntimeError) as error:
+                except (SandboxConfigError, RuntimeError, OSError) as error:  # OSError: no
+                    # private server could even be started (no temporary folder, no Python)
                     self._problem = f"The sandbox is not usable: {error}"
                     raise SandboxNotConfigured(self._problem) from None
             return self._connection

@@ -113,7 +113,10 @@ def parse_moment(text: str) -> datetime.datetime | None:
     digits = offset[1:].replace(":", "")
     delta = datetime.timedelta(hours=int(digits[:2]), minutes=int(digits[2:4] or 0))
     sign = -1 if offset.startswith("-") else 1
-    return moment.replace(tzinfo=datetime.timezone(sign * delta))
+    try:
+        return moment.replace(tzinfo=datetime.timezone(sign * delta))
+    except ValueError:  # an offset of a day or more (+99:99)
+        return None
 
 
 def expires_text(expire: str | None, now: datetime.datetime | None = None) -> str:

@@ -29,9 +29,17 @@ from sandbox_kernel._wire import (
     normalise_url,
     resource,
 )
-from sandbox_kernel.protocol import LIBRARIES, LIBRARY_CATEGORIES, OVERLOADED_TEXT, SPECIFICATIONS
+from sandbox_kernel.protocol import (
+    EXECUTE,
+    LIBRARIES,
+    LIBRARY_CATEGORIES,
+    OVERLOADED_TEXT,
+    SPECIFICATIONS,
+    USAGES,
+)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+BASE = "http://127.0.0.1:1/"
 
 
 def body(generation: str, name: str) -> dict[str, Any]:
@@ -166,3 +174,33 @@ def test_requests_built_without_io() -> None:
     assert normalise_url(" http://h:1// ") == "http://h:1/"
     with pytest.raises(SandboxConfigError, match="check SANDBOX_URL"):
         normalise_url("h:1")
+
+
+# --- The public server as observed (a copy of shared/reference/observed/) --------------------
+
+OBSERVED = FIXTURES / "observed" / "reference-3.0.3-responses.json"
+
+
+def observed() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(OBSERVED.read_text())
+    return data
+
+
+def test_every_observed_answer_of_the_public_server_is_accepted() -> None:
+    """A PremierLangage 3.0.3 server, without any of our extensions: every answer it gave
+    passes the checks (execute/ included) and reads as typed facts, with "not told" where it
+    does not tell."""
+    answers = observed()
+    executes = [k for k, v in answers.items() if k.startswith("execute") and v["status"] < 300]
+    assert len(executes) >= 10
+    for name in executes:
+        assert checked(EXECUTE, answers[name]["body"], BASE) == answers[name]["body"], name
+    specs_answer = checked(SPECIFICATIONS, answers["specifications"]["body"], BASE)
+    specs = read_specs(specs_answer)
+    assert (specs.generation, specs.containers, specs.sandbox_version) == (3, 40, "3.0.3")
+    assert specs.execute_timeout is None and specs.isolation is None  # extensions absent
+    load = read_load(specs_answer, checked(USAGES, answers["usages"]["body"], BASE))
+    assert (load.busy, load.total) == (0, 40) and load.memory_total == 25276514304
+    inventory = read_inventory(checked(LIBRARIES, answers["libraries"]["body"], BASE))
+    assert all(inventory.counts().values())
+    assert all(row.version != "?" for row in inventory.rows())
