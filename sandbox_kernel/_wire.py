@@ -31,6 +31,8 @@ from .protocol import EXECUTE, OVERLOADED_TEXT, environment_path, file_path, val
 #: Added to the server's ``execute_timeout`` for the deadline of ``execute/``: the server
 #: answers after the commands' budget, plus the time to prepare and save the environment.
 EXECUTE_MARGIN: Final = 10.0
+#: The longest host name DNS allows (RFC 1035).
+_LONGEST_HOST_NAME: Final = 253
 _BUSY_FIRST_WAIT: Final = 0.25
 _BUSY_MAX_WAIT: Final = 3.0
 
@@ -68,16 +70,27 @@ def normalise_url(url: object, setting: str = "SANDBOX_URL") -> str:
         or any(char.isspace() for char in text)
     ):
         raise SandboxConfigError(
-            f"{url!r} is not a sandbox URL. Give its base address with the scheme, such as "
+            f"{_quoted(url)} is not a sandbox URL. Give its base address with the scheme, such as "
             f"'http://127.0.0.1:8000/' (check {setting})."
         )
     try:
         parts.port  # noqa: B018  (a port that is not a number raises here)
     except ValueError:
         raise SandboxConfigError(
-            f"{url!r} is not a sandbox URL: its port is not a number (check {setting})."
+            f"{_quoted(url)} is not a sandbox URL: its port is not a number (check {setting})."
         ) from None
+    if len(parts.hostname or "") > _LONGEST_HOST_NAME:
+        raise SandboxConfigError(
+            f"{_quoted(url)} is not a sandbox URL: its host name is longer than DNS allows "
+            f"({_LONGEST_HOST_NAME} characters; check {setting})."
+        )
     return text.rstrip("/") + "/"
+
+
+def _quoted(value: object) -> str:
+    """A setting's value as an error quotes it: its first 80 characters."""
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
 
 
 def resource(uuid: str, path: str | None) -> str:

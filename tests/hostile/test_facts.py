@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 
 from sandbox_kernel import SandboxConfigError, SandboxProtocolError
 from sandbox_kernel._generations import checked, read_inventory, read_specs
@@ -188,7 +187,6 @@ def test_a_well_formed_advertisement_is_still_found(
     ],
 )
 def test_a_url_that_is_not_one_names_its_setting(url: str) -> None:
-    with pytest.raises(SandboxConfigError, match="SANDBOX_URL"):
-        settings = resolve(environ={"SANDBOX_URL": url}).settings
-        requests.Request("GET", settings.url).prepare()  # a long name may be a URL...
-        raise SandboxConfigError(f"accepted {settings.url[:80]!r} (check SANDBOX_URL)")
+    with pytest.raises(SandboxConfigError, match="check SANDBOX_URL") as refused:
+        resolve(environ={"SANDBOX_URL": url})
+    assert len(str(refused.value)) < 600  # the message quotes it shortened
