@@ -2,8 +2,10 @@
 
 Every transport (the synchronous :class:`~sandbox_kernel.client.Sandbox`, the asyncio one of
 live cells) sends what this module builds and gives what it receives back to it, so the wire
-format, its checks and the errors it raises are written once. An answer is anything with the
-attributes of :class:`~sandbox_kernel._errors.Answer` (a ``requests.Response`` has them).
+format, its checks, its defaults and caps, the frames of ``execute/stream/`` and the words of
+the errors it raises are written once; a transport only moves bytes and says which of its
+failures is which. An answer is anything with the attributes of
+:class:`~sandbox_kernel._errors.Answer` (a ``requests.Response`` has them).
 
 The contract is ``shared/reference/sandbox-protocol.md``.
 """
@@ -14,19 +16,50 @@ import dataclasses
 import json
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 from urllib.parse import quote, urlsplit
 
 from ._errors import (
     Answer,
+    SandboxAnswerTooLarge,
     SandboxConfigError,
     SandboxProtocolError,
     body_snippet,
     error_for_status,
 )
 from ._generations import checked
-from .protocol import EXECUTE, OVERLOADED_TEXT, environment_path, file_path, validate_config
+from .protocol import (
+    EXECUTE,
+    EXECUTE_STREAM,
+    OVERLOADED_TEXT,
+    environment_path,
+    file_path,
+    validate_config,
+)
+
+# --- Defaults every transport shares ------------------------------------------------------------
+
+#: Seconds to wait for any answer, unless an ``execute/`` needs longer (see ``Sandbox.execute``).
+DEFAULT_TIMEOUT: Final = 60.0
+#: Seconds ``execute`` keeps retrying an ``execute/`` answered 503 (no free container).
+DEFAULT_BUSY_BUDGET: Final = 30.0
+#: Largest JSON answer read (``execute/``, ``specifications/``...): ``libraries/`` is ~21 KB,
+#: an ``execute/`` at most the server's output cap (a few MiB); far more is not a sandbox.
+DEFAULT_MAX_JSON: Final = 64 * 1024**2
+#: Largest ``download`` when the caller gives no ``max_bytes`` (front-ends pass the size that
+#: ``check()`` announced): twice the embedded server's default working-directory quota.
+DEFAULT_MAX_DOWNLOAD: Final = 2 * 1024**3
+#: How much of an error answer's body is read (for its message); the rest is dropped.
+ERROR_BODY_CAP: Final = 64 * 1024
+#: Attempts to open a connection for a GET or HEAD; backoff 0, 0.1, 0.2 s (urllib3's formula).
+CONNECT_RETRIES: Final = 3
+CONNECT_BACKOFF: Final = 0.05
+
+#: ``on_busy(attempt, wait, elapsed)``: the ``attempt``-th ``execute/`` was answered 503, the
+#: client now sleeps ``wait`` seconds; ``elapsed`` seconds have passed since the first attempt.
+#: Raising from it (``KeyboardInterrupt``, say) abandons the execution: nothing ran yet.
+OnBusy = Callable[[int, float, float], object]
 
 #: Added to the server's ``execute_timeout`` for the deadline of ``execute/``: the server
 #: answers after the commands' budget, plus the time to prepare and save the environment.
@@ -45,6 +78,30 @@ class Part:
     value: str | bytes
     filename: str | None = None
     content_type: str | None = None
+
+
+# --- Checks of a client's arguments ------------------------------------------------------------
+
+
+def check_token(token: str | None) -> None:
+    """A token that cannot travel in a header is refused before anything is sent (an HTTP
+    library's own error would show the token in its text)."""
+    if token is not None and (
+        not token or token.strip() != token or any(c in token for c in "\r\n")
+    ):
+        raise SandboxConfigError(
+            "The token cannot travel in an HTTP header (it is empty, has surrounding "
+            "spaces or line breaks). Give the token exactly as the server expects it."
+        )
+
+
+def check_size(name: str, value: object) -> None:
+    """A cap (``max_json``, ``max_bytes``...) is a whole number of bytes: anything else is
+    refused when given, not when the first answer is read against it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SandboxConfigError(
+            f"{name} must be a whole number of bytes (0 or more), not {value!r}."
+        )
 
 
 # --- Where requests go ------------------------------------------------------------------------
@@ -129,7 +186,18 @@ def execute_deadline(timeout: float, execute_timeout: float | None) -> float:
     return max(timeout, execute_timeout + EXECUTE_MARGIN)
 
 
+def stream_url(base: str) -> str:
+    """The WebSocket address of ``execute/stream/`` on the (normalised) ``base``:
+    ``ws://`` for ``http://``, ``wss://`` for ``https://``."""
+    scheme, rest = base.split("://", 1)
+    return ("wss" if scheme == "https" else "ws") + "://" + rest + EXECUTE_STREAM
+
+
 # --- Reading answers --------------------------------------------------------------------------
+
+
+#: What a body that does not parse reads as (``None`` is the JSON ``null``).
+_NOT_JSON: Final = object()
 
 
 def raise_for_status(answer: Answer) -> None:
@@ -143,11 +211,11 @@ def json_object(answer: Answer, base: str) -> dict[str, Any]:
     try:
         data = json.loads(answer.content)
     except ValueError:  # not JSON, or not UTF-8
-        data = None
+        data = _NOT_JSON
     if isinstance(data, dict):
         return data
     method = getattr(answer.request, "method", None) or "request"
-    what = "not JSON" if data is None else "JSON but not an object"
+    what = "not JSON" if data is _NOT_JSON else "JSON but not an object"
     raise SandboxProtocolError(
         f"{method} {answer.url} answered {answer.status_code} with a body that is {what}: "
         f"{body_snippet(answer)!r}. Check that {base} is a sandbox server and that no proxy "
@@ -186,6 +254,201 @@ def announced_size(answer: Answer, base: str) -> int:
     return int(length)
 
 
+# --- Reading answers within caps ---------------------------------------------------------------
+
+JSON_CAP_ADVICE: Final = (
+    "A sandbox's JSON answers are far smaller: check that {base} is a sandbox server and that "
+    "no proxy in between rewrites its answers. If such an answer is expected, allow more with "
+    "Sandbox(url, max_json=...)."
+)
+DOWNLOAD_CAP_ADVICE: Final = (
+    "That is the size the caller expected (max_bytes, normally what HEAD announced): if the "
+    "file changed meanwhile, download it again; otherwise check that {base} is a sandbox "
+    "server and that no proxy in between rewrites its answers."
+)
+DEFAULT_DOWNLOAD_CAP_ADVICE: Final = (
+    "Pass the size you expect, download(..., max_bytes=sandbox.check(...)), or allow more with "
+    "Sandbox(url, max_download=...); and check that {base} is a sandbox server."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cap:
+    """The most bytes a 2xx answer may have, and what to advise (``{base}``: the server's URL)
+    when it has more."""
+
+    limit: int
+    advice: str
+
+
+def json_cap(max_json: int) -> Cap:
+    """The cap of a JSON answer (``execute/``, ``specifications/``...)."""
+    return Cap(max_json, JSON_CAP_ADVICE)
+
+
+def download_cap(max_download: int, max_bytes: int | None) -> Cap:
+    """The cap of a ``download``: the size the caller expects, else the client's
+    ``max_download`` (each with its advice)."""
+    if max_bytes is None:
+        return Cap(max_download, DEFAULT_DOWNLOAD_CAP_ADVICE)
+    return Cap(max_bytes, DOWNLOAD_CAP_ADVICE)
+
+
+def check_identity(encoding: str, where: str, base: str) -> None:
+    """A 2xx answer's ``Content-Encoding`` (stripped, lower case) must be identity: a
+    compressed body could expand past any cap. ``where``: ``"METHOD url"``."""
+    if encoding not in ("", "identity"):
+        raise SandboxProtocolError(
+            f"{where} answered with Content-Encoding {encoding!r}, which the client does not "
+            f"accept (it asks for identity, so that it can bound what it reads). Check that "
+            f"{base} is a sandbox server and that no proxy in between compresses its answers."
+        )
+
+
+def announced_too_large(where: str, announced: int, cap: Cap, base: str) -> SandboxAnswerTooLarge:
+    """The error of an answer whose ``Content-Length`` is past ``cap`` (nothing was read)."""
+    return SandboxAnswerTooLarge(
+        f"{where} announced {announced} bytes (Content-Length), more than the {cap.limit} "
+        f"the client accepts for this answer; nothing of it was read. "
+        f"{cap.advice.format(base=base)}"
+    )
+
+
+def sent_too_much(where: str, cap: Cap, base: str) -> SandboxAnswerTooLarge:
+    """The error of an answer that sent more than ``cap`` (cut there, nothing kept)."""
+    return SandboxAnswerTooLarge(
+        f"{where} sent more than the {cap.limit} bytes the client accepts for this answer; "
+        f"it was cut there and nothing of it was kept. {cap.advice.format(base=base)}"
+    )
+
+
+def sent_past_length(where: str, announced: int, base: str) -> SandboxAnswerTooLarge:
+    """The error of an answer that sent more than its own ``Content-Length``."""
+    return SandboxAnswerTooLarge(
+        f"{where} sent more bytes than its own Content-Length ({announced}); the answer "
+        "was cut there and nothing of it was kept. A server that miscounts its answers "
+        f"cannot be trusted with this one: check that {base} is a sandbox server and that "
+        "no proxy in between rewrites its answers."
+    )
+
+
+# --- Frames of execute/stream/ -------------------------------------------------------------------
+
+#: The top-level ``extensions`` of ``specifications/`` that offers ``execute/stream/``.
+STREAM_EXTENSION: Final = "stream"
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """A chunk of the running command's output, as read (not stripped)."""
+
+    stream: str
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StdinWanted:
+    """The run waits for stdin; ``prompt`` is what it printed after its last newline (it was
+    streamed already: shown again only as the input box's label)."""
+
+    prompt: str
+
+
+#: What a streamed run yields.
+Event = Output | StdinWanted
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorFrame:
+    """``{"error": STATUS, "text": ...}``: the run was refused as ``execute/`` would have."""
+
+    status: int
+    text: str
+
+
+_FRAME_FIELDS: Final[dict[str, frozenset[str]]] = {
+    "stream": frozenset({"stream", "text"}),
+    "stdin": frozenset({"stdin", "prompt"}),
+    "error": frozenset({"error", "text"}),
+}
+
+
+def read_frame(data: str, where: str, base: str) -> Event | ErrorFrame | dict[str, Any]:
+    """One text frame of ``execute/stream/``, checked: an event, an error, or the final
+    object (checked as ``execute/``'s answer). Anything else raises
+    :class:`SandboxProtocolError` naming what is wrong, so that nothing hostile reaches
+    whatever shows the output."""
+    try:
+        frame = json.loads(data)
+    except ValueError:
+        frame = _NOT_JSON
+    if not isinstance(frame, dict):
+        what = "not JSON" if frame is _NOT_JSON else "JSON but not an object"
+        raise frame_error(where, base, f"a frame that is {what}: {_snippet(data)!r}")
+    kind = next((key for key in _FRAME_FIELDS if key in frame), None)
+    if kind is None:
+        if "status" not in frame:
+            raise frame_error(where, base, f"an object that is no frame: {_snippet(data)!r}")
+        return checked(EXECUTE, frame, base)
+    unknown = sorted(set(frame) - _FRAME_FIELDS[kind])
+    if unknown:
+        raise frame_error(where, base, f"a {kind!r} frame with an unknown field {unknown[0]!r}")
+    missing = sorted(_FRAME_FIELDS[kind] - set(frame))
+    if missing:
+        raise frame_error(where, base, f"a {kind!r} frame without its field {missing[0]!r}")
+    if kind == "stream":
+        _expect(frame, "stream", ("stdout", "stderr"), where, base)
+        return Output(frame["stream"], _string(frame, "text", where, base))
+    if kind == "stdin":
+        _expect(frame, "stdin", ("wanted",), where, base)
+        return StdinWanted(_string(frame, "prompt", where, base))
+    status = frame["error"]
+    if isinstance(status, bool) or not isinstance(status, int) or not 300 <= status <= 599:
+        raise frame_error(where, base, f"an 'error' frame whose status is {status!r}")
+    return ErrorFrame(status, _string(frame, "text", where, base))
+
+
+def _expect(
+    frame: dict[str, Any], key: str, allowed: tuple[str, ...], where: str, base: str
+) -> None:
+    if frame[key] not in allowed:
+        raise frame_error(
+            where, base, f"a frame whose {key!r} is {_snippet(frame[key])!r}, not one of {allowed}"
+        )
+
+
+def _string(frame: dict[str, Any], key: str, where: str, base: str) -> str:
+    value = frame[key]
+    if not isinstance(value, str):
+        raise frame_error(
+            where, base, f"a {key!r} field that is {type(value).__name__}, not a string"
+        )
+    return value
+
+
+def _snippet(value: object) -> str:
+    """A frame or a field as an error quotes it: its first 60 characters."""
+    shown = value if isinstance(value, str) else repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def frame_error(where: str, base: str, what: str) -> SandboxProtocolError:
+    """The error of a frame the stream extension does not allow (``what``: what was sent)."""
+    return SandboxProtocolError(
+        f"The stream of {where} sent {what}, which the protocol's stream extension does not "
+        f"allow; the run was stopped. Check that {base} is a sandbox server of a version this "
+        "client knows and that no proxy in between rewrites its frames."
+    )
+
+
+def frame_too_large(where: str, limit: int, base: str) -> SandboxAnswerTooLarge:
+    """The error of a frame past ``max_json`` (the run was stopped)."""
+    return SandboxAnswerTooLarge(
+        f"The stream of {where} sent a frame larger than the {limit} bytes the client "
+        "accepts; the run was stopped. " + JSON_CAP_ADVICE.format(base=base)
+    )
+
+
 # --- Waiting for a free container ---------------------------------------------------------------
 
 
@@ -212,10 +475,27 @@ def busy_advice(answer: Answer, elapsed: float, attempts: int) -> str:
 DEFAULT_TIMEOUT_SETTING: Final = (
     "Sandbox(url, timeout=...), or SANDBOX_TIMEOUT / c.SandboxKernel.timeout for the kernel"
 )
+#: What a streamed run (``execute/stream/``) is called where an HTTP method would be: its
+#: upgrade is a GET, but what fails is no plain GET.
+STREAM_METHOD: Final = "WebSocket"
+#: The advice of an error that may come from a server not running or a wrong URL.
+CHECK_SERVER: Final = (
+    "Check that the sandbox server is running (start one with `sandbox-kernel serve`) and that "
+    "the URL given (or SANDBOX_URL) points to it."
+)
 
 
 def timeout_message(method: str, url: str, timeout: float, setting: str) -> str:
-    """The text of a request that missed its deadline; ``setting`` names the one that applies."""
+    """The text of a request that missed its deadline; ``setting`` names the one that applies.
+    A streamed run (``method`` :data:`STREAM_METHOD`) is stopped by the client at its deadline."""
+    if method == STREAM_METHOD:
+        return (
+            f"The streamed run at {url} did not answer within {timeout:g} s (a deadline for the "
+            "whole run up to its final answer, not counting the time it waited for stdin); it "
+            "was stopped (its socket closed). If the server is only slow, allow more time: "
+            f"{setting} (a run also gets the server's execute_timeout + 10 s once the "
+            "specifications are known)."
+        )
     text = (
         f"The sandbox at {url} did not answer {method} within {timeout:g} s (a deadline for "
         "the whole answer, headers and body, however slowly it arrives)."
@@ -227,3 +507,44 @@ def timeout_message(method: str, url: str, timeout: float, setting: str) -> str:
             "gets the server's execute_timeout + 10 s once the specifications are known)."
         )
     return text + f" If the server is only slow, allow more time: {setting}."
+
+
+def connection_message(method: str, url: str, cause: object, *, never_sent: bool) -> str:
+    """The text of a connection that failed. A POST that may have reached the server is not
+    sent again (its commands may have run); ``never_sent``: the connection never opened."""
+    if method == "POST" and not never_sent:
+        return (
+            f"The connection to the sandbox broke during {method} {url} ({cause}). The commands "
+            "may have run, so the request was not sent again: check the server's log, then "
+            "retry if needed."
+        )
+    return f"Cannot reach the sandbox at {url} ({cause}). " + CHECK_SERVER
+
+
+def connect_timeout_message(url: str, timeout: float, cause: object) -> str:
+    """The text of a connection that did not open in time (nothing was sent)."""
+    return (
+        f"The sandbox at {url} did not accept a connection within {timeout:g} s ({cause}). "
+        + CHECK_SERVER
+    )
+
+
+def garbled_message(method: str, url: str, cause: object) -> str:
+    """The text of an answer that broke the HTTP framing (cut short, bad chunking...)."""
+    return (
+        f"The answer to {method} {url} was cut short or garbled ({cause}). Retry; if it "
+        "persists, check the server's log and any proxy in between."
+    )
+
+
+def invalid_url_message(method: str, url: str, cause: object) -> str:
+    """The text of a request the HTTP library refused to send for its URL."""
+    return (
+        f"Cannot send {method} {url}: {cause}. Give the sandbox's base URL, such as "
+        "'http://127.0.0.1:8000/' (check SANDBOX_URL)."
+    )
+
+
+def failed_message(method: str, url: str, cause: object) -> str:
+    """The text of a failure no other message describes."""
+    return f"{method} {url} failed: {cause}. " + CHECK_SERVER

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
-import dataclasses
 import heapq
 import http.client
 import io
@@ -57,7 +56,6 @@ from . import _errors
 from ._errors import *  # noqa: F403  (re-exports every Sandbox<STATUS> class)
 from ._errors import (
     Sandbox503,
-    SandboxAnswerTooLarge,
     SandboxCancelled,
     SandboxConfigError,
     SandboxConnectionError,
@@ -76,20 +74,44 @@ from ._generations import (
     read_specs,
 )
 from ._wire import (
+    CONNECT_BACKOFF,
+    CONNECT_RETRIES,
     DEFAULT_TIMEOUT_SETTING,
+    ERROR_BODY_CAP,
+    Cap,
     Part,
     announced_size,
+    announced_too_large,
     busy_advice,
     busy_wait,
+    check_identity,
+    check_size,
+    check_token,
+    connect_timeout_message,
+    connection_message,
+    download_cap,
     execute_answer,
     execute_deadline,
     execute_form,
     facts_answer,
+    failed_message,
+    garbled_message,
+    invalid_url_message,
+    json_cap,
     normalise_url,
     raise_for_status,
     resource,
+    sent_past_length,
+    sent_too_much,
     timeout_message,
 )
+
+# Defaults of the client's arguments: public names of this module since its first version.
+from ._wire import DEFAULT_BUSY_BUDGET as DEFAULT_BUSY_BUDGET
+from ._wire import DEFAULT_MAX_DOWNLOAD as DEFAULT_MAX_DOWNLOAD
+from ._wire import DEFAULT_MAX_JSON as DEFAULT_MAX_JSON
+from ._wire import DEFAULT_TIMEOUT as DEFAULT_TIMEOUT
+from ._wire import OnBusy as OnBusy
 from .protocol import EXECUTE, LIBRARIES, SPECIFICATIONS, USAGES, is_uuid, validate_config
 
 __all__ = [
@@ -106,31 +128,10 @@ __all__ = [
 ]
 __all__ += _errors.__all__
 
-#: Seconds to wait for any answer, unless an ``execute/`` needs longer (see ``Sandbox.execute``).
-DEFAULT_TIMEOUT: Final = 60.0
-#: Seconds ``execute`` keeps retrying an ``execute/`` answered 503 (no free container).
-DEFAULT_BUSY_BUDGET: Final = 30.0
-
-#: Largest JSON answer read (``execute/``, ``specifications/``...): ``libraries/`` is ~21 KB,
-#: an ``execute/`` at most the server's output cap (a few MiB); far more is not a sandbox.
-DEFAULT_MAX_JSON: Final = 64 * 1024**2
-#: Largest ``download`` when the caller gives no ``max_bytes`` (front-ends pass the size that
-#: ``check()`` announced): twice the embedded server's default working-directory quota.
-DEFAULT_MAX_DOWNLOAD: Final = 2 * 1024**3
-#: How much of an error answer's body is read (for its message); the rest is dropped.
-_ERROR_BODY_CAP: Final = 64 * 1024
 #: Bytes read from the socket at a time.
 _CHUNK: Final = 256 * 1024
-#: Attempts to open a connection for a GET or HEAD; backoff 0, 0.1, 0.2 s (urllib3's formula).
-_CONNECT_RETRIES: Final = 3
-_CONNECT_BACKOFF: Final = 0.05
 
 _T = TypeVar("_T")
-
-#: ``on_busy(attempt, wait, elapsed)``: the ``attempt``-th ``execute/`` was answered 503, the
-#: client now sleeps ``wait`` seconds; ``elapsed`` seconds have passed since the first attempt.
-#: Raising from it (``KeyboardInterrupt``, say) abandons the execution: nothing ran yet.
-OnBusy = Callable[[int, float, float], object]
 
 
 class _BinaryReadable(Protocol):
@@ -619,15 +620,9 @@ class Sandbox:
             raise SandboxConfigError(
                 f"timeout must be a positive number of seconds, not {timeout!r}"
             )
-        _check_size("max_json", max_json)
-        _check_size("max_download", max_download)
-        if token is not None and (
-            not token or token.strip() != token or any(c in token for c in "\r\n")
-        ):
-            raise SandboxConfigError(
-                "The token cannot travel in an HTTP header (it is empty, has surrounding "
-                "spaces or line breaks). Give the token exactly as the server expects it."
-            )
+        check_size("max_json", max_json)
+        check_size("max_download", max_download)
+        check_token(token)
         self.url = normalise_url(url)
         self.timeout = timeout
         #: How the user changes ``timeout``, named in the error of a request past it.
@@ -764,12 +759,10 @@ class Sandbox:
         expired).
         """
         if max_bytes is not None:
-            _check_size("max_bytes", max_bytes)
-        cap = _Cap(
-            self.max_download if max_bytes is None else max_bytes,
-            _DOWNLOAD_CAP_ADVICE if max_bytes is not None else _DEFAULT_DOWNLOAD_CAP_ADVICE,
+            check_size("max_bytes", max_bytes)
+        response = self._send(
+            "GET", resource(uuid, path), cap=download_cap(self.max_download, max_bytes)
         )
-        response = self._send("GET", resource(uuid, path), cap=cap)
         raise_for_status(response)
         return io.BytesIO(response.content)
 
@@ -889,8 +882,8 @@ class Sandbox:
         self._typed.pop(endpoint, None)
 
     @property
-    def _json_cap(self) -> _Cap:
-        return _Cap(self.max_json, _JSON_CAP_ADVICE)
+    def _json_cap(self) -> Cap:
+        return json_cap(self.max_json)
 
     def _get_json(self, endpoint: str) -> dict[str, Any]:
         """The answer of ``endpoint``, checked: fields of the wrong type raise here, naming
@@ -905,7 +898,7 @@ class Sandbox:
         *,
         timeout: float | None = None,
         cancel: Cancellation | None = None,
-        cap: _Cap | None = None,
+        cap: Cap | None = None,
         **kwargs: Any,
     ) -> requests.Response:
         """One exchange, answer included; any failure becomes a :class:`SandboxError`.
@@ -952,40 +945,8 @@ class Sandbox:
 # --- Reading answers within caps ------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _Cap:
-    """The most bytes a 2xx answer may have, and what to advise (``{base}``: the server's URL)
-    when it has more."""
-
-    limit: int
-    advice: str
-
-
-_JSON_CAP_ADVICE: Final = (
-    "A sandbox's JSON answers are far smaller: check that {base} is a sandbox server and that "
-    "no proxy in between rewrites its answers. If such an answer is expected, allow more with "
-    "Sandbox(url, max_json=...)."
-)
-_DOWNLOAD_CAP_ADVICE: Final = (
-    "That is the size the caller expected (max_bytes, normally what HEAD announced): if the "
-    "file changed meanwhile, download it again; otherwise check that {base} is a sandbox "
-    "server and that no proxy in between rewrites its answers."
-)
-_DEFAULT_DOWNLOAD_CAP_ADVICE: Final = (
-    "Pass the size you expect, download(..., max_bytes=sandbox.check(...)), or allow more with "
-    "Sandbox(url, max_download=...); and check that {base} is a sandbox server."
-)
-
-
-def _check_size(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise SandboxConfigError(
-            f"{name} must be a whole number of bytes (0 or more), not {value!r}."
-        )
-
-
 def _take_body(
-    response: requests.Response, method: str, cap: _Cap, exchange: _Exchange, base: str
+    response: requests.Response, method: str, cap: Cap, exchange: _Exchange, base: str
 ) -> None:
     """Reads the body of ``response`` into it (``response.content``): a 2xx one within
     ``cap``, an error's first 64 KiB (for its message). A HEAD answer is closed unread."""
@@ -993,7 +954,7 @@ def _take_body(
         if method == "HEAD":
             response.close()
         elif response.status_code >= 300:
-            data, whole = _read_up_to(response.raw, _ERROR_BODY_CAP)
+            data, whole = _read_up_to(response.raw, ERROR_BODY_CAP)
             if not whole:
                 _drop(response)
             _keep_body(response, data)
@@ -1005,37 +966,19 @@ def _take_body(
 
 
 def _read_answer(
-    response: requests.Response, method: str, cap: _Cap, exchange: _Exchange, base: str
+    response: requests.Response, method: str, cap: Cap, exchange: _Exchange, base: str
 ) -> bytes:
     """The body of a 2xx answer, never reading more than ``cap.limit`` + 1 bytes of it."""
     where = f"{method} {response.url}"
-    encoding = response.headers.get("Content-Encoding", "").strip().lower()
-    if encoding not in ("", "identity"):  # a compressed body could expand past any cap
-        raise SandboxProtocolError(
-            f"{where} answered with Content-Encoding {encoding!r}, which the client does not "
-            f"accept (it asks for identity, so that it can bound what it reads). Check that "
-            f"{base} is a sandbox server and that no proxy in between compresses its answers."
-        )
+    check_identity(response.headers.get("Content-Encoding", "").strip().lower(), where, base)
     announced = _content_length(response)
-    advice = cap.advice.format(base=base)
     if announced is not None and announced > cap.limit:
-        raise SandboxAnswerTooLarge(
-            f"{where} announced {announced} bytes (Content-Length), more than the {cap.limit} "
-            f"the client accepts for this answer; nothing of it was read. {advice}"
-        )
+        raise announced_too_large(where, announced, cap, base)
     data, whole = _read_up_to(response.raw, cap.limit)
     if not whole:
-        raise SandboxAnswerTooLarge(
-            f"{where} sent more than the {cap.limit} bytes the client accepts for this answer; "
-            f"it was cut there and nothing of it was kept. {advice}"
-        )
+        raise sent_too_much(where, cap, base)
     if announced is not None and _bytes_waiting(exchange.last_socket()):
-        raise SandboxAnswerTooLarge(
-            f"{where} sent more bytes than its own Content-Length ({announced}); the answer "
-            "was cut there and nothing of it was kept. A server that miscounts its answers "
-            f"cannot be trusted with this one: check that {base} is a sandbox server and that "
-            "no proxy in between rewrites its answers."
-        )
+        raise sent_past_length(where, announced, base)
     return data
 
 
@@ -1131,12 +1074,12 @@ def _http_session(token: str | None) -> requests.Session:
     reached the server is never replayed.
     """
     retry = Retry(
-        total=_CONNECT_RETRIES,
-        connect=_CONNECT_RETRIES,
+        total=CONNECT_RETRIES,
+        connect=CONNECT_RETRIES,
         read=False,
         status=0,
         other=0,
-        backoff_factor=_CONNECT_BACKOFF,
+        backoff_factor=CONNECT_BACKOFF,
         allowed_methods=frozenset({"GET", "HEAD"}),
         raise_on_status=False,
         respect_retry_after_header=False,
@@ -1189,19 +1132,13 @@ def _translate(
         | requests.exceptions.MissingSchema
         | requests.exceptions.InvalidSchema,
     ):
-        return SandboxConfigError(
-            f"Cannot send {method} {url}: {cause}. Give the sandbox's base URL, such as "
-            "'http://127.0.0.1:8000/' (check SANDBOX_URL)."
-        )
+        return SandboxConfigError(invalid_url_message(method, url, cause))
     if isinstance(exc, requests.exceptions.InvalidHeader):  # its text would show the token
         return SandboxConfigError(
             f"Cannot send {method} {url}: a header value is not valid HTTP. Check the token."
         )
     if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return SandboxConnectionError(
-            f"The sandbox at {url} did not accept a connection within {timeout:g} s ({cause}). "
-            + _CHECK_SERVER
-        )
+        return SandboxConnectionError(connect_timeout_message(url, timeout, cause))
     # A timeout while reading the body reaches us as a ConnectionError wrapping urllib3's.
     if isinstance(exc, requests.exceptions.Timeout) or _in_chain(exc, ReadTimeoutError):
         return SandboxTimeout(timeout_message(method, url, timeout, setting))
@@ -1212,13 +1149,12 @@ def _translate(
         | ProtocolError  # raised by urllib3 only while the body is read
         | http.client.HTTPException,
     ):
-        return SandboxProtocolError(
-            f"The answer to {method} {url} was cut short or garbled ({cause}). Retry; if it "
-            "persists, check the server's log and any proxy in between."
-        )
+        return SandboxProtocolError(garbled_message(method, url, cause))
     if isinstance(exc, requests.exceptions.ConnectionError | HTTPError | OSError):
-        return SandboxConnectionError(_connection_message(exc, method, url, cause))
-    return SandboxError(f"{method} {url} failed: {cause}. " + _CHECK_SERVER)
+        return SandboxConnectionError(
+            connection_message(method, url, cause, never_sent=_never_sent(exc))
+        )
+    return SandboxError(failed_message(method, url, cause))
 
 
 _CANCELLED: Final = (
@@ -1226,21 +1162,6 @@ _CANCELLED: Final = (
     "disconnects (the embedded one) killed the command; a public sandbox server may run it "
     "until its own timeout."
 )
-
-_CHECK_SERVER: Final = (
-    "Check that the sandbox server is running (start one with `sandbox-kernel serve`) and that "
-    "the URL given (or SANDBOX_URL) points to it."
-)
-
-
-def _connection_message(exc: BaseException, method: str, url: str, cause: BaseException) -> str:
-    if method == "POST" and not _never_sent(exc):
-        return (
-            f"The connection to the sandbox broke during {method} {url} ({cause}). The commands "
-            "may have run, so the request was not sent again: check the server's log, then "
-            "retry if needed."
-        )
-    return f"Cannot reach the sandbox at {url} ({cause}). " + _CHECK_SERVER
 
 
 def _never_sent(exc: BaseException) -> bool:

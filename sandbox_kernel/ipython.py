@@ -183,8 +183,6 @@ def _sandbox_cell(shell: InteractiveShell) -> Any:
 
 def _run_cell(shell: InteractiveShell, code: str) -> CellOutcome:
     outcome: CellOutcome = context_of(shell).session.run_cell(code)
-    for notice in outcome.notices:
-        print(notice, file=sys.stderr)
     if outcome.stdout:
         sys.stdout.write(outcome.stdout)
         sys.stdout.flush()
@@ -194,6 +192,8 @@ def _run_cell(shell: InteractiveShell, code: str) -> CellOutcome:
     for display in outcome.displays:
         bundle = render.file_bundle(display.name, display.mime, display.data)
         publish_display_data(bundle)  # type: ignore[no-untyped-call]
+    for notice in outcome.notices:  # after the cell's own output: they are about it
+        print(notice, file=sys.stderr)
     if outcome.error is not None:
         error = outcome.error
         print("\n".join([f"{error.ename}: {error.evalue}", *error.advice]), file=sys.stderr)

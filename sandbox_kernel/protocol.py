@@ -17,6 +17,8 @@ from typing import Any, Final
 #: Endpoint paths, relative to the server's base URL. The trailing slash is part of the
 #: contract: the public server answers 404 (or redirects) without it.
 EXECUTE: Final = "execute/"
+#: The streamed ``execute/``, a WebSocket (our extension, docs/protocol-extensions.md).
+EXECUTE_STREAM: Final = "execute/stream/"
 SPECIFICATIONS: Final = "specifications/"
 USAGES: Final = "usages/"
 LIBRARIES: Final = "libraries/"
@@ -46,6 +48,9 @@ STATUS_MEANINGS: Final[Mapping[int, str]] = {
 OVERLOADED_TEXT: Final = "Sandbox overloaded, retry after a few seconds."
 #: stderr of a command that hit an internal error (public server, under churn).
 UNKNOWN_ERROR_TEXT: Final = "An unknown error occurred on the sandbox\n"
+#: The line a streamed run's stopped command gets at the end of its stderr (our extension,
+#: docs/protocol-extensions.md: "execute/stream/").
+STOPPED_NOTE = "[sandbox] stopped on request"
 
 #: How long the server waits for a free execution slot before answering 503.
 SLOT_WAIT_SECONDS: Final = 2.0

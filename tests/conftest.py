@@ -45,6 +45,10 @@ SLOW_SUITES = frozenset(
         "test_notebooks.py",
         "test_panel_browser.py",
         "test_server_isolation.py",
+        "test_server_stream.py",
+        "test_async_client.py",
+        "test_kernel_live.py",
+        "test_live_browser.py",
     }
 )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import http.client
+import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,6 +25,10 @@ class CountingProxy:
         #: Seconds to wait before forwarding a request whose path starts with the key (a slow
         #: ``libraries/`` or ``usages/``, as on the public server).
         self.delays: dict[str, float] = {}
+        #: When set, ``specifications/`` is answered with this body instead of the server's,
+        #: and anything the server offers beyond the PremierLangage protocol (the
+        #: ``execute/stream/`` WebSocket) is answered 404, as a PremierLangage server does.
+        self.premierlangage_specifications: dict[str, object] | None = None
         self._lock = threading.Lock()
         proxy = self
 
@@ -40,6 +45,8 @@ class CountingProxy:
                         (s for p, s in proxy.delays.items() if self.path.startswith(p)), default=0
                     )
                 time.sleep(delay)
+                if proxy.premierlangage_specifications is not None and self._premierlangage():
+                    return
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 upstream = http.client.HTTPConnection(proxy.target_host, proxy.target_port)
@@ -61,6 +68,23 @@ class CountingProxy:
                 if self.command != "HEAD":
                     self.wfile.write(data)
                 upstream.close()
+
+            def _premierlangage(self) -> bool:
+                """Answer as a PremierLangage server would where ours differs; False when the
+                request is to be forwarded."""
+                if self.path == "/specifications/":
+                    status, body = 200, json.dumps(proxy.premierlangage_specifications).encode()
+                    kind = "application/json"
+                elif self.path.startswith("/execute/stream/"):
+                    status, body, kind = 404, b"Not Found", "text/html"
+                else:
+                    return False
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return True
 
             do_GET = do_POST = do_HEAD = _forward
 

@@ -31,7 +31,7 @@ def sandbox(server: Server) -> Sandbox:
 
 def test_specification_attributes(sandbox: Sandbox) -> None:
     assert sandbox.sandbox_version is not None and sandbox.sandbox_version.startswith("3.")
-    assert sandbox.execute_timeout == 10.0
+    assert sandbox.execute_timeout == 60.0
     assert sandbox.expiration == 86400
     assert sandbox.containers == {"total": 4, "running": 0, "available": 4}
     assert sandbox.memory is not None and sandbox.memory["storage"] > 0

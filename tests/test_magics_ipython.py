@@ -138,7 +138,7 @@ def test_bad_uses_are_usage_errors_and_send_nothing(
 def test_download_and_upload(shell: InteractiveShell, local: Path) -> None:
     (local / "local.txt").write_text("from here\n")
     shell.run_line_magic("sandbox_upload", str(local / "local.txt"))
-    assert shell.run_cell_magic("sandbox", "--out up", "cat ~/local.txt") is None
+    assert shell.run_cell_magic("sandbox", "--out up", "cat ~/d/local.txt") is None
     assert shell.user_ns["up"].stdout == "from here\n"
     run(shell, "%%sandbox\necho result > ~/out.txt")
     saved = shell.run_line_magic(

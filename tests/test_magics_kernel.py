@@ -52,11 +52,11 @@ def test_timeout_magic(kernel: KernelSession) -> None:
     assert too_long.reply["ename"] == "MagicError"
     assert "execute_timeout" in too_long.reply["evalue"]
     assert "--execute-timeout" in too_long.reply["evalue"]
-    assert "10 s" in shown(kernel.run("%sandbox_timeout"))
+    assert "1 min" in shown(kernel.run("%sandbox_timeout"))
     kernel.run("%sandbox_timeout 1")
     cell = kernel.run("sleep 3")
     assert cell.reply["ename"] == "Timeout"
-    assert "1 s, set with %sandbox_timeout" in cell.reply["evalue"]
+    assert "after 1 s (%sandbox_timeout)" in cell.reply["evalue"]
     usage = kernel.run("%sandbox_timeout soon")
     assert (
         usage.reply["ename"] == "UsageError" and "usage: %sandbox_timeout" in usage.reply["evalue"]
@@ -65,7 +65,7 @@ def test_timeout_magic(kernel: KernelSession) -> None:
 
 def test_specs_libraries_usage_status_help(kernel: KernelSession) -> None:
     specs = shown(kernel.run("%sandbox_specs"))
-    for row in ("isolation", "bubblewrap", "time per run", "10 s", "environments kept for"):
+    for row in ("isolation", "bubblewrap", "time per run", "1 min", "environments kept for"):
         assert row in specs
     assert "bubblewrap" in shown(kernel.run("%sandbox_specs --refresh"))
     libraries = kernel.run("%sandbox_libraries bash --category bin")

@@ -3,6 +3,7 @@ their outputs are what they teach). ``sandbox-kernel lab`` is tested in test_lab
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,11 +59,14 @@ def test_quickstart(demo: Path) -> None:
         == "Course: Systems 101, in /home/student/project\nfruit.txt has 3 lines\n"
     )
     assert "ExitCode: command exited with status 2" in text_of(cells[3])
-    assert "Timeout: the cell ran longer than 2 s" in text_of(cells[4])
+    assert "Timeout: the cell was stopped after 2 s" in text_of(cells[4])
     assert "back to normal in /home/student/project" in text_of(cells[5])
     [chart] = [o for o in cells[6] if o["output_type"] == "display_data"]
     assert chart["data"]["image/svg+xml"].count("<rect") == 3
     assert (demo / "fruit.txt").read_text() == "apples 3\npears 5\nplums 2\n"
+    live = text_of(cells[8]).splitlines()  # the live loop: one line a second, with its time
+    steps = [re.sub(r" at \d\d:\d\d:\d\d$", "", line) for line in live]
+    assert steps == [f"step {step} of 5" for step in range(1, 6)], live
 
 
 def test_teaching(demo: Path) -> None:
@@ -73,6 +77,8 @@ def test_teaching(demo: Path) -> None:
     broken = text_of(cells[3])
     assert "broken.c:4:" in broken and "undefined_name" in broken
     assert "ExitCode: command exited with status 1" in broken
+    # Headless, nothing can be typed: the interactive program reads end-of-file at once.
+    assert text_of(cells[4]) == "Two integers? (end of input: nothing to add)\n"
 
 
 def test_inspecting(demo: Path) -> None:

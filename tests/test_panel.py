@@ -118,7 +118,7 @@ def test_every_tab_says_what_the_server_tells_in_human_form(context: SandboxCont
         assert f"{context.session.environment}, expires in 1 day" in overview  # kept 86400 s
         assert "connected" in overview and "/4 busy" in overview
         specs = text_of(panel.specifications.value)
-        for row in ("time per run 10 s", "environments kept for 1 day", "runs at once 4",
+        for row in ("time per run 1 min", "environments kept for 1 day", "runs at once 4",
                     "bubblewrap", "no network", "processes per run 256"):  # fmt: skip
             assert row in specs, (row, specs)
         for wrong in ("unknown", "Docker", "days", "86400"):  # no Docker on this server

@@ -293,7 +293,7 @@ def test_specifications_have_the_3x_shape_and_our_additions(server: Server) -> N
     assert host["sandbox_version"].startswith("3.")
     assert container["count"] == 4
     assert set(container) >= {"cpu", "memory", "io", "process", "working_dir_device"}
-    assert container["execute_timeout"] == 10.0
+    assert container["execute_timeout"] == 60.0
     assert container["expiration"] == 86400
     assert container["isolation"]["isolated"] is True
     assert container["isolation"]["method"] == "bubblewrap"

@@ -10,6 +10,8 @@ and :mod:`.v3` (``GENERATION``, ``NEEDS_USAGES``, ``matches``, ``specs``, ``load
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
@@ -64,9 +66,29 @@ def generation_of(specs: Mapping[str, Any]) -> ModuleType:
 
 
 def read_specs(specs: Mapping[str, Any]) -> Specs:
-    """Typed facts of a (checked) ``specifications/`` answer."""
+    """Typed facts of a (checked) ``specifications/`` answer. The top-level fields of our
+    extensions are read alike for every generation (a server of any generation may add
+    them)."""
     result: Specs = generation_of(specs).specs(specs)
-    return result
+    return dataclasses.replace(result, extensions=_extensions(specs), server_id=_server_id(specs))
+
+
+#: A ``server_id`` worth keying records by: a token, not any text a server sends.
+_SERVER_ID = re.compile(r"[A-Za-z0-9_-]{8,128}")
+
+
+def _extensions(specs: Mapping[str, Any]) -> frozenset[str]:
+    """Empty when absent (PremierLangage servers) or malformed: a client then simply uses
+    plain ``execute/``."""
+    told = specs.get("extensions")
+    if not isinstance(told, list) or not all(isinstance(name, str) for name in told):
+        return frozenset()
+    return frozenset(told)
+
+
+def _server_id(specs: Mapping[str, Any]) -> str | None:
+    told = specs.get("server_id")
+    return told if isinstance(told, str) and _SERVER_ID.fullmatch(told) else None
 
 
 def read_load(specs: Mapping[str, Any], usages: Mapping[str, Any] | None) -> Load:

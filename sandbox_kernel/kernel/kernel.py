@@ -24,20 +24,25 @@ import fnmatch
 import logging
 import os
 import signal
+from collections.abc import Coroutine
 from typing import Any
 
+import zmq
 from ipykernel.kernelapp import IPKernelApp
 from ipykernel.kernelbase import Kernel
-from traitlets import Bool, Float, Unicode
+from traitlets import Bool, Float, Int, Unicode, default
 from traitlets.utils.importstring import import_item
 
 from .. import __version__, magics
-from .._errors import SandboxError
+from .._errors import SandboxCancelled, SandboxError
+from ..async_client import AsyncSandbox, LiveRun, Output
 from ..client import Cancellation, cancel_scope
 from ..magics.cells import split_cell
 from ..session import CellError, CellOutcome, ShellState, records
+from ..session.cellscript import LiveFrames
 from ..session.context import OperationFailed, SandboxContext, SandboxNotConfigured
 from ..session.local_paths import KERNEL_SWITCH, HostPathRefused
+from ..session.session import PreparedCell
 from ..settings import KERNEL_NAMES
 from ..views import render
 from ..views.render import Bundle
@@ -52,6 +57,12 @@ KERNEL_SETTINGS_HELP = (
     "c.SandboxKernel.url / .token / .timeout in ipython_kernel_config.py, or SANDBOX_URL, "
     "SANDBOX_TOKEN, SANDBOX_TIMEOUT in the environment Jupyter starts the kernel with"
 )
+#: Characters of a streamed cell's output shown at most, by default.
+_MAX_OUTPUT = 1024 * 1024
+#: Seconds a stopped streamed run has to send its final answer before its socket is closed.
+_STOP_GRACE = 4.0
+#: Seconds between two looks at the stdin socket while an input box is open.
+_INPUT_POLL = 0.02
 #: Cells this many seconds apart at most are shown as one "busy" line update.
 _BUSY_TEXT = "sandbox busy, waiting… (attempt {attempt}, {elapsed:.0f} s so far)"
 
@@ -104,6 +115,19 @@ class SandboxKernel(Kernel):
         "or overwrite your files. SANDBOX_ALLOW_HOST_PATHS=1 turns it on too.",
     )
 
+    max_output = Int(
+        config=True,
+        help="Characters of a streamed cell's output shown at most (default: "
+        "$SANDBOX_MAX_OUTPUT, else 1 MiB); the rest is counted and dropped, so that a cell "
+        "printing without end never floods the browser (the server's --max-output may cut "
+        "it earlier).",
+    )
+
+    @default("max_output")
+    def _max_output_default(self) -> int:
+        value = os.environ.get("SANDBOX_MAX_OUTPUT", "")
+        return int(value) if value.isdigit() and int(value) > 0 else _MAX_OUTPUT
+
     # ipykernel sleeps after each cell so that Python's captured prints reach the front-end;
     # this kernel sends its outputs itself, and that sleep would only add latency.
     _execute_sleep = Float(0.0)
@@ -124,7 +148,16 @@ class SandboxKernel(Kernel):
         # the kernel: the banner and every cell say what is wrong.
         self.sandbox.start()
         self._cancel: Cancellation | None = None
+        #: The kernel's own I/O: an asyncio client in its event loop (see _run_cell).
+        self._aclient: AsyncSandbox | None = None
+        self._aclient_settings: object = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cell_task: asyncio.Future[dict[str, Any]] | None = None
+        self._live_run: LiveRun | None = None
+        self._input_task: asyncio.Future[None] | None = None
+        self._background: set[asyncio.Future[object]] = set()
         self._history: list[str] = []
+        self._environment_files = editor.EnvironmentFiles()
         self._pending_notices = self._reopened_notice()
         self._wire_comms()
 
@@ -185,6 +218,8 @@ class SandboxKernel(Kernel):
     ) -> dict[str, Any]:
         if store_history:
             self._history.append(code)
+        self._loop = asyncio.get_running_loop()
+        self._allow_stdin = allow_stdin  # whether the front-end answers input_request
         for notice in self._pending_notices:
             self._stream("stderr", notice + "\n")
         self._pending_notices = []
@@ -309,45 +344,148 @@ class SandboxKernel(Kernel):
         }
 
     async def _run_cell(self, code: str) -> CellOutcome:
-        """Run the cell in a worker thread; busy waits show one updating line."""
-        loop = asyncio.get_running_loop()
-        parent = self.get_parent()
-        busy_shown = False
+        """Run the cell through the kernel's asyncio client: streamed when the server offers
+        it (output shown as it comes, keyboard input asked for), else one ``execute/``."""
+        session = self.sandbox.session
+        client = self._async_client()
+        streams = await self._server_streams(client)
+        for _attempt in range(2):  # a second time only in a fresh environment (lost one)
+            cell = session.prepare(code)
+            live = LiveFrames(self.max_output, cell.prologue_lines) if streams else None
+            try:
+                answer = await self._request(self._send(client, cell, live))
+            except SandboxError as error:
+                failed = session.failed(error)
+                if failed is not None:
+                    return failed
+                self._stream("stderr", session.lost_notice + "\n")
+                continue
+            outcome = session.finish(cell, answer, live)
+            if outcome.pending_displays:
+                await asyncio.wrap_future(self.sandbox.submit(session.fetch_displays, outcome))
+            return outcome
+        raise AssertionError("unreachable: a fresh environment cannot be lost")  # pragma: no cover
 
-        def on_busy(attempt: int, wait: float, elapsed: float) -> None:
-            nonlocal busy_shown
-            text = _BUSY_TEXT.format(attempt=attempt, elapsed=elapsed)
-            kind = "update_display_data" if busy_shown else "display_data"
-            busy_shown = True
-            content = {
-                "data": {"text/plain": text},
-                "metadata": {},
-                "transient": {"display_id": f"sandbox-busy-{id(parent)}"},
-            }
-            loop.call_soon_threadsafe(self.send_response, self.iopub_socket, kind, content)
+    def _async_client(self) -> AsyncSandbox:
+        """The client of the current settings (``%sandbox_connect`` replaces them)."""
+        settings = self.sandbox.settings
+        if self._aclient is None or self._aclient_settings is not settings:
+            if self._aclient is not None:
+                self._in_background(self._aclient.close())
+            self._aclient = AsyncSandbox(settings.url, settings.token, settings.timeout)
+            self._aclient_settings = settings
+        return self._aclient
 
-        self._cancel = cancel = Cancellation()
-
-        def run() -> CellOutcome:  # the displays fetched after the execute are cancellable too
-            with cancel_scope(cancel):
-                return self.sandbox.session.run_cell(code, cancel=cancel, on_busy=on_busy)
-
+    async def _server_streams(self, client: AsyncSandbox) -> bool:
+        """Whether the server offers the streaming extension (PremierLangage servers do not:
+        they get plain ``execute/``, unchanged)."""
         try:
-            return await asyncio.to_thread(run)
+            return "stream" in await client.extensions()
+        except SandboxError:  # the execute/ that follows says what is wrong
+            return False
+
+    async def _request(self, sending: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+        """Await ``sending`` as a task an interrupt can cancel (closing its connection: the
+        embedded server then kills the run); a cancelled one raises SandboxCancelled."""
+        task = asyncio.ensure_future(sending)
+        self._cell_task = task
+        try:
+            await asyncio.wait({task})
         finally:
-            self._cancel = None
-            if busy_shown:  # the cell runs now: the busy line disappears
-                self.send_response(self.iopub_socket, "clear_output", {"wait": False})
+            self._cell_task = None
+            if not task.done():  # this coroutine itself was cancelled (shutdown)
+                task.cancel()
+        if task.cancelled():
+            raise SandboxCancelled("the cell was interrupted")
+        return task.result()
+
+    async def _send(
+        self, client: AsyncSandbox, cell: PreparedCell, live: LiveFrames | None
+    ) -> dict[str, Any]:
+        on_busy = self._busy_line()
+        try:
+            if live is None:
+                return await client.execute(cell.config, on_busy=on_busy)
+            async with client.open_stream(cell.config, on_busy=on_busy) as run:
+                self._live_run = run
+                async for event in run:
+                    on_busy.done()  # the run started: the busy line goes
+                    if isinstance(event, Output):
+                        text = live.feed(event.stream, event.text)
+                        if text:
+                            self._stream(event.stream, text)
+                    else:
+                        self._ask_input(run, event.prompt)
+                return run.answer
+        finally:
+            self._live_run = None
+            on_busy.done()
+            if self._input_task is not None:  # a reply coming after the run is ignored
+                self._input_task.cancel()
+                self._input_task = None
+
+    def _in_background(self, work: Coroutine[Any, Any, object]) -> None:
+        """Run ``work`` as a task the kernel keeps (asyncio holds only weak references)."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _busy_line(self) -> _BusyLine:
+        return _BusyLine(self, self.get_parent())
+
+    # -- keyboard input ----------------------------------------------------------------------
+
+    def _ask_input(self, run: LiveRun, prompt: str) -> None:
+        """Ask the front-end for a line (``input_request``) without blocking the event loop:
+        output keeps streaming while the user types. Without a front-end able to answer
+        (nbclient, ``demo``: ``allow_stdin`` false), the program reads end-of-file."""
+        if not self._allow_stdin:
+            self._in_background(run.send_eof())
+            return
+        if self._input_task is not None:
+            self._input_task.cancel()
+        self._input_task = asyncio.ensure_future(self._forward_input(run))
+
+    async def _forward_input(self, run: LiveRun) -> None:
+        value = await self._input_reply()
+        # An empty submission is end-of-file (JupyterLab's box has no Ctrl-D); "\x04" too
+        # (ipykernel's convention for EOF).
+        if value in ("", "\x04"):
+            await run.send_eof()
+        else:
+            await run.send_stdin(value + "\n")
+
+    async def _input_reply(self) -> str:
+        """One ``input_request`` on the stdin socket, and its reply, awaited by polling the
+        socket without blocking (ipykernel's ``raw_input`` busy-waits the thread, which would
+        freeze the stream). The prompt the program printed is already shown as output."""
+        assert self.session is not None
+        socket = self.stdin_socket
+        while self.session.recv(socket, mode=zmq.NOBLOCK)[1] is not None:
+            pass  # stale replies (a box answered after its cell ended)
+        self.session.send(
+            socket,
+            "input_request",
+            {"prompt": "", "password": False},
+            self.get_parent("shell"),
+            ident=self._parent_ident["shell"],
+        )
+        while True:
+            _ident, reply = self.session.recv(socket, mode=zmq.NOBLOCK)
+            if reply is not None:
+                value = reply.get("content", {}).get("value", "")
+                return value if isinstance(value, str) else ""
+            await asyncio.sleep(_INPUT_POLL)
 
     def _publish(self, outcome: CellOutcome) -> None:
-        for notice in outcome.notices:
-            self._stream("stderr", notice.rstrip("\n") + "\n")
         if outcome.stdout:
             self._stream("stdout", outcome.stdout)
         if outcome.stderr:
             self._stream("stderr", outcome.stderr)
         for display in outcome.displays:
             self._display(render.file_bundle(display.name, display.mime, display.data))
+        for notice in outcome.notices:  # after the cell's own output: they are about it
+            self._stream("stderr", notice.rstrip("\n") + "\n")
 
     def _display(self, data: Bundle) -> None:
         self.send_response(self.iopub_socket, "display_data", {"data": data, "metadata": {}})
@@ -358,9 +496,26 @@ class SandboxKernel(Kernel):
     # -- interrupts ----------------------------------------------------------------------------
 
     def _interrupt(self) -> None:
+        """From any thread (the control channel's, a SIGINT handler): stop what runs."""
         cancel = self._cancel
         if cancel is not None:
             cancel.cancel()
+        if self._cell_task is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop_cell)
+
+    def _stop_cell(self) -> None:
+        """A streamed run is asked to stop (its output so far, files and shell state are
+        kept); past a grace, or for a plain request, the request is cancelled (connection
+        closed: the embedded server kills the run)."""
+        task, run = self._cell_task, self._live_run
+        if task is None or task.done():
+            return
+        if run is not None:
+            self._in_background(run.stop())
+            assert self._loop is not None
+            self._loop.call_later(_STOP_GRACE, task.cancel)
+        else:
+            task.cancel()
 
     async def interrupt_request(self, stream: Any, ident: Any, parent: Any) -> None:
         """Cancel the running cell (interrupt_mode "message"): no signal involved."""
@@ -384,7 +539,9 @@ class SandboxKernel(Kernel):
             return []
         if self.sandbox.problem is not None:
             return []
-        record = records.last_environment(notebook, self.sandbox.url)
+        record = records.last_environment(
+            notebook, records.identity_of(self.sandbox.session.client)
+        )
         if record is None:
             return []
         return [
@@ -400,7 +557,9 @@ class SandboxKernel(Kernel):
             return
         session = self.sandbox.session
         if session.environment:
-            records.remember(notebook, self.sandbox.url, session.environment, session.expire)
+            records.remember(
+                notebook, records.identity_of(session.client), session.environment, session.expire
+            )
 
     # -- editor support ----------------------------------------------------------------------------
 
@@ -419,7 +578,9 @@ class SandboxKernel(Kernel):
         )
 
     async def do_complete(self, code: str, cursor_pos: int) -> dict[str, Any]:
-        return editor.complete(code, cursor_pos, self._knowledge())
+        context = self.sandbox if self.sandbox.started else None
+        knowledge = self._knowledge()
+        return await self._environment_files.complete(context, code, cursor_pos, knowledge)
 
     async def do_inspect(
         self, code: str, cursor_pos: int, detail_level: int = 0, omit_sections: Any = ()
@@ -476,6 +637,8 @@ class SandboxKernel(Kernel):
         for panel in list(self.sandbox.panels):  # their polling tasks live on this loop
             with contextlib.suppress(Exception):
                 panel.close()
+        if self._aclient is not None:
+            await self._aclient.close()
         await asyncio.to_thread(self.sandbox.close)
         return {"status": "ok", "restart": restart}
 
@@ -495,6 +658,30 @@ def _interrupted_magic(written: str) -> CellError:
             "did not finish: run it again when you want it."
         ],
     )
+
+
+class _BusyLine:
+    """``on_busy`` of a cell: one updating line while the server answers 503, cleared when
+    the cell runs (the client waits and retries)."""
+
+    def __init__(self, kernel: SandboxKernel, parent: Any) -> None:
+        self.kernel, self.display_id = kernel, f"sandbox-busy-{id(parent)}"
+        self.shown = False
+
+    def __call__(self, attempt: int, wait: float, elapsed: float) -> None:
+        content = {
+            "data": {"text/plain": _BUSY_TEXT.format(attempt=attempt, elapsed=elapsed)},
+            "metadata": {},
+            "transient": {"display_id": self.display_id},
+        }
+        kind = "update_display_data" if self.shown else "display_data"
+        self.shown = True
+        self.kernel.send_response(self.kernel.iopub_socket, kind, content)
+
+    def done(self) -> None:
+        if self.shown:
+            self.shown = False
+            self.kernel.send_response(self.kernel.iopub_socket, "clear_output", {"wait": False})
 
 
 class SandboxKernelApp(IPKernelApp):

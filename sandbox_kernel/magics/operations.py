@@ -250,17 +250,11 @@ def sandbox_upload(
     if args.name and len(args.paths) != 1:
         raise MagicUsageError("%sandbox_upload: --as names one file; give a single LOCAL path")
     try:
-        environment, names = context.upload(args.paths, args.name)
+        environment, names, directory = context.upload(args.paths, args.name)
     except SandboxError as error:
         raise _sandbox_error("upload", error) from None
-    return MagicResult(
-        value=names,
-        bundles=[
-            render.text(
-                f"Uploaded {', '.join(names)}: there for the next cell (environment {environment})."
-            )
-        ],
-    )
+    told = f"Uploaded {', '.join(names)} to {directory}: there for the next cell "
+    return MagicResult(value=names, bundles=[render.text(f"{told}(environment {environment}).")])
 
 
 # -- what every cell gets -------------------------------------------------------------------------

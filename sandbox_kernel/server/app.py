@@ -3,7 +3,9 @@
 Every answer follows the contract (``shared/reference/sandbox-protocol.md``): paths end with a
 slash, errors are plain text, 503 carries the public server's exact sentence, HEAD answers have
 the headers and no body. On top of it: a bearer token, an ``Origin`` check and a ``Host`` check
-(DNS rebinding), since the public server leaves that to a reverse proxy.
+(DNS rebinding), since the public server leaves that to a reverse proxy; and the WebSocket
+``execute/stream/`` (:mod:`.streaming`), which goes through the same checks, config validation,
+staging and executor as ``execute/``.
 """
 
 from __future__ import annotations
@@ -24,14 +26,14 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from .. import protocol
-from . import trees
-from .executor import EnvironmentNotFound, Executor, Overloaded
+from .executor import RUN_REFUSALS, Executor, refusal_answer
 from .libraries import LibraryCache
 from .runners import Isolation
 from .settings import ServerSettings, format_size
-from .storage import NotConfined, Storage, StorageFull, open_beneath
+from .storage import NotConfined, Storage, open_beneath
+from .streaming import StreamSession
 from .sysinfo import UsageSampler, specifications
-from .unpacker import UnpackFailed
+from .uploads import StagingPlaces, Upload
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +70,12 @@ class SandboxApp:
         self.executor = executor
         self.libraries = libraries
         self.sampler = sampler
-        self.specifications = specifications(settings, isolation, storage.root)
+        self.specifications = specifications(settings, isolation, storage.root, storage.server_id)
         self.allowed_hosts = _LOCAL_HOSTS | {h.lower() for h in settings.allowed_hosts}
         if settings.host not in ("0.0.0.0", "::", ""):
             self.allowed_hosts |= {settings.host.lower()}
         #: Uploads staged on disk while they wait for a slot: at most two per slot.
-        self.staged = 0
-        self.max_staged = 2 * settings.workers
+        self.staging_places = StagingPlaces(2 * settings.workers)
 
     def build(self) -> web.Application:
         # The multipart reader enforces its own caps; this one bounds url-encoded bodies.
@@ -82,6 +83,7 @@ class SandboxApp:
             middlewares=[self.guard], client_max_size=self.settings.max_config_bytes + 4096
         )
         app.router.add_post("/execute/", self.execute)
+        app.router.add_get("/" + protocol.EXECUTE_STREAM, self.execute_stream)
         app.router.add_get("/specifications/", self.get_specifications)
         app.router.add_get("/usages/", self.get_usages)
         app.router.add_get("/libraries/", self.get_libraries)
@@ -131,26 +133,37 @@ class SandboxApp:
 
     async def execute(self, request: web.Request) -> web.StreamResponse:
         if request.content_length is not None and request.content_length > self._body_limit():
-            return self._too_large()
-        staging = self.storage.staging / os.urandom(8).hex()  # made if there is an upload
-        upload = _Upload(self, staging)
+            return self.too_large()
+        upload = self.new_upload()
         try:
             parsed = await self._paced(request, self._read_form(request, upload))
             if isinstance(parsed, web.Response):
                 return parsed
             config = parsed
             return web.json_response(await self.executor.execute(config, upload.archive))
-        except UnpackFailed as refused:
-            return text(400, f"Invalid environment archive: {refused}")
-        except EnvironmentNotFound as missing:
-            return text(404, f"No environment with UUID '{missing}' found")
-        except Overloaded:
-            return text(503, protocol.OVERLOADED_TEXT)
-        except StorageFull as full:
-            return text(507, str(full))
+        except RUN_REFUSALS as refused:
+            return text(*refusal_answer(refused))
         finally:
-            if upload.release():
-                await asyncio.shield(asyncio.to_thread(trees.remove_quietly, staging))
+            await upload.discard()
+
+    async def execute_stream(self, request: web.Request) -> web.StreamResponse:
+        """``execute/stream/``: the same run over a WebSocket (docs/protocol-extensions.md)."""
+        return await StreamSession(self, request).serve()
+
+    def new_upload(self) -> Upload:
+        """The staging place of one request's archive (made only if there is one)."""
+        return Upload(self.staging_places, self.storage.staging / os.urandom(8).hex())
+
+    def admit_config(self, raw_config: str) -> dict[str, Any] | web.Response:
+        """The config of a request, decoded and validated, or the 400 answer."""
+        config = _parse_config(raw_config)
+        if isinstance(config, _Invalid):
+            return text(400, str(config))
+        ok, reason = protocol.validate_config(config)
+        if not ok:
+            return text(400, reason)
+        checked: dict[str, Any] = config
+        return checked
 
     async def _paced(
         self, request: web.Request, reading: Coroutine[Any, Any, _Read]
@@ -178,7 +191,7 @@ class SandboxApp:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    def _too_large(self) -> web.Response:
+    def too_large(self) -> web.Response:
         return text(
             413,
             f"Request too large: uploads are limited to {format_size(self.settings.max_upload)} "
@@ -186,7 +199,7 @@ class SandboxApp:
         )
 
     async def _read_form(
-        self, request: web.Request, upload: _Upload
+        self, request: web.Request, upload: Upload
     ) -> dict[str, Any] | web.Response:
         """The config from a multipart or url-encoded body (the archive, if any, saved by
         ``upload``), or an error answer."""
@@ -207,35 +220,28 @@ class SandboxApp:
                     if part.name == "config":
                         data = await _read_capped(part, self.settings.max_config_bytes, body)
                         if data is None:
-                            return self._too_large()
+                            return self.too_large()
                         raw_config = data.decode("utf-8", errors="replace")
                     elif part.name == "environment":
                         archive = upload.stage()
                         if archive is None:  # uploads beyond the slots wait for none
                             return text(503, protocol.OVERLOADED_TEXT)
                         if not await _save_capped(part, archive, self.settings.max_upload, body):
-                            return self._too_large()
+                            return self.too_large()
                     elif await _read_capped(part, 0, body, drain=True) is None:
-                        return self._too_large()
+                        return self.too_large()
             except (ValueError, AssertionError, HttpProcessingError) as error:
                 return text(400, f"Malformed multipart body: {error}")
         elif request.content_type == "application/x-www-form-urlencoded":
             try:
                 form = await request.post()
             except web.HTTPRequestEntityTooLarge:
-                return self._too_large()
+                return self.too_large()
             value = form.get("config")
             raw_config = value if isinstance(value, str) else None
         if raw_config is None:
             return text(400, "Missing argument 'config'")
-        config = _parse_config(raw_config)
-        if isinstance(config, _Invalid):
-            return text(400, str(config))
-        ok, reason = protocol.validate_config(config)
-        if not ok:
-            return text(400, reason)
-        checked: dict[str, Any] = config
-        return checked
+        return self.admit_config(raw_config)
 
     # -- the GET endpoints ----------------------------------------------------------------------
 
@@ -295,37 +301,6 @@ async def _send_file(
         return response
     finally:
         os.close(fd)
-
-
-class _Upload:
-    """The archive of one request, staged on disk until a slot unpacks it.
-
-    Staging is bounded: at most two uploads per slot wait on disk; beyond that a request is
-    answered 503 before anything is unpacked (its client retries, as for a busy sandbox).
-    """
-
-    def __init__(self, app: SandboxApp, staging: Path) -> None:
-        self.app, self.staging = app, staging
-        self.archive: Path | None = None
-
-    def stage(self) -> Path | None:
-        """Where to save the upload; None when too many are staged already."""
-        if self.archive is not None:
-            return self.archive  # a second environment part replaces the first
-        if self.app.staged >= self.app.max_staged:
-            return None
-        self.app.staged += 1
-        self.staging.mkdir(mode=0o700)
-        self.archive = self.staging / "upload.tgz"
-        return self.archive
-
-    def release(self) -> bool:
-        """Give the staging place back; True if there is a folder to remove."""
-        if self.archive is None:
-            return False
-        self.archive = None
-        self.app.staged -= 1
-        return True
 
 
 class _Budget:

@@ -11,25 +11,38 @@ slot (as the sandbox user, see :mod:`.unpacker`); the time budget is also kept b
 clock, so that what commands cause (replacing a sandbox after a timeout) counts too; and the
 output of all commands together is bounded by ``--max-output``, counted as the JSON-escaped
 text the answer will carry.
+
+A streamed run (``execute/stream/``, see :mod:`.streaming`) is the same run with
+:class:`RunHooks`: output is handed over as it is read (and what was handed over is what the
+answer keeps), stdin stays open for the client, and the client may stop the run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import dataclasses
 import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from .. import protocol
-from .runners import CommandOutcome, Isolation, IsolationError, Runner, RunnerPool
+from .runners import (
+    CommandOutcome,
+    Isolation,
+    IsolationError,
+    Live,
+    Runner,
+    RunnerPool,
+    StdinPipe,
+)
 from .settings import ServerSettings
-from .storage import NotConfined, Snapshot, Storage, iso_expire, open_beneath
-from .unpacker import unpack
+from .storage import NotConfined, Snapshot, Storage, StorageFull, iso_expire, open_beneath
+from .unpacker import UnpackFailed, unpack
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +58,41 @@ class Overloaded(Exception):
     """No execution slot became free in time (HTTP 503)."""
 
 
+@dataclasses.dataclass
+class RunHooks:
+    """What a streamed run (``execute/stream/``) adds to :meth:`Executor.execute`; the
+    plain ``execute/`` passes none.
+
+    Everything is called from the event loop, synchronously: a hook must not block.
+    """
+
+    #: Each chunk of output as it is read: ``("stdout" | "stderr", text)``, decoded as UTF-8
+    #: (a character never split), within ``--max-output``.
+    on_output: Callable[[str, str], None]
+    #: Before each command, with the runner it runs in: its :attr:`Runner.input` is the
+    #: run's stdin (the stdin source), :meth:`Runner.stdin_wanted` says when it is waited on.
+    #: A sandbox replaced after a timeout is a new runner.
+    on_command: Callable[[Runner], None]
+    #: Set by the client: the running command is interrupted, later commands do not run.
+    stop: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
+#: What :meth:`Executor.execute` raises when a run is refused or cannot be saved.
+RUN_REFUSALS = (UnpackFailed, EnvironmentNotFound, Overloaded, StorageFull)
+
+
+def refusal_answer(error: Exception) -> tuple[int, str]:
+    """The HTTP status and text of one of :data:`RUN_REFUSALS`: the same for ``execute/``
+    and for the error frame of ``execute/stream/``."""
+    if isinstance(error, UnpackFailed):
+        return 400, f"Invalid environment archive: {error}"
+    if isinstance(error, EnvironmentNotFound):
+        return 404, f"No environment with UUID '{error}' found"
+    if isinstance(error, Overloaded):
+        return 503, protocol.OVERLOADED_TEXT
+    return 507, str(error)
+
+
 class Executor:
     def __init__(
         self, settings: ServerSettings, storage: Storage, isolation: Isolation, pool: RunnerPool
@@ -56,8 +104,11 @@ class Executor:
         self._slots = asyncio.Semaphore(settings.workers)
         self.busy = 0
 
-    async def execute(self, config: Mapping[str, Any], upload: Path | None) -> dict[str, Any]:
-        """Run a validated config; ``upload`` is the uploaded ``.tgz``, unpacked in the slot.
+    async def execute(
+        self, config: Mapping[str, Any], upload: Path | None, hooks: RunHooks | None = None
+    ) -> dict[str, Any]:
+        """Run a validated config; ``upload`` is the uploaded ``.tgz``, unpacked in the slot;
+        ``hooks`` make it a streamed run.
 
         Raises :class:`EnvironmentNotFound`, :class:`Overloaded`,
         :class:`~.unpacker.UnpackFailed` (a refused archive) or ``StorageFull``.
@@ -73,13 +124,17 @@ class Executor:
             raise Overloaded() from None
         self.busy += 1
         try:
-            return await self._execute_in_slot(config, base, upload)
+            return await self._execute_in_slot(config, base, upload, hooks)
         finally:
             self.busy -= 1
             self._slots.release()
 
     async def _execute_in_slot(
-        self, config: Mapping[str, Any], base: Path | None, upload: Path | None
+        self,
+        config: Mapping[str, Any],
+        base: Path | None,
+        upload: Path | None,
+        hooks: RunHooks | None,
     ) -> dict[str, Any]:
         started = time.monotonic()
         current = _Current(await self.pool.take())
@@ -87,7 +142,7 @@ class Executor:
         saved = False
         try:
             snapshot = await self._prepare(workdir, base, upload)
-            status, execution = await self._run_commands(current, config)
+            status, execution = await self._run_commands(current, config, hooks)
             runner = current.runner
             # Nothing may write to the directory while it is read and saved: stop the
             # sandbox and wait until it is empty (see BwrapRunner.stop).
@@ -129,7 +184,7 @@ class Executor:
         return snapshot
 
     async def _run_commands(
-        self, current: _Current, config: Mapping[str, Any]
+        self, current: _Current, config: Mapping[str, Any], hooks: RunHooks | None = None
     ) -> tuple[int, list[dict[str, Any]]]:
         # The budget is spent by the commands' own times, as on the public server (3.x); the
         # effective timeout keeps its type because it is printed back ("after 1 seconds").
@@ -138,10 +193,17 @@ class Executor:
         deadline = time.monotonic() + budget
         output = _OutputBudget(self.settings.max_output)
         environ = self.isolation.base_environ(current.runner.workdir)
+        live = None
+        if hooks is not None:
+            environ.update(self.isolation.streaming_environ())
+            live = Live(_LiveOutput(output.limit, hooks.on_output), hooks.stop)
         environ.update({name: str(value) for name, value in config.get("environ", {}).items()})
         execution: list[dict[str, Any]] = []
         status = protocol.STATUS_OK
         for item in config["commands"]:
+            if live is not None and live.stop.is_set():
+                _note_stop(execution)  # stopped between two commands: the rest does not run
+                break
             command, own_timeout, may_fail = protocol.split_command(item)
             timeout = budget if own_timeout is None or own_timeout > budget else own_timeout
             outcome = None
@@ -149,10 +211,17 @@ class Executor:
                 outcome = await self._replace_runner(current)
             if outcome is None:
                 timeout = 0.0 if current.runner.spent else _within(timeout, deadline)
-                outcome = await self._run_one(current.runner, command, environ, timeout, output)
+                if hooks is not None:
+                    hooks.on_command(current.runner)
+                outcome = await self._run_one(
+                    current.runner, command, environ, timeout, output, live
+                )
             execution.append(output.entry(command, outcome, timeout))
             budget -= outcome.elapsed
             code = outcome.exit_code
+            if outcome.stopped:
+                status = code
+                break
             # A timeout of a "-" command lets the run go on; a sandbox error never does.
             if (code < 0 and code != protocol.STATUS_TIMEOUT) or (code != 0 and not may_fail):
                 status = code
@@ -183,11 +252,15 @@ class Executor:
         environ: Mapping[str, str],
         timeout: float,
         output: _OutputBudget,
+        live: Live | None = None,
     ) -> CommandOutcome:
         if timeout <= 0:
             return CommandOutcome(protocol.STATUS_TIMEOUT, b"", b"", 0.0, timed_out=True)
         try:
-            return await runner.run(command, environ, timeout, output.raw_room())
+            outcome = await runner.run(command, environ, timeout, output.raw_room(), live)
+            if live is not None and isinstance(live.sink, _LiveOutput):
+                outcome.dropped = outcome.dropped or live.sink.take_dropped()
+            return outcome
         except OSError as error:
             log.exception("command failed in the sandbox")
             runner.spent = True
@@ -219,6 +292,7 @@ class _Broken(Runner):
 
     def __init__(self, isolation: Isolation, workdir: Path) -> None:
         self.isolation, self.workdir, self.cgroup, self.spent = isolation, workdir, None, True
+        self.input = StdinPipe(make=False)
 
     async def close(self) -> None:
         return None
@@ -247,6 +321,8 @@ class _OutputBudget:
             lines.append(protocol.timeout_message(timeout))
         if outcome.dropped or cut_out or cut_err:
             lines.append(f"[sandbox] output cut after {self.limit} (--max-output)")
+        if outcome.stopped:
+            lines.append(protocol.STOPPED_NOTE)
         return {
             "command": command,
             "exit_code": outcome.exit_code,
@@ -263,15 +339,82 @@ class _OutputBudget:
         if size <= self.left:
             self.left -= size
             return text, False
-        low, high = 0, len(text)  # the longest prefix that fits
-        while low < high:
-            middle = (low + high + 1) // 2
-            if _escaped_size(text[:middle]) <= self.left:
-                low = middle
-            else:
-                high = middle - 1
+        fitted = _longest_prefix_within(text, self.left)
         self.left = 0
-        return text[:low], True
+        return fitted, True
+
+
+def _note_stop(execution: list[dict[str, Any]]) -> None:
+    """The client stopped the run after its last command ended: that command's stderr says
+    why nothing more ran."""
+    if execution:
+        last = execution[-1]
+        last["stderr"] = "\n".join(filter(None, (last["stderr"], protocol.STOPPED_NOTE)))
+
+
+class _LiveOutput:
+    """The output of a streamed run, handed to :attr:`RunHooks.on_output` as it is read.
+
+    Each stream is decoded incrementally (a character split between two reads waits for its
+    end; a byte that is not UTF-8 becomes U+FFFD) and the chunks count against
+    ``--max-output`` as the answer's text does (JSON-escaped); past it nothing more is
+    streamed. What is streamed is what is kept for the answer, so a client sees the same text
+    live and in the final object (stripped there).
+    """
+
+    def __init__(self, limit: int, on_output: Callable[[str, str], None]) -> None:
+        self.left = limit
+        self.on_output = on_output
+        self.dropped = False
+        self._decoders = {name: _decoder() for name in ("stdout", "stderr")}
+
+    def feed(self, stream: str, data: bytes) -> bytes:
+        if self.left <= 0:  # spent: not even decoded
+            self.dropped = True
+            return b""
+        return self._emit(stream, self._decoders[stream].decode(data))
+
+    def flush(self, stream: str) -> bytes:
+        decoder, self._decoders[stream] = self._decoders[stream], _decoder()
+        tail = decoder.decode(b"", final=True)
+        if tail and self.left <= 0:
+            self.dropped = True
+            return b""
+        return self._emit(stream, tail)
+
+    def take_dropped(self) -> bool:
+        """Whether output was dropped during the last command (and forget it)."""
+        dropped, self.dropped = self.dropped, False
+        return dropped
+
+    def _emit(self, stream: str, text: str) -> bytes:
+        if not text:
+            return b""
+        size = _escaped_size(text)
+        if size > self.left:
+            text = _longest_prefix_within(text, self.left)
+            self.left, self.dropped = 0, True
+        else:
+            self.left -= size
+        if text:
+            self.on_output(stream, text)
+        return text.encode()
+
+
+def _decoder() -> codecs.IncrementalDecoder:
+    return codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+
+def _longest_prefix_within(text: str, room: int) -> str:
+    """The longest prefix of ``text`` whose JSON-escaped size is at most ``room``."""
+    low, high = 0, len(text)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if _escaped_size(text[:middle]) <= room:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low]
 
 
 def _escaped_size(text: str) -> int:

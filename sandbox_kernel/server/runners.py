@@ -9,8 +9,13 @@ isolation adds no latency to a request.
 Inside a bubblewrap runner: no network, a read-only system, a private ``/tmp`` and ``/dev/shm``,
 only ``/home/student`` writable, a new session and PID namespace, an unprivileged user with no
 capabilities, a seccomp filter (see :mod:`.seccomp`), rlimits (CPU, file size, open files, no
-core files), stdin from ``/dev/null``, and per-run pids and memory cgroups where the machine
-allows. The runner dies with the server.
+core files), and per-run pids and memory cgroups where the machine allows. The runner dies with
+the server.
+
+Every runner has a stdin pipe for its commands: ``execute/`` closes it at once (programs read
+end-of-file, as on the public server); a streamed run (``execute/stream/``) feeds it with what
+the client types, and :meth:`Runner.stdin_wanted` tells when a process of the running command
+waits on it.
 """
 
 from __future__ import annotations
@@ -19,18 +24,23 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import itertools
 import logging
 import os
+import platform
 import pwd
 import resource
 import shutil
 import signal
+import struct
 import tempfile
+import termios
 import time
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
+from typing import Protocol
 
 from ..protocol import WORKING_DIR
 from . import trees
@@ -46,6 +56,17 @@ _READ_CHUNK = 1 << 18
 _F_SETPIPE_SZ = 1031
 _PIPE_SIZE = 1 << 20
 _START_TIMEOUT = 10.0
+#: A stopped command (Ctrl-C) gets SIGINT, then SIGKILL this many seconds later.
+STOP_GRACE = 2.0
+#: System calls that read a descriptor (read, pread64, readv, preadv), by architecture: a
+#: process blocked in one of them on the run's stdin waits for input.
+_READ_SYSCALLS = {
+    "x86_64": frozenset({0, 17, 19, 295}),
+    "aarch64": frozenset({63, 67, 65, 69}),
+}.get(platform.machine(), frozenset())
+#: ``/proc/PID/wchan`` of a process sleeping in a pipe read (the fallback when its
+#: ``/proc/PID/syscall`` cannot be read).
+_PIPE_READ_WCHANS = frozenset({"pipe_read", "pipe_wait", "pipe_wait_readable"})
 #: Read-only inside a runner; /var/lib/dpkg lets commands (and libraries/) see the packages.
 _SYSTEM_DIRS = (
     "/usr",
@@ -81,6 +102,28 @@ class CommandOutcome:
     notes: list[str] = dataclasses.field(default_factory=list)
     #: Output was read and thrown away: the request's output budget was spent.
     dropped: bool = False
+    #: The client asked to stop the run (``{"stop": true}``) while this command ran.
+    stopped: bool = False
+
+
+class OutputSink(Protocol):
+    """Where a streamed run's output goes as it is read (see :class:`.executor.RunHooks`)."""
+
+    def feed(self, stream: str, data: bytes) -> bytes:
+        """Take a chunk of ``stream`` ("stdout" or "stderr"); return the bytes to keep for
+        the final answer (what was streamed of it)."""
+
+    def flush(self, stream: str) -> bytes:
+        """The command ended: stream what a decoder still holds; return it as :meth:`feed`."""
+
+
+@dataclasses.dataclass
+class Live:
+    """What a streamed run adds to a command: its output goes to ``sink`` as it is read,
+    its stdin stays open, and ``stop`` being set interrupts it (SIGINT, then SIGKILL)."""
+
+    sink: OutputSink
+    stop: asyncio.Event
 
 
 class _Keep:
@@ -101,6 +144,8 @@ class _Stream:
     def __init__(self, fd: int, keep: _Keep, name: str) -> None:
         self.fd, self.keep, self.name = fd, keep, name
         self.buffer = bytearray()
+        #: A streamed command's sink: it decides what is kept, instead of ``keep``.
+        self.sink: OutputSink | None = None
         with contextlib.suppress(OSError):  # fewer wake-ups for a program that floods
             fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
         os.set_blocking(fd, False)
@@ -117,6 +162,9 @@ class _Stream:
             if not chunk:
                 self.close()
                 return
+            if self.sink is not None:
+                self.buffer += self.sink.feed(self.name, chunk)
+                continue
             room = self.keep.room
             if room > 0:
                 kept = chunk[:room]
@@ -127,6 +175,8 @@ class _Stream:
 
     def take(self) -> bytes:
         self.read_available()
+        if self.sink is not None:
+            self.buffer += self.sink.flush(self.name)
         data = bytes(self.buffer)
         self.buffer.clear()
         return data
@@ -138,6 +188,94 @@ class _Stream:
             self.fd = -1
 
 
+class StdinPipe:
+    """The stdin of a runner's commands: a pipe whose read end every command gets.
+
+    The server keeps the read end too, to see how much is unread (``FIONREAD``) and to know
+    the pipe's inode (how :meth:`Runner.stdin_wanted` recognises it in ``/proc``). What a
+    client types is written without blocking; what the pipe cannot take yet waits here.
+    """
+
+    def __init__(self, make: bool = True) -> None:
+        self.read_fd = self.write_fd = -1
+        self.inode: int | None = None
+        self.pending = bytearray()
+        self.eof = False
+        self._watching = False
+        if make:
+            self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
+            self.inode = os.fstat(self.read_fd).st_ino
+            os.set_blocking(self.write_fd, False)
+
+    @property
+    def open(self) -> bool:
+        """Whether commands may still get input (no end-of-file yet)."""
+        return self.write_fd >= 0
+
+    def feed(self, data: bytes) -> None:
+        """Queue ``data`` for the commands (dropped once end-of-file was given)."""
+        if self.open and not self.eof:
+            self.pending += data
+            self._flush()
+
+    def end(self) -> None:
+        """End-of-file for the commands once what is queued has been written."""
+        self.eof = True
+        self._flush()
+
+    def unread(self) -> int:
+        """Bytes given and not read yet: queued here plus waiting in the pipe."""
+        if self.read_fd < 0:
+            return len(self.pending)
+        try:
+            raw = fcntl.ioctl(self.read_fd, termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return len(self.pending)
+        waiting: int = struct.unpack("i", raw)[0]
+        return len(self.pending) + waiting
+
+    def _flush(self) -> None:
+        while self.pending and self.write_fd >= 0:
+            try:
+                written = os.write(self.write_fd, self.pending)
+            except BlockingIOError:
+                break
+            except OSError:  # no reader can be left: the server holds the read end
+                self.pending.clear()
+                break
+            del self.pending[:written]
+        self._watch(bool(self.pending) and self.write_fd >= 0)
+        if self.eof and not self.pending:
+            self.close_input()
+
+    def _watch(self, wanted: bool) -> None:
+        """Be called back when the pipe has room again, while something is queued."""
+        if wanted == self._watching:
+            return
+        loop = asyncio.get_running_loop()
+        if wanted:
+            loop.add_writer(self.write_fd, self._flush)
+        else:
+            loop.remove_writer(self.write_fd)
+        self._watching = wanted
+
+    def close_input(self) -> None:
+        """End-of-file now: what is still queued is dropped."""
+        if self.write_fd >= 0:
+            self._watch(False)
+            with contextlib.suppress(OSError):
+                os.close(self.write_fd)
+            self.write_fd = -1
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.close_input()
+        if self.read_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.read_fd)
+            self.read_fd = -1
+
+
 class Runner:
     """One sandbox for one request. Subclasses say how a command is started and stopped."""
 
@@ -146,6 +284,7 @@ class Runner:
         self.workdir = workdir
         self.cgroup: RunCgroup | None = None
         self.spent = False
+        self.input = StdinPipe()
         out_r, self._out_w = os.pipe2(os.O_CLOEXEC)
         err_r, self._err_w = os.pipe2(os.O_CLOEXEC)
         self._keep = _Keep()
@@ -156,23 +295,43 @@ class Runner:
         """Make the runner ready to run commands at once."""
 
     async def run(
-        self, command: str, environ: Mapping[str, str], timeout: float, keep: int
+        self,
+        command: str,
+        environ: Mapping[str, str],
+        timeout: float,
+        keep: int,
+        live: Live | None = None,
     ) -> CommandOutcome:
         """Run one command with a wall-clock ``timeout``; nothing it started survives it.
 
-        At most ``keep`` bytes of its output (stdout and stderr together) are kept.
+        At most ``keep`` bytes of its output (stdout and stderr together) are kept. Without
+        ``live`` its stdin is empty; with it, see :class:`Live`.
         """
+        if live is None:
+            self.input.close_input()
         self.stdout.take(), self.stderr.take()
         self._keep.room, self._keep.dropped = keep, False
+        interrupter = None
+        if live is not None:
+            self.stdout.sink = self.stderr.sink = live.sink
+            interrupter = asyncio.ensure_future(self._interrupt_when(live.stop))
         started = time.monotonic()
         try:
-            code = await asyncio.wait_for(self._execute(command, environ), timeout)
-        except asyncio.TimeoutError:  # the builtin one only from Python 3.11
-            code = -2
-            await self.stop()
-        elapsed = time.monotonic() - started
-        outcome = CommandOutcome(code, self.stdout.take(), self.stderr.take(), elapsed, code == -2)
+            try:
+                code = await asyncio.wait_for(self._execute(command, environ), timeout)
+            except asyncio.TimeoutError:  # the builtin one only from Python 3.11
+                code = -2
+                await self.stop()
+            elapsed = time.monotonic() - started
+            outcome = CommandOutcome(
+                code, self.stdout.take(), self.stderr.take(), elapsed, code == -2
+            )
+        finally:
+            if interrupter is not None:
+                interrupter.cancel()
+            self.stdout.sink = self.stderr.sink = None
         outcome.dropped, self._keep.room = self._keep.dropped, 0
+        outcome.stopped = live is not None and live.stop.is_set()
         self._add_notes(outcome)
         return outcome
 
@@ -184,6 +343,47 @@ class Runner:
 
     async def _execute(self, command: str, environ: Mapping[str, str]) -> int:
         raise NotImplementedError
+
+    def command_processes(self) -> list[int]:
+        """PIDs (as the server sees them) of the running command's processes, and of what
+        it left behind; empty between commands."""
+        return []
+
+    def command_leaders(self) -> list[int]:
+        """The top process(es) of the running command: each leads its own process group."""
+        return []
+
+    def stdin_wanted(self) -> bool:
+        """Whether a process of the running command is blocked reading stdin while nothing
+        given is left unread (seen in ``/proc/PID/syscall``, else ``wchan``)."""
+        pipe = self.input
+        if not pipe.open or pipe.inode is None or pipe.unread():
+            return False
+        return any(_waits_on_pipe(pid, pipe.inode) for pid in self.command_processes())
+
+    async def _interrupt_when(self, stop: asyncio.Event) -> None:
+        """Once ``stop`` is set: Ctrl-C for the running command (SIGINT to each of its
+        processes, so that a shell runs its EXIT trap), SIGKILL for what is left later."""
+        await stop.wait()
+        self._signal_command(signal.SIGINT)
+        await asyncio.sleep(STOP_GRACE)
+        self._signal_command(signal.SIGKILL)
+
+    def _signal_command(self, signum: int) -> None:
+        """``signum`` to the command's process group, at once (a process being forked gets
+        it too), as a terminal's Ctrl-C does; each process at a time where there is no such
+        group. SIGKILL also goes to what left the group."""
+        grouped = False
+        for leader in self.command_leaders():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if os.getpgid(leader) == leader:
+                    os.killpg(leader, signum)
+                    grouped = True
+        if grouped and signum != signal.SIGKILL:
+            return  # a second SIGINT would interrupt the EXIT trap the first one started
+        for pid in self.command_processes():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
 
     async def stop(self) -> None:
         """Kill everything the runner holds; safe to call twice."""
@@ -200,6 +400,67 @@ class Runner:
         self._out_w = self._err_w = -1
         self.stdout.close()
         self.stderr.close()
+        self.input.close()
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (every thread's), from ``/proc``."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        with contextlib.suppress(OSError, ValueError):
+            found += map(int, Path(f"/proc/{pid}/task/{task}/children").read_text().split())
+    return found
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, parents before their children."""
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        children = _children(stack.pop())
+        found += children
+        stack += children
+    return found
+
+
+def _waits_on_pipe(pid: int, inode: int) -> bool:
+    """Whether a thread of ``pid`` is blocked reading the pipe ``inode``: in a read system
+    call on a descriptor of that pipe, or (when the system call cannot be read) sleeping in
+    a pipe read with that pipe as its stdin."""
+    target = f"pipe:[{inode}]"
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for task in tasks:
+        try:
+            fields = Path(f"/proc/{pid}/task/{task}/syscall").read_text().split()
+        except OSError:
+            fields = []
+        if fields == ["running"]:
+            continue
+        if len(fields) > 1 and _READ_SYSCALLS and fields[0].lstrip("-").isdigit():
+            if int(fields[0]) in _READ_SYSCALLS and _fd_target(pid, int(fields[1], 16)) == target:
+                return True
+            continue
+        try:
+            wchan = Path(f"/proc/{pid}/task/{task}/wchan").read_text().strip()
+        except OSError:
+            continue
+        if wchan in _PIPE_READ_WCHANS and _fd_target(pid, 0) == target:
+            return True
+    return False
+
+
+def _fd_target(pid: int, fd: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
 
 
 def _kill_and_remove(cgroup: RunCgroup) -> None:
@@ -222,7 +483,7 @@ class BwrapRunner(Runner):
         self._status = asyncio.StreamReader()
         try:
             self.cgroup = iso.new_cgroup()
-            fds = (ctl_r, self._out_w, self._err_w, status_w, bind_fd)
+            fds = (ctl_r, self._out_w, self._err_w, status_w, bind_fd, self.input.read_fd)
             argv = (
                 iso.launcher(self.cgroup)
                 + iso.bwrap_args(bind_fd, seccomp_fd)
@@ -264,6 +525,21 @@ class BwrapRunner(Runner):
             await self.close()
             raise IsolationError(f"bubblewrap runner did not start: {message or 'no message'}")
         self._init_pid, self._pid_namespace = _namespace_of(self.process.pid)
+        # The namespace's PID 1 has one child now, the agent; orphans join it later.
+        agents = _children(self._init_pid) if self._init_pid else []
+        self._agent_pid = agents[0] if len(agents) == 1 else None
+
+    def command_processes(self) -> list[int]:
+        """Everything in the sandbox but its PID 1 and the agent: the running command and
+        what it left behind (orphans belong to PID 1)."""
+        init, agent = getattr(self, "_init_pid", None), getattr(self, "_agent_pid", None)
+        if self.process is None or init is None or agent is None:
+            return []
+        return [pid for pid in _descendants(init) if pid != agent]
+
+    def command_leaders(self) -> list[int]:
+        agent = getattr(self, "_agent_pid", None)
+        return _children(agent) if self.process is not None and agent else []
 
     def _read_status(self) -> None:
         try:
@@ -340,6 +616,15 @@ class PlainRunner(Runner):
     async def start(self) -> None:
         self.cgroup = self.isolation.new_cgroup()
 
+    _command_pid: int | None = None
+
+    def command_processes(self) -> list[int]:
+        pid = self._command_pid
+        return [] if pid is None else [pid, *_descendants(pid)]
+
+    def command_leaders(self) -> list[int]:
+        return [] if self._command_pid is None else [self._command_pid]
+
     async def _execute(self, command: str, environ: Mapping[str, str]) -> int:
         iso = self.isolation
         # The request's variables are applied by `env -i` after privileges are dropped: a
@@ -356,20 +641,42 @@ class PlainRunner(Runner):
             command,
             cwd=self.workdir,
             env=iso.launcher_env(self.cgroup),
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=self.input.read_fd,
             stdout=self._out_w,
             stderr=self._err_w,
             start_new_session=True,
         )
+        self._command_pid = process.pid
         try:
             code = await process.wait()
         finally:
+            self._command_pid = None
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             if self.cgroup is not None:
                 await asyncio.to_thread(self.cgroup.kill)
             await process.wait()
         return 128 - code if code < 0 else code  # killed by a signal, as bash reports it
+
+
+#: Where distributions put coreutils' ``libstdbuf.so`` (Debian, Fedora, Arch, Alpine...).
+_STDBUF_PLACES = (
+    "/usr/libexec/coreutils/libstdbuf.so",
+    "/usr/lib/coreutils/libstdbuf.so",
+    "/usr/lib64/coreutils/libstdbuf.so",
+    f"/usr/lib/{platform.machine()}-linux-gnu/coreutils/libstdbuf.so",
+    "/usr/local/libexec/coreutils/libstdbuf.so",
+)
+
+
+@functools.cache
+def stdbuf_library() -> str | None:
+    """coreutils' ``libstdbuf.so`` (what ``stdbuf`` preloads), or None if there is none.
+    Under ``/usr``, so that a bubblewrap runner sees it at the same path."""
+    for place in _STDBUF_PLACES:
+        if os.path.isfile(place):
+            return place
+    return None
 
 
 def _namespace_of(bwrap_pid: int) -> tuple[int | None, str | None]:
@@ -611,6 +918,18 @@ class Isolation:
             "TERM": "dumb",
             "TMPDIR": "/tmp",
         }
+
+    def streaming_environ(self) -> dict[str, str]:
+        """Variables a streamed run adds (before the request's ``environ``, which wins): the
+        buffering of a terminal, so that lines appear as printed and a prompt without a
+        newline is flushed when the program reads stdin (``stdbuf -i0 -oL -eL``, whose
+        library is omitted where coreutils does not ship it)."""
+        environ = {"PYTHONUNBUFFERED": "1"}
+        library = stdbuf_library()
+        if library is not None:
+            environ |= {"LD_PRELOAD": library, "_STDBUF_I": "0", "_STDBUF_O": "L",
+                        "_STDBUF_E": "L"}  # fmt: skip
+        return environ
 
     def describe(self) -> dict[str, object]:
         """The ``container.isolation`` entry of ``specifications/``."""

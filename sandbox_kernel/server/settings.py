@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .._units import format_size as format_size  # the server's modules import it here
-from ..protocol import DEFAULT_EXECUTE_TIMEOUT
 
 _SIZE_RE = re.compile(r"[ \t]*(\d+(?:\.\d+)?)[ \t]*([kmgt]?)i?b?[ \t]*", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -55,6 +54,10 @@ def _size_as_written(size: int) -> str:
             return f"{size // scale}{unit}"
     return str(size)
 
+
+#: ``--execute-timeout`` by default: a minute, so that a teaching cell (compiling, a slow
+#: loop, a program waiting for typed input) is not cut; the public server keeps its own.
+SERVE_EXECUTE_TIMEOUT = 60.0
 
 _T = TypeVar("_T")
 #: The key of a field's metadata that holds its :class:`Option`.
@@ -140,7 +143,7 @@ class ServerSettings:
     port: int = setting(7000, "--port", int, "port, 0 for a free one (default {default})")
     workers: int = setting(8, "--workers", int, "parallel executions (default {default})")
     execute_timeout: float = setting(
-        DEFAULT_EXECUTE_TIMEOUT,
+        SERVE_EXECUTE_TIMEOUT,
         "--execute-timeout",
         float,
         "time budget of one execute/ request, seconds (default {default})",

@@ -9,6 +9,7 @@ Layout of the data dir::
                                reach the data dir
     staging/<pid>/<id>/        uploads waiting for a slot, saves crossing file systems
     cache/<uuid>.tgz           archives built for downloads
+    server-id                  the server's identity (``specifications/``' ``server_id``)
 
 A run starts from a *copy* of its base environment (so saved environments stay immutable
 whatever the commands do), and saving a run links every file it did not touch to the base's
@@ -78,6 +79,9 @@ class Storage:
         #: Bytes and inodes of all saved environments (files linked between them once).
         self.used = 0
         self.used_inodes = 0
+        #: Random, made once per data dir: clients key what they remember of this server by
+        #: it (its port changes at each start). Set by :meth:`open`.
+        self.server_id = ""
         self._lock = threading.Lock()
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -100,6 +104,7 @@ class Storage:
         self.staging = own_staging or _new_private_folder(self.staging, "")
         self.sweep()
         self.used, self.used_inodes = _stored(self.environments)
+        self.server_id = _server_id(self.root / "server-id")
 
     def close(self) -> None:
         """Remove this server's working and staging folders (its runners are gone)."""
@@ -317,6 +322,36 @@ class Storage:
         path = self.staging / uuid_module.uuid4().hex
         path.mkdir(mode=0o700)
         return path
+
+
+def _server_id(path: Path) -> str:
+    """The id kept in ``path``, made (a uuid4 in hex) the first time. Created atomically: two
+    servers starting on one data dir agree on it; a damaged file is replaced."""
+    kept = _read_server_id(path)
+    if kept:
+        return kept
+    made = uuid_module.uuid4().hex
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(made + "\n")
+    try:
+        os.link(temporary, path)  # fails if another server made it meanwhile
+    except FileExistsError:
+        kept = _read_server_id(path)
+        if kept:
+            return kept
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+    return made
+
+
+def _read_server_id(path: Path) -> str | None:
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        kept = path.read_text().strip()
+        if len(kept) == 32 and all(char in "0123456789abcdef" for char in kept):
+            return kept
+    return None
 
 
 def _work_area(root: Path, uid: int) -> Path:

@@ -69,10 +69,15 @@ def _physical_cores() -> int | None:
     return len(cores) or os.cpu_count()
 
 
+#: The protocol extensions this server speaks (docs/protocol-extensions.md).
+EXTENSIONS = ("stream", "stdin")
+
+
 def specifications(
-    settings: ServerSettings, isolation: Isolation, data_dir: Path
+    settings: ServerSettings, isolation: Isolation, data_dir: Path, server_id: str
 ) -> dict[str, Any]:
-    """The 3.x shape, plus ``container.execute_timeout``, ``expiration`` and ``isolation``."""
+    """The 3.x shape, plus ``container.execute_timeout``, ``expiration`` and ``isolation``,
+    and the top-level ``extensions`` and ``server_id``."""
     memory = _meminfo()
     device = _device_of(data_dir)
     disk = os.statvfs(data_dir)
@@ -115,6 +120,8 @@ def specifications(
             "expiration": settings.expiration,
             "isolation": isolation.describe(),
         },
+        "extensions": list(EXTENSIONS),
+        "server_id": server_id,
     }
 
 

@@ -26,6 +26,7 @@ leading and trailing blank lines and indentation.
 from __future__ import annotations
 
 import dataclasses
+import re
 import shlex
 from collections.abc import Iterable
 
@@ -281,3 +282,71 @@ def unframe(raw: str) -> Streams:
     if end < 0:
         return Streams(raw, complete=False)
     return Streams(raw[:end], raw[end + 1 :].strip("\n"))
+
+
+_BASH_LINE = re.compile(r"^(\S*bash: )(?:-c: )?line (\d+):", re.MULTILINE)
+
+
+def user_line_numbers(stderr: str, offset: int) -> str:
+    """``bash: line 80:`` -> ``bash: line 3:``: count lines from the cell's first line."""
+
+    def shift(match: re.Match[str]) -> str:
+        line = int(match.group(2)) - offset
+        return f"{match.group(1)}line {line}:" if line > 0 else match.group(0)
+
+    return _BASH_LINE.sub(shift, stderr)
+
+
+#: The server's own lines at the end of a command's stderr (``[sandbox] ...``).
+SERVER_NOTE = "[sandbox] "
+
+
+class LiveFrames:
+    """Undo the framing of a cell's output as it streams in (see :func:`unframe`).
+
+    Text before ``\\x02`` is shown as :func:`unframe` shows it; from the latest ``\\x03`` on,
+    text is held back: only the end of the run tells whether that ``\\x03`` was the exit
+    trap's (then what follows belongs to the trap, and the final answer tells the rest) or one
+    the cell printed (then it is shown with what follows, when more comes). Past ``limit``
+    characters shown, the rest is counted and dropped: a ``yes`` cell never floods the
+    notebook.
+    """
+
+    def __init__(self, limit: int, prologue_lines: int = 0) -> None:
+        self.limit = limit
+        self.prologue_lines = prologue_lines
+        self.shown = 0
+        #: Characters of the cell's output not shown because of ``limit``.
+        self.dropped = 0
+        self._started = {"stdout": False, "stderr": False}
+        self._held = {"stdout": "", "stderr": ""}
+
+    def feed(self, stream: str, text: str) -> str:
+        """What to show now of a chunk of ``stream`` ("stdout" or "stderr")."""
+        if not self._started[stream] and START in text:
+            text = text.replace(START, "", 1)
+            self._started[stream] = True
+        text = self._held[stream] + text
+        end = text.rfind(END)
+        if end >= 0:
+            text, self._held[stream] = text[:end], text[end:]
+        else:
+            self._held[stream] = ""
+        if stream == "stderr":  # a write of bash's is one chunk: its line number is whole
+            text = user_line_numbers(text, self.prologue_lines)
+        room = max(0, self.limit - self.shown)
+        if len(text) > room:
+            self.dropped += len(text) - room
+            text = text[:room]
+        self.shown += len(text)
+        return text
+
+
+def server_notes(stderr: str) -> list[str]:
+    """The server's ``[sandbox] ...`` lines ending a command's (final, stripped) stderr."""
+    notes: list[str] = []
+    for line in reversed(stderr.splitlines()):
+        if not line.startswith(SERVER_NOTE):
+            break
+        notes.insert(0, line)
+    return notes

@@ -329,10 +329,10 @@ class SandboxContext:
 
     def upload(
         self, paths: Sequence[str | os.PathLike[str]], as_name: str | None = None
-    ) -> tuple[str, list[str]]:
+    ) -> tuple[str, list[str], str]:
         """Put local files or folders into the current environment, under their own names (or
-        ``as_name``, for one path); the next cell continues from the environment this makes.
-        Returns its uuid and the names given in the environment."""
+        ``as_name``, for one path), in :meth:`upload_directory`; the next cell continues from
+        the environment this makes. Returns its uuid, the names given and that directory."""
         if as_name is not None and len(paths) != 1:
             raise OperationFailed("--as names one file: give a single local path")
         local = [self.local_path(path, "%sandbox_upload would read") for path in paths]
@@ -340,8 +340,11 @@ class SandboxContext:
         if missing:
             raise OperationFailed(f"No such local file or folder: {', '.join(missing)}")
         names = [as_name] if as_name is not None else [path.name for path in local]
+        directory = self.upload_directory()
+        inside = posixpath.relpath(directory, WORKING_DIR)
+        members = [name if inside == "." else f"{inside}/{name}" for name in names]
         try:
-            archive = build_archive(local, list(names), reserved=(STATE_DIR,))
+            archive = build_archive(local, members, reserved=(STATE_DIR,))
         except (ArchiveError, OSError) as error:
             raise OperationFailed(f"Cannot upload: {error}") from None
         session = self.session
@@ -356,7 +359,18 @@ class SandboxContext:
                 f"(environment = {answer.get('environment')!r}): the files are not there. "
                 "Check that it is a sandbox server, then upload again."
             )
-        return session.environment or "", names
+        return session.environment or "", names, directory
+
+    def upload_directory(self) -> str:
+        """Where uploads go: the shell's current directory, as a user typing ``cp`` there
+        expects, when it is under the working directory (the only part of the sandbox that
+        carries between cells); otherwise, and inside the kernel's own ``.sandbox_kernel/``,
+        the working directory itself."""
+        cwd = posixpath.normpath(self.session.state.cwd or WORKING_DIR)
+        inside = posixpath.relpath(cwd, WORKING_DIR)
+        if inside == ".." or inside.startswith("../") or inside.split("/")[0] == STATE_DIR:
+            return WORKING_DIR
+        return cwd
 
     # -- local paths -------------------------------------------------------------------------
 

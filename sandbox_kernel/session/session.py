@@ -26,16 +26,21 @@ from .._errors import (
     SandboxHTTPError,
     SandboxProtocolError,
 )
+from .._units import format_size
 from ..client import Cancellation, Sandbox
+from ..protocol import STOPPED_NOTE
 from . import records
 from .cellscript import (
     DISPLAY_DIR,
     RESULT_PATH,
     Bookkeeping,
+    LiveFrames,
     build_script,
     next_state_file,
     parse_bookkeeping,
+    server_notes,
     unframe,
+    user_line_numbers,
 )
 
 #: MIME types the front-ends display, by file extension (anything else: plain text).
@@ -51,7 +56,6 @@ DISPLAY_TYPES = {
     ".json": "application/json",
 }
 _MAX_DISPLAY = 20 * 1024**2
-_BASH_LINE = re.compile(r"^(\S*bash: )(?:-c: )?line (\d+):", re.MULTILINE)
 #: How ``display`` names its copies: ``<index>-<the file's base name>``.
 _DISPLAY_NAME = re.compile(r"[0-9]+-[^/\x00]+")
 
@@ -86,6 +90,8 @@ class CellOutcome:
     #: The server's answer, as it came (``%%sandbox --out``).
     answer: dict[str, Any] | None = None
     state_saved: bool = False
+    #: Files ``display`` recorded, not fetched yet (see :meth:`Session.fetch_displays`).
+    pending_displays: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -102,6 +108,17 @@ class CellOutcome:
             f"<sandbox cell {state}, exit code {self.exit_code}, "
             f"{len(self.stdout)} chars of stdout, {len(self.stderr)} of stderr>"
         )
+
+
+@dataclasses.dataclass
+class PreparedCell:
+    """A cell made ready to send: its ``execute/`` config, and what reading its answer needs."""
+
+    config: dict[str, Any]
+    nonce: str
+    next_state: str
+    #: Lines of the script before the cell's code (bash's line numbers are shifted back).
+    prologue_lines: int
 
 
 @dataclasses.dataclass
@@ -133,6 +150,9 @@ class Session:
         #: Names this session's state files (random: nothing prepared in advance matches).
         self._state_token = secrets.token_hex(8)
         self.cells = 0
+        #: Set by :meth:`failed` when the environment was gone; shown with the rerun cell.
+        self.lost_notice = ""
+        self._told_about_tmp = False
 
     # -- the environment -------------------------------------------------------------------------
 
@@ -157,7 +177,7 @@ class Session:
                 "(expired, or never saved there)"
             )
         self.environment, self.expire = uuid, None
-        self.state_file = records.known_state(self.client.url, uuid)
+        self.state_file = records.known_state(records.identity_of(self.client), uuid)
         self.state = ShellState()
         if self.state_file is not None:
             return f"The next cell continues from environment {uuid}: its files and shell state."
@@ -185,7 +205,9 @@ class Session:
         if state_file is not None:
             self.state_file = state_file
         if self.state_file:
-            records.remember_state(self.client.url, self.environment, self.state_file)
+            records.remember_state(
+                records.identity_of(self.client), self.environment, self.state_file
+            )
         return True
 
     def server_timeout(self) -> float | None:
@@ -204,33 +226,31 @@ class Session:
         cancel: Cancellation | None = None,
         on_busy: BusyCallback | None = None,
     ) -> CellOutcome:
-        """Run ``code`` as one bash script in the sandbox; never raises for the cell's sake."""
+        """Run ``code`` as one bash script in the sandbox; never raises for the cell's sake.
+
+        The synchronous front-ends' way (IPython's ``%%sandbox``, ``run``); the kernel runs
+        the same steps (:meth:`prepare`, :meth:`failed`, :meth:`finish`) in its event loop.
+        """
+        cell = self.prepare(code)
+        try:
+            answer = self.client.execute(cell.config, cancel=cancel, on_busy=on_busy)
+        except SandboxError as error:
+            failed = self.failed(error)
+            if failed is not None:
+                return failed
+            outcome = self.run_cell(code, cancel=cancel, on_busy=on_busy)
+            outcome.notices.insert(0, self.lost_notice)
+            return outcome
+        outcome = self.finish(cell, answer)
+        self.fetch_displays(outcome)
+        return outcome
+
+    def prepare(self, code: str) -> PreparedCell:
+        """The script and ``execute/`` config of the next cell."""
         self.cells += 1
         nonce = secrets.token_hex(8)
         next_state = next_state_file(self._state_token, self.state_file)
         script = build_script(code, nonce, self.environ, self.state_file, next_state)
-        try:
-            answer = self._execute(script, cancel, on_busy)
-        except Sandbox404 as error:
-            # Only the server's own sentence about this uuid means the environment is gone
-            # (contract: "No environment with UUID '<uuid>' found"); any other 404 (a wrong
-            # URL, a proxy's page) keeps the environment.
-            if self.environment is None or self.environment not in error.response.text:
-                return CellOutcome(error=_unreachable(error, self))
-            lost = self.reset()  # the next run_cell's answer is adopted as usual
-            outcome = self.run_cell(code, cancel=cancel, on_busy=on_busy)
-            outcome.notices.insert(0, _lost_environment(lost))
-            return outcome
-        except SandboxCancelled:
-            return CellOutcome(error=_interrupted())
-        except SandboxError as error:
-            return CellOutcome(error=_unreachable(error, self))
-        prologue_lines = script[: len(script) - len(code) - 1].count("\n")
-        return self._outcome(answer, nonce, next_state, prologue_lines)
-
-    def _execute(
-        self, script: str, cancel: Cancellation | None, on_busy: BusyCallback | None
-    ) -> dict[str, Any]:
         command: Any = script
         if self.timeout is not None:
             command = {"command": script, "timeout": self.timeout}
@@ -242,11 +262,33 @@ class Session:
         }
         if self.environment:
             config["environment"] = self.environment
-        return self.client.execute(config, cancel=cancel, on_busy=on_busy)
+        prologue_lines = script[: len(script) - len(code) - 1].count("\n")
+        return PreparedCell(config, nonce, next_state, prologue_lines)
 
-    def _outcome(
-        self, answer: dict[str, Any], nonce: str, next_state: str, offset: int
+    def failed(self, error: SandboxError) -> CellOutcome | None:
+        """The outcome of a cell whose request failed, or None when the environment is gone
+        and the cell must run again in a fresh one (then :attr:`lost_notice` says so).
+
+        Only the server's own sentence about this uuid means the environment is gone (contract:
+        "No environment with UUID '<uuid>' found"); any other 404 (a wrong URL, a proxy's page)
+        keeps the environment.
+        """
+        if isinstance(error, SandboxCancelled):
+            return CellOutcome(error=_interrupted())
+        environment = self.environment
+        if isinstance(error, Sandbox404) and environment and environment in error.response.text:
+            self.lost_notice = _lost_environment(self.reset())
+            return None
+        return CellOutcome(error=_unreachable(error, self))
+
+    def finish(
+        self, cell: PreparedCell, answer: dict[str, Any], live: LiveFrames | None = None
     ) -> CellOutcome:
+        """The outcome of an answered cell; the environment it saved is adopted.
+
+        ``live``: the cell's output was streamed through it and already shown, so the outcome
+        carries only what the user has not seen (notices, the error).
+        """
         outcome = CellOutcome(answer=answer)
         executions = answer.get("execution") or []
         if not executions:
@@ -254,40 +296,47 @@ class Session:
             outcome.error = _sandbox_failure(answer.get("status"))
             return outcome
         entry = executions[0]
-        stdout, stderr = (
-            unframe(str(entry.get("stdout", ""))),
-            unframe(str(entry.get("stderr", ""))),
-        )
-        outcome.stdout = stdout.text
-        outcome.stderr = _user_line_numbers(stderr.text, offset)
         outcome.exit_code = code = int(entry.get("exit_code", -1))
+        raw_stderr = str(entry.get("stderr", ""))
+        stderr = unframe(raw_stderr)
         added = stderr.added
+        if live is None:
+            outcome.stdout = unframe(str(entry.get("stdout", ""))).text
+            outcome.stderr = user_line_numbers(stderr.text, cell.prologue_lines)
+            if code == protocol.STATUS_TIMEOUT:
+                outcome.stderr = _drop_timeout_sentence(outcome.stderr)
+        elif not stderr.complete:  # killed before its end marker: the server's notes end it
+            added = "\n".join(server_notes(raw_stderr))
+        stopped = STOPPED_NOTE in added
         if code == protocol.STATUS_TIMEOUT:
-            outcome.stderr = _drop_timeout_sentence(outcome.stderr)
             outcome.error = _timed_out(self)
+        elif stopped:
+            outcome.error = _stopped()
         elif code == protocol.STATUS_UNKNOWN_ERROR:
             outcome.error = _sandbox_failure(code)
         elif code != 0:
             outcome.error = _exit_code(code)
-        if added and code != protocol.STATUS_TIMEOUT:
-            outcome.notices.append(added)
-        book = parse_bookkeeping(answer.get("result"), nonce)
-        if book is not None and book.state != next_state:
+        if code != protocol.STATUS_TIMEOUT:
+            outcome.notices += _readable_notes(added)
+        if live is not None and live.dropped:
+            outcome.notices.append(_kernel_cut(live))
+        book = parse_bookkeeping(answer.get("result"), cell.nonce)
+        if book is not None and book.state != cell.next_state:
             book = None  # not what this cell's script writes
         # Saved whatever the outcome (contract).
         self.adopt(answer, book.state if book is not None else None)
         if book is None:
-            if self.environment:
-                outcome.notices.append(
-                    "The shell state (variables, functions, aliases, directory) was not updated "
-                    "by this cell: it ended before saving it (killed, timed out, or replaced by "
-                    "exec). The next cell starts from the state of the last completed one; "
-                    "files written by this cell are kept."
-                )
+            if self.environment and code != protocol.STATUS_TIMEOUT and not stopped:
+                outcome.notices.append(_STATE_NOT_SAVED)
+            elif stopped and outcome.error is not None:
+                outcome.error.advice = [_STATE_NOT_SAVED]
         else:
             outcome.state_saved = True
             self._remember(book)
-            outcome.displays = self._fetch_displays(book, outcome)
+            outcome.pending_displays = book.display
+            if book.cwd and _under_tmp(book.cwd) and not self._told_about_tmp:
+                self._told_about_tmp = True
+                outcome.notices.append(_TMP_NOTICE)
         return outcome
 
     def _remember(self, book: Bookkeeping) -> None:
@@ -299,11 +348,11 @@ class Session:
             aliases=book.aliases,
         )
 
-    def _fetch_displays(self, book: Bookkeeping, outcome: CellOutcome) -> list[Display]:
-        """The files ``display`` recorded in the cell's shell, each within the size the
-        server announced (a server sending more is cut off: the client raises)."""
-        displays = []
-        for name in book.display:
+    def fetch_displays(self, outcome: CellOutcome) -> None:
+        """Fetch the files ``display`` recorded in the cell's shell into ``outcome.displays``,
+        each within the size the server announced (a server sending more is cut off: the
+        client raises)."""
+        for name in outcome.pending_displays:
             if not _DISPLAY_NAME.fullmatch(name):
                 continue
             original = name.split("-", 1)[-1]
@@ -318,8 +367,8 @@ class Session:
             except SandboxError as error:
                 outcome.notices.append(f"display: could not fetch {original}: {error}")
                 continue
-            displays.append(Display(mime_type(original), data.getvalue(), original))
-        return displays
+            outcome.displays.append(Display(mime_type(original), data.getvalue(), original))
+        outcome.pending_displays = []
 
 
 def mime_type(name: str) -> str:
@@ -341,24 +390,21 @@ def _exit_code(code: int) -> CellError:
 
 def _timed_out(session: Session) -> CellError:
     server = session.server_timeout()
-    server_text = f"{server:g} s" if server is not None else "its execute_timeout"
-    if session.timeout is not None and server is None:  # which one struck is not known
-        limit = (f"the limit in force: {session.timeout:g} s (%sandbox_timeout) or the "
-                 "server's own execute_timeout, whichever is shorter")  # fmt: skip
-    elif session.timeout is not None and session.timeout < server:  # type: ignore[operator]
-        limit = f"{session.timeout:g} s, set with %sandbox_timeout"
+    if session.timeout is not None and (server is None or session.timeout < server):
+        limit = f"after {session.timeout:g} s (%sandbox_timeout)"
+    elif server is not None:
+        limit = f"after {server:g} s (the server's limit)"
     else:
-        limit = f"{server_text}, the server's execute_timeout"
+        limit = "at the server's time limit"
     return CellError(
         "Timeout",
-        f"the cell ran longer than {limit}, and was killed",
-        [
-            f"Change the per-cell limit with %sandbox_timeout SECONDS, up to the server's "
-            f"execute_timeout ({server_text}); beyond that the server's own setting governs "
-            "(sandbox-kernel serve --execute-timeout).",
-            "Files the cell wrote before it was killed are kept; its shell state is not.",
-        ],
+        f"the cell was stopped {limit}",
+        ["Its files are kept, its shell state is not. %sandbox_timeout SECONDS sets the limit."],
     )
+
+
+def _stopped() -> CellError:
+    return CellError("Interrupted", "stopped; the output above and the cell's files are kept")
 
 
 def _sandbox_failure(status: object) -> CellError:
@@ -366,23 +412,15 @@ def _sandbox_failure(status: object) -> CellError:
     return CellError(
         "SandboxError",
         f"the sandbox could not run the cell (status {status}: {meaning})",
-        [
-            "This is an error of the sandbox, not of the cell: run the cell again. Public "
-            "sandbox servers answer so now and then while a container is being reset; if it "
-            "persists, look at the server's log."
-        ],
+        ["Not an error of the cell: run it again; if it persists, see the server's log."],
     )
 
 
 def _interrupted() -> CellError:
     return CellError(
         "Interrupted",
-        "the cell was interrupted",
-        [
-            "Its connection was closed: the embedded sandbox server killed the command; a "
-            "public sandbox server cannot cancel and may run it until its own timeout.",
-            "The next cell starts from the last completed environment.",
-        ],
+        "the cell was stopped",
+        ["The next cell starts from the last completed one."],
     )
 
 
@@ -395,30 +433,52 @@ def _unreachable(error: SandboxError, session: Session) -> CellError:
         name = f"SandboxHTTP{error.status_code}"
     else:
         name = "SandboxUnreachable"
-    advice = [
-        "The kernel is fine and keeps the environment of the last good cell"
-        + (f" ({session.environment})" if session.environment else "")
-        + ": the next cell continues from it once the sandbox answers again."
-    ]
+    kept = f" ({session.environment})" if session.environment else ""
+    advice = [f"The kernel keeps the last good environment{kept}: run the cell again later."]
     return CellError(name, str(error), advice)
 
 
 def _lost_environment(uuid: str | None) -> str:
     return (
-        f"The environment {uuid} is gone from the sandbox (expired, or the server lost it): "
-        "this cell ran in a fresh environment. Files and shell state of the earlier cells "
-        "were lost."
+        f"The environment {uuid} is gone from the sandbox (expired or lost): this cell ran in a "
+        "fresh one, and the files and shell state of earlier cells were lost."
     )
 
 
-def _user_line_numbers(stderr: str, offset: int) -> str:
-    """``bash: line 80:`` -> ``bash: line 3:``: count lines from the cell's first line."""
+_STATE_NOT_SAVED = (
+    "The shell state was not saved (the cell was killed or replaced by exec); its files are kept."
+)
+_TMP_NOTICE = (
+    "Note: /tmp is emptied after every cell; only /home/student carries over to the next one."
+)
 
-    def shift(match: re.Match[str]) -> str:
-        line = int(match.group(2)) - offset
-        return f"{match.group(1)}line {line}:" if line > 0 else match.group(0)
 
-    return _BASH_LINE.sub(shift, stderr)
+def _under_tmp(cwd: str) -> bool:
+    return cwd == "/tmp" or cwd.startswith("/tmp/")
+
+
+_OUTPUT_CUT = re.compile(r"\[sandbox\] output cut after ([0-9]+) \(--max-output\)")
+
+
+def _readable_notes(added: str) -> list[str]:
+    """The server's notes as one short line each; its stop note is said by the error."""
+    notes = []
+    for line in added.splitlines():
+        cut = _OUTPUT_CUT.fullmatch(line.strip())
+        if cut:
+            size = format_size(int(cut.group(1)))
+            line = f"Output cut after {size} (the sandbox's --max-output); the cell ran on."
+        elif line.strip() in (STOPPED_NOTE, ""):
+            continue
+        notes.append(line)
+    return notes
+
+
+def _kernel_cut(live: LiveFrames) -> str:
+    return (
+        f"Output cut after {format_size(live.limit)}: {format_size(live.dropped)} more not shown "
+        "(c.SandboxKernel.max_output)."
+    )
 
 
 def _drop_timeout_sentence(stderr: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from sandbox_kernel.magics import MagicUsageError
 from sandbox_kernel.magics.cells import SplitCell, split_cell
 
 
@@ -34,12 +35,50 @@ def test_a_cell_magic_takes_the_whole_body() -> None:
     [
         "printf '%s\\n' a",
         "cat <<EOF\n%sandbox_env X=1\nEOF",
-        "echo start\n%sandbox_env X=1",
+        "cat <<-'END' > notes\n\t%%c\n\tEND",
+        'cat << "EOF"; cat <<EOF2\n%sandbox_status\nEOF\n%c\nEOF2',
         "echo 100%",
+        "sleep 9 &\n%1",
+        "sleep 9 &\n%%\n%+\n%-\n%?sleep",
+        "echo start\n%not_a_magic X=1",
+        "printf 'line one\n%sandbox_env\n'",
+        'echo "two\n%%c lines"',
+        "echo a \\\n%sandbox_status",
+        "echo $((1<<2))\necho ok",
+        "cat <<< here\necho ok",
+        "# a comment <<EOF\necho ok",
     ],
 )
 def test_a_percent_after_the_first_bash_line_is_bash(code: str) -> None:
     assert split_cell(code) == SplitCell([], None, code)
+
+
+@pytest.mark.parametrize(
+    ("code", "line", "written"),
+    [
+        ("echo start\n%sandbox_env X=1", 2, "%sandbox_env"),
+        ("%sandbox_status\nls\n\n  %sandbox_timeout 5\necho", 4, "%sandbox_timeout"),
+        ("echo compile\n%%c\nint main(void) { return 0; }", 2, "%%c"),
+        ("cat <<EOF\ntext\nEOF\n%sandbox_download out.txt", 4, "%sandbox_download"),
+        ("echo 'a quote\nthat closes'\n%sandbox_status", 3, "%sandbox_status"),
+        ("echo $((1<<2))\n%sandbox_status", 2, "%sandbox_status"),
+    ],
+)
+def test_a_known_magic_after_bash_is_refused_saying_where_magics_go(
+    code: str, line: int, written: str
+) -> None:
+    """Bash would run it as a job spec and print ``fg: no job control``: the cell is refused
+    before anything runs, in two lines that say what happened and what to do."""
+    with pytest.raises(MagicUsageError) as refused:
+        split_cell(code)
+    message = str(refused.value)
+    assert message.startswith(f"Line {line}: {written} comes after bash code")
+    assert len(message.splitlines()) == 2
+    if written.startswith("%%"):
+        assert "first line of its cell" in message and "new cell" in message
+    else:
+        assert f"Put {written} before the bash lines" in message
+        assert "in a cell of its own" in message
 
 
 def test_a_cell_magic_after_a_line_magic_is_a_line_magic_named_with_a_percent() -> None:

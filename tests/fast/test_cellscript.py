@@ -26,10 +26,12 @@ from sandbox_kernel.session.cellscript import (
     START,
     STATE_DIR,
     Bookkeeping,
+    LiveFrames,
     Streams,
     build_script,
     next_state_file,
     parse_bookkeeping,
+    server_notes,
     unframe,
 )
 
@@ -286,3 +288,32 @@ def test_the_users_code_ends_the_script_verbatim() -> None:
     assert script.endswith("\n" + code + "\n")
     assert "__sk_nonce='n'\"'\"'1'" in script, "the nonce is quoted for bash"
     assert "declare -p A B " in script, "environ names sorted, backed up before the state"
+
+
+def test_live_frames_hide_markers_and_what_follows_the_end() -> None:
+    live = LiveFrames(limit=1000)
+    shown = [live.feed("stdout", chunk) for chunk in ("\x02he", "llo\n", "bye\n\x03", "trap\n")]
+    assert "".join(shown) == "hello\nbye\n"
+    assert live.feed("stderr", "\x02oops\n") == "oops\n"
+
+
+def test_live_frames_release_an_end_marker_the_cell_printed() -> None:
+    """Only the last \\x03 can be the exit trap's: one followed by more output was the cell's."""
+    live = LiveFrames(limit=1000)
+    assert live.feed("stdout", "\x02a\x03b") == "a"
+    assert live.feed("stdout", "c\x03") == "\x03bc"
+    assert live.feed("stdout", "after the trap") == ""
+
+
+def test_live_frames_cut_past_the_limit_and_count_the_rest() -> None:
+    live = LiveFrames(limit=10)
+    assert live.feed("stdout", "\x02" + "y\n" * 4) == "y\n" * 4
+    assert live.feed("stderr", "\x02" + "err\n") == "er"
+    assert live.feed("stdout", "y\n" * 100) == ""
+    assert live.dropped == 2 + 200
+
+
+def test_server_notes_are_the_trailing_sandbox_lines() -> None:
+    stderr = "user line\n[sandbox] not at the end\nmore\n[sandbox] a\n[sandbox] b"
+    assert server_notes(stderr) == ["[sandbox] a", "[sandbox] b"]
+    assert server_notes("plain") == []

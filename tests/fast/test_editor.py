@@ -4,7 +4,9 @@ directly. ``is_complete`` runs the local ``bash -n``, as the kernel does."""
 
 from __future__ import annotations
 
+import io
 import shutil
+import tarfile
 from collections.abc import Mapping
 
 import pytest
@@ -16,6 +18,8 @@ from sandbox_kernel.session import ShellState
 
 def knowledge(
     *,
+    cwd: str = "/home/student",
+    tree: editor.Tree | None = None,
     files: tuple[str, ...] = (),
     variables: tuple[str, ...] = (),
     functions: tuple[str, ...] = (),
@@ -27,7 +31,7 @@ def knowledge(
     """What the kernel knows after some cells; ``executables=None``: the sandbox's inventory
     has not arrived yet (the kernel fetches it in the background)."""
     state = ShellState(
-        cwd="/home/student",
+        cwd=cwd,
         files=list(files),
         variables=list(variables),
         functions=list(functions),
@@ -36,7 +40,7 @@ def knowledge(
     inventory = None
     if executables is not None:
         inventory = Inventory(libraries=libraries or {}, executables=executables, tools={})
-    return editor.Knowledge(state=state, environ=environ or {}, inventory=inventory)
+    return editor.Knowledge(state=state, environ=environ or {}, inventory=inventory, tree=tree)
 
 
 def matches(code: str, known: editor.Knowledge, cursor: int | None = None) -> list[str]:
@@ -87,6 +91,142 @@ def test_completion_in_the_middle_of_a_cell_replaces_only_the_word() -> None:
 
 def test_a_path_is_never_completed_as_a_command() -> None:
     assert matches("./gr", knowledge(executables=("grep",))) == []
+
+
+@pytest.mark.parametrize("before", ["cat ", "ls | cat ", "grep -n x ", "echo hi > ", "sudo "])
+def test_an_argument_never_offers_commands(before: str) -> None:
+    """``cat gra`` offers the files starting with ``gra``, never ``cat``, ``grep`` or a
+    function, even when those are known."""
+    known = knowledge(
+        files=("grades.txt", "graph/"),
+        functions=("grade_all",),
+        aliases=("gra",),
+        executables=("cat", "grep", "gradle"),
+    )
+    assert matches(before + "gra", known) == ["grades.txt", "graph/"]
+    assert "cat" not in matches(before, known)
+
+
+HOME = "/home/student"
+#: The environment of a user who made sub/, sub/dir-one/ and notes in both places.
+TREE: editor.Tree = {
+    HOME: ("figures/", "first.txt", "sub/"),
+    f"{HOME}/sub": ("data.csv", "dir-one/", "dir-two/"),
+    f"{HOME}/sub/dir-one": ("deep.txt",),
+    f"{HOME}/sub/dir-two": (),
+    f"{HOME}/figures": (),
+}
+
+
+@pytest.mark.parametrize(
+    ("cwd", "files", "code", "expected"),
+    [
+        (f"{HOME}/sub", ("data.csv",), "cat ../f", ["../figures/", "../first.txt"]),
+        (HOME, ("first.txt", "sub/"), "ls sub/di", ["sub/dir-one/", "sub/dir-two/"]),
+        (HOME, ("first.txt", "sub/"), "ls sub/dir-one/", ["sub/dir-one/deep.txt"]),
+        (f"{HOME}/sub", ("data.csv",), "cat ~/f", ["~/figures/", "~/first.txt"]),
+        (f"{HOME}/sub", ("data.csv",), "cat ~/sub/da", ["~/sub/data.csv"]),
+        (f"{HOME}/sub", ("data.csv",), f"cat {HOME}/fi", [f"{HOME}/figures/", f"{HOME}/first.txt"]),
+        (f"{HOME}/sub/dir-one", ("deep.txt",), "cat ../../sub/dir-t", ["../../sub/dir-two/"]),
+        (f"{HOME}/sub", ("data.csv",), "./da", ["./data.csv"]),
+        (f"{HOME}/sub", ("data.csv",), "ls ./", ["./data.csv", "./dir-one/", "./dir-two/"]),
+    ],
+)  # fmt: skip
+def test_paths_complete_like_bash_from_the_carried_directory(
+    cwd: str, files: tuple[str, ...], code: str, expected: list[str]
+) -> None:
+    known = knowledge(cwd=cwd, files=files, tree=TREE)
+    reply = editor.complete(code, len(code), known)
+    assert reply["matches"] == expected
+    word = code.split(" ")[-1]
+    assert reply["cursor_start"] == len(code) - len(word), "the whole path is replaced"
+
+
+def test_the_tree_once_known_lists_the_current_directory_too() -> None:
+    """The tree is the current environment's, as new as the last cell's listing or newer
+    (an upload makes a new environment without a cell); outside /home/student, where the
+    tree knows nothing, the cell's listing is used."""
+    known = knowledge(files=("old.txt", "sub/"), tree=TREE)
+    assert matches("cat fi", known) == ["figures/", "first.txt"]
+    assert matches("cat o", known) == []
+    in_tmp = knowledge(cwd="/tmp", files=("scratch.o",), tree=TREE)
+    assert matches("cat scr", in_tmp) == ["scratch.o"]
+
+
+def test_home_completes_from_the_listing_when_the_shell_is_there() -> None:
+    known = knowledge(files=("first.txt", "sub/"))
+    assert matches("cat ~/f", known) == ["~/first.txt"]
+    assert matches("cat ~", known) == ["~/"]
+    assert matches("cat ~/", known) == ["~/first.txt", "~/sub/"]
+
+
+def test_folders_not_known_offer_nothing_rather_than_a_guess() -> None:
+    """Without the environment's tree, only the current directory is known; ``/usr`` and
+    ``~user/`` are never known (the archive holds /home/student only)."""
+    known = knowledge(cwd=f"{HOME}/sub", files=("data.csv",))
+    assert matches("cat ../f", known) == []
+    assert matches("ls sub/", knowledge(files=("sub/",))) == []
+    with_tree = knowledge(tree=TREE)
+    assert matches("ls /usr/bi", with_tree) == []
+    assert matches("ls ~root/", with_tree) == []
+    assert matches("ls missing/", with_tree) == [], "under /home/student and not in the tree"
+
+
+def test_wanted_folder_names_what_completion_lacks() -> None:
+    bare = knowledge(cwd=f"{HOME}/sub", files=("data.csv",))
+    assert editor.wanted_folder("cat ../f", 8, bare) == HOME
+    assert editor.wanted_folder("ls ~/sub/di", 11, knowledge()) == f"{HOME}/sub"
+    assert editor.wanted_folder("cat da", 6, bare) is None, "the current directory is known"
+    assert editor.wanted_folder("ls /usr/", 8, bare) is None, "outside what an archive holds"
+    assert editor.wanted_folder("ec", 2, bare) is None, "a command"
+    assert editor.wanted_folder("echo $H", 7, bare) is None, "a variable"
+    assert editor.wanted_folder("cat ../f", 8, knowledge(cwd=f"{HOME}/sub", tree=TREE)) is None
+
+
+def _archive(*members: tuple[str, bool], leading: str = "") -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, folder in members:
+            info = tarfile.TarInfo(leading + name)
+            if folder:
+                info.type = tarfile.DIRTYPE
+                archive.addfile(info)
+            else:
+                info.size = 3
+                archive.addfile(info, io.BytesIO(b"abc"))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("leading", ["", "./"])
+def test_an_environment_archive_gives_every_folder_and_hides_the_kernels_own(
+    leading: str,
+) -> None:
+    data = _archive(
+        (".", True),
+        ("first.txt", False),
+        ("sub", True),
+        ("sub/data.csv", False),
+        ("sub/dir-one/deep.txt", False),  # its folder has no member of its own
+        (".sandbox_kernel", True),
+        (".sandbox_kernel/state-0123456789abcdef-a.sh", False),
+        ("../escape.txt", False),
+        leading=leading,
+    )
+    tree = editor.archive_tree(data)
+    assert dict(tree) == {
+        HOME: ("first.txt", "sub/"),
+        f"{HOME}/sub": ("data.csv", "dir-one/"),
+        f"{HOME}/sub/dir-one": ("deep.txt",),
+    }
+
+
+def test_a_damaged_or_endless_archive_gives_what_was_read() -> None:
+    data = _archive(("a.txt", False), ("b.txt", False))
+    assert editor.archive_tree(data[: len(data) // 2])[HOME] in ((), ("a.txt",), ("a.txt", "b.txt"))
+    assert editor.archive_tree(b"not an archive") == {HOME: ()}
+    many = _archive(*((f"f{index:03}", False) for index in range(50)))
+    assert len(editor.archive_tree(many, max_members=10)[HOME]) == 10
+    assert len(editor.archive_tree(many, max_bytes=4096)[HOME]) < 50
 
 
 def test_matches_are_sorted_without_case_and_unique() -> None:

@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "_wire": 2,
     "archive": 2,
     "client": 3,
+    "async_client": 3,
     "discovery": 3,
     "settings": 4,
     "session": 5,

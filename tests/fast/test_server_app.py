@@ -29,7 +29,7 @@ from multidict import CIMultiDictProxy
 from sandbox_kernel import protocol
 from sandbox_kernel.server import TokenSource, add_arguments, assembled_app, settings_from_args
 from sandbox_kernel.server.runners import Isolation
-from sandbox_kernel.server.settings import ServerSettings, setting_options
+from sandbox_kernel.server.settings import SERVE_EXECUTE_TIMEOUT, ServerSettings, setting_options
 
 from ..helpers import descendants, living, wait_until
 
@@ -138,7 +138,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
 
 def test_specifications_have_the_3x_shape_and_the_servers_own_facts(app: InProcessServer) -> None:
     specs = app.request("GET", "/" + protocol.SPECIFICATIONS).json()
-    assert set(specs) == {"host", "container"}
+    assert set(specs) == {"host", "container", "extensions", "server_id"}
     assert {"cpu", "memory", "docker_version", "sandbox_version"} <= set(specs["host"])
     assert {"count", "cpu", "memory", "io", "process", "working_dir_device"} <= set(
         specs["container"]
@@ -146,7 +146,7 @@ def test_specifications_have_the_3x_shape_and_the_servers_own_facts(app: InProce
     container = specs["container"]
     assert (container["count"], container["execute_timeout"], container["expiration"]) == (
         2,
-        protocol.DEFAULT_EXECUTE_TIMEOUT,
+        SERVE_EXECUTE_TIMEOUT,
         86400,
     )
     assert container["isolation"] == app.isolation.describe()

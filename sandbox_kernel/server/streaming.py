@@ -1,0 +1,291 @@
+"""``execute/stream/``: one run over a WebSocket, its output sent as it is written and its
+stdin fed by the client (docs/protocol-extensions.md, "WebSocket execute/stream/").
+
+The run itself is :meth:`.executor.Executor.execute`'s, with :class:`.executor.RunHooks`: the
+config is validated, the archive staged and unpacked, the slots, time budget, output cap and
+``save`` applied exactly as for ``execute/``; this module only moves frames. Four tasks make a
+session once the two opening frames are in: the run, a listener for the client's frames
+(stdin, end-of-file, stop; a close kills the run), a watcher that tells the client when the
+run waits for input, and a sender that writes every frame in order (chunks are queued from
+the pipes' read callbacks, which cannot wait for the socket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import TYPE_CHECKING, Any, Protocol
+
+from aiohttp import WSMsgType, web
+
+from .. import protocol
+from .executor import RUN_REFUSALS, RunHooks, refusal_answer
+from .runners import Runner
+from .uploads import Upload
+
+if TYPE_CHECKING:
+    from .executor import Executor
+    from .settings import ServerSettings
+
+
+class Front(Protocol):
+    """What a stream needs of the HTTP application (:class:`~.app.SandboxApp`): the same
+    admission of configs and archives as ``execute/``."""
+
+    settings: ServerSettings
+    executor: Executor
+
+    def new_upload(self) -> Upload: ...
+    def admit_config(self, raw_config: str) -> dict[str, Any] | web.Response: ...
+    def too_large(self) -> web.Response: ...
+
+
+log = logging.getLogger(__name__)
+
+#: How often the processes of a run are looked at for a blocked read of stdin.
+STDIN_POLL_SECONDS = 0.05
+#: Bytes of stdin that may wait unread (sent by the client, not read by the run).
+MAX_STDIN_WAITING = 1 << 20
+#: Characters of the last unfinished stdout line sent as a ``stdin`` event's prompt.
+PROMPT_CHARS = 200
+#: Room for a frame's own overhead beyond the config and archive caps.
+_FRAME_SLACK = 64 * 1024
+
+#: A refusal: the HTTP status ``execute/`` would answer, and its text.
+Refusal = tuple[int, str]
+
+
+class StreamSession:
+    """One ``execute/stream/`` connection, from the upgrade to the close."""
+
+    def __init__(self, app: Front, request: web.Request) -> None:
+        self.app = app
+        self.request = request
+        settings = app.settings
+        self.ws = web.WebSocketResponse(
+            max_msg_size=max(settings.max_upload, settings.max_config_bytes) + _FRAME_SLACK
+        )
+        self.outgoing: asyncio.Queue[str | None] = asyncio.Queue()
+        #: The sandbox of the running command (None before the first).
+        self.runner: Runner | None = None
+        #: stdin sent before the first command started, and whether end-of-file was sent.
+        self.early_stdin = bytearray()
+        self.eof = False
+        #: Whether the next wait for input is told (once per wait: re-armed by stdin/eof).
+        self.armed = True
+        #: stdout of the current command after its last newline.
+        self.prompt = ""
+
+    async def serve(self) -> web.StreamResponse:
+        if not self.ws.can_prepare(self.request).ok:
+            return web.Response(
+                status=400,
+                text="execute/stream/ is a WebSocket: connect with a WebSocket client "
+                "(docs/protocol-extensions.md), or POST to execute/ instead.",
+                content_type="text/plain",
+            )
+        await self.ws.prepare(self.request)
+        upload = self.app.new_upload()
+        try:
+            opening = await self._opening(upload)
+            if isinstance(opening, dict):
+                await self._run(opening, upload)
+            else:
+                await self._send_now({"error": opening[0], "text": opening[1]})
+        finally:
+            await upload.discard()
+            await self.ws.close()
+        return self.ws
+
+    # -- the two opening frames -----------------------------------------------------------------
+
+    async def _opening(self, upload: Upload) -> dict[str, Any] | Refusal:
+        """The checked config (its archive staged in ``upload``), or why nothing runs."""
+        timeout = self.app.settings.header_timeout
+        try:
+            return await asyncio.wait_for(self._read_opening(upload), timeout)
+        except asyncio.TimeoutError:  # the builtin one only from Python 3.11
+            return (
+                408,
+                f"The config and archive frames did not come within {timeout:g} s "
+                "(--header-timeout): nothing was run. Send both right after connecting.",
+            )
+
+    async def _read_opening(self, upload: Upload) -> dict[str, Any] | Refusal:
+        settings = self.app.settings
+        first = await self.ws.receive()
+        if first.type != WSMsgType.TEXT:
+            return _frame_refusal("The first frame must be the config", first)
+        raw_config: str = first.data
+        if len(raw_config.encode("utf-8", "surrogatepass")) > settings.max_config_bytes:
+            return _refusal_of(self.app.too_large())
+        config = self.app.admit_config(raw_config)
+        if isinstance(config, web.Response):
+            return _refusal_of(config)
+        # The archive frame is held in memory until saved: it needs a staging place first.
+        if not upload.reserve():
+            return 503, protocol.OVERLOADED_TEXT
+        second = await self.ws.receive()
+        if second.type != WSMsgType.BINARY:
+            return _frame_refusal("The second frame must be the environment archive", second)
+        archive: bytes = second.data
+        if len(archive) > settings.max_upload:
+            return _refusal_of(self.app.too_large())
+        if not archive:
+            await upload.discard()
+            return config
+        path = upload.stage()
+        assert path is not None  # reserved above
+        await asyncio.to_thread(path.write_bytes, archive)
+        return config
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    async def _run(self, config: dict[str, Any], upload: Upload) -> None:
+        hooks = RunHooks(on_output=self._on_output, on_command=self._on_command)
+        run = asyncio.ensure_future(self.app.executor.execute(config, upload.archive, hooks))
+        listener = asyncio.ensure_future(self._listen(hooks))
+        watcher = asyncio.ensure_future(self._watch_stdin())
+        sender = asyncio.ensure_future(self._send_queued())
+        try:
+            await asyncio.wait({run, listener}, return_when=asyncio.FIRST_COMPLETED)
+            if run.done():
+                self._queue(_final_message(run))
+            else:  # the client went away or broke the protocol: the run is killed
+                run.cancel()
+                problem = listener.result()
+                if problem is not None:
+                    self._queue({"error": problem[0], "text": problem[1]})
+            self.outgoing.put_nowait(None)
+            await sender
+        finally:
+            for task in (run, listener, watcher, sender):
+                task.cancel()
+            await asyncio.gather(run, listener, watcher, sender, return_exceptions=True)
+
+    def _on_output(self, stream: str, text: str) -> None:
+        """A chunk of the running command's output (:attr:`RunHooks.on_output`)."""
+        self._queue({"stream": stream, "text": text})
+        if stream == "stdout":
+            line = text.rpartition("\n")[2] if "\n" in text else self.prompt + text
+            self.prompt = line[-PROMPT_CHARS:]
+
+    def _on_command(self, runner: Runner) -> None:
+        """A command starts (:attr:`RunHooks.on_command`): its stdin is the client's."""
+        self.prompt = ""
+        if runner is self.runner:
+            return
+        self.runner = runner
+        if self.early_stdin:
+            runner.input.feed(bytes(self.early_stdin))
+            self.early_stdin.clear()
+        if self.eof:
+            runner.input.end()
+
+    # -- frames from the client -----------------------------------------------------------------
+
+    async def _listen(self, hooks: RunHooks) -> Refusal | None:
+        """Until the client closes (None) or sends what it may not (the refusal)."""
+        async for message in self.ws:
+            if message.type != WSMsgType.TEXT:
+                return _frame_refusal("After the archive, frames must be JSON text", message)
+            problem = self._client_frame(message.data, hooks)
+            if problem is not None:
+                return problem
+        return None
+
+    def _client_frame(self, data: str, hooks: RunHooks) -> Refusal | None:
+        try:
+            frame = json.loads(data)
+        except ValueError:
+            frame = None
+        if isinstance(frame, dict) and len(frame) == 1:
+            if isinstance(frame.get("stdin"), str):
+                return self._give_stdin(frame["stdin"].encode("utf-8", "replace"))
+            if frame.get("eof") is True:
+                self._end_stdin()
+                return None
+            if frame.get("stop") is True:
+                hooks.stop.set()
+                return None
+        return (
+            400,
+            f"Unknown frame {data[:80]!r}: after the archive, send only "
+            '{"stdin": "TEXT"}, {"eof": true} or {"stop": true}. The run was stopped.',
+        )
+
+    def _give_stdin(self, data: bytes) -> Refusal | None:
+        runner = self.runner
+        waiting = len(self.early_stdin) + (runner.input.unread() if runner else 0)
+        if waiting + len(data) > MAX_STDIN_WAITING:
+            return (
+                413,
+                f"More than {MAX_STDIN_WAITING // 1024} KiB of stdin waited unread: the run "
+                "was stopped. Send input when the run asks for it.",
+            )
+        if runner is None:
+            self.early_stdin += data
+        else:
+            runner.input.feed(data)
+        self.armed = True
+        return None
+
+    def _end_stdin(self) -> None:
+        self.eof = self.armed = True
+        if self.runner is not None:
+            self.runner.input.end()
+
+    # -- frames to the client -------------------------------------------------------------------
+
+    async def _watch_stdin(self) -> None:
+        """Tell the client, once per wait, when a process of the run waits for input."""
+        while True:
+            await asyncio.sleep(STDIN_POLL_SECONDS)
+            runner = self.runner
+            if runner is None or not self.armed or not runner.stdin_wanted():
+                continue
+            if runner.stdout.sink is not None:
+                runner.stdout.read_available()  # the prompt goes out before the event
+            self.armed = False
+            self._queue({"stdin": "wanted", "prompt": self.prompt})
+
+    def _queue(self, message: dict[str, Any]) -> None:
+        self.outgoing.put_nowait(json.dumps(message))
+
+    async def _send_queued(self) -> None:
+        while (frame := await self.outgoing.get()) is not None:
+            if self.ws.closed:
+                continue
+            with contextlib.suppress(ConnectionError):
+                await self.ws.send_str(frame)
+
+    async def _send_now(self, message: dict[str, Any]) -> None:
+        if not self.ws.closed:
+            with contextlib.suppress(ConnectionError):
+                await self.ws.send_str(json.dumps(message))
+
+
+def _final_message(run: asyncio.Future[dict[str, Any]]) -> dict[str, Any]:
+    """The final object of a finished run: what ``execute/`` answers, or its error status."""
+    error = run.exception()
+    if error is None:
+        return run.result()
+    if isinstance(error, RUN_REFUSALS):
+        status, text = refusal_answer(error)
+        return {"error": status, "text": text}
+    log.error("a streamed run failed", exc_info=error)
+    return {"error": 500, "text": "The server failed while running the request; see its log."}
+
+
+def _refusal_of(answer: web.Response) -> Refusal:
+    return answer.status, answer.text or ""
+
+
+def _frame_refusal(expected: str, message: Any) -> Refusal:
+    kind = getattr(message.type, "name", str(message.type)).lower()
+    return (
+        400,
+        f"{expected}, not a {kind} frame (docs/protocol-extensions.md): nothing more was run.",
+    )
