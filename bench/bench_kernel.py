@@ -5,13 +5,16 @@
 
 One embedded server, one run, every column measured side by side:
 
-- Overhead. Three requests alternate, so that machine noise hits them alike. "raw" sends
+- Overhead. The round trips take turns, so that machine noise hits them alike. "raw" sends
   exactly what the kernel sends for a ``true`` cell (the cell script carrying the shell state,
-  ``save``, ``result_path`` and the previous environment) with ``requests``; "kernel" is the
-  round trip a front-end sees, from ``execute_request`` to the reply, through
-  ``jupyter_client``; "Python kernel" is the same round trip for a ``pass`` cell of the stock
-  Python kernel (ipykernel's ``python3`` kernelspec), started the same way. Targets (issue
-  12): kernel <= raw + 2 ms and kernel <= 2.2x the Python kernel (medians).
+  ``save``, ``result_path`` and the previous environment), without the kernel: over the
+  WebSocket ``execute/stream/`` where the server offers it, as the kernel does, and as
+  ``POST execute/``. "kernel" is the round trip a front-end sees, from ``execute_request``
+  to the reply, through ``jupyter_client``; "Python kernel" is the same for a ``pass`` cell of
+  the stock Python kernel (ipykernel's ``python3`` kernelspec), started the same way; a
+  do-nothing kernel run by the Sandbox kernel's own application shows what Jupyter's
+  messaging alone costs a cell, which tells the kernel's own work apart. Targets (issue 12,
+  medians): kernel <= raw + 2 ms, and kernel <= 2.2x the Python kernel.
 - Live output. Cells print a line a second (``for i in 1 2 3 4 5; do ...; sleep 1; done`` in
   bash, and the same loop in Python and in C), each line carrying the wall clock at which it
   was printed (``$EPOCHREALTIME``, ``time.time()``, ``clock_gettime``); the client notes

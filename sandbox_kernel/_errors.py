@@ -95,6 +95,7 @@ __all__ = [
     "SandboxError",
     "SandboxHTTPError",
     "SandboxProtocolError",
+    "SandboxStreamRefused",
     "SandboxTimeout",
     "error_for_status",
 ]
@@ -150,6 +151,14 @@ class SandboxProtocolError(SandboxError):
     """A successful (2xx) answer that is not what the protocol says: not JSON, not a JSON
     object, a body cut short, a missing ``Content-Length``... Usually the URL points to
     something that is not a sandbox server, or a proxy in between mangled the answer.
+    """
+
+
+class SandboxStreamRefused(SandboxError):
+    """The WebSocket of ``execute/stream/`` could not be opened although the server names the
+    ``stream`` extension: the upgrade was answered with an HTTP status (a proxy in between that
+    does not pass WebSockets, say). Nothing ran: the same run can go as plain ``execute/``,
+    which is what the kernel does from then on.
     """
 
 

@@ -44,6 +44,7 @@ from ._errors import (
     SandboxConnectionError,
     SandboxError,
     SandboxProtocolError,
+    SandboxStreamRefused,
     SandboxTimeout,
     error_for_status,
 )
@@ -442,6 +443,11 @@ async def _wait_busy(
 # --- Streamed runs ---------------------------------------------------------------------------
 
 
+#: Statuses the embedded server itself answers an upgrade with (token, Host/Origin, busy):
+#: the same errors as for ``execute/``. Any other status comes from something in between.
+_ANSWERED_BY_THE_SERVER = frozenset({401, 403, 503})
+
+
 class LiveRun:
     """One run on ``execute/stream/``: an async context manager and an async iterator of
     :class:`Output` and :class:`StdinWanted` events, then :attr:`answer`.
@@ -558,13 +564,20 @@ class LiveRun:
             await socket.send_bytes(self._archive)
         except aiohttp.WSServerHandshakeError as exc:
             await self._close()
-            if exc.status == 101:  # upgraded, but wrongly: not the protocol's WebSocket
-                raise SandboxProtocolError(garbled_message("GET", self.url, exc.message)) from exc
+            # The config goes only once the socket is open: whatever broke the handshake,
+            # nothing ran.
+            if exc.status not in _ANSWERED_BY_THE_SERVER:
+                raise SandboxStreamRefused(
+                    f"The sandbox at {sandbox.url} names the stream extension, but opening "
+                    f"{self.url} failed (HTTP {exc.status}: {exc.message}): a proxy in between "
+                    "may not pass WebSockets. Nothing ran; plain execute/ works."
+                ) from exc
             await self._refused(ErrorFrame(exc.status, ""), method="GET")
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
             await self._close()
+            # Named by the sandbox's own URL (the one the user gave), not the socket's.
             raise _translate(
-                exc, "GET", self.url, sandbox.timeout, sandbox.timeout_setting
+                exc, "GET", sandbox.url, sandbox.timeout, sandbox.timeout_setting
             ) from exc
 
     async def _open(self) -> aiohttp.ClientWebSocketResponse[bool]:
@@ -750,7 +763,10 @@ def _root_cause(exc: BaseException) -> object:
     """What says what happened: the OS error of a refused connection (``[Errno 111] ...``),
     else the exception itself (its class name when it has no text)."""
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return exc.os_error
+        error = exc.os_error
+        if error.errno:  # asyncio words it "Connect call failed (...)": say it as the OS does
+            return f"[Errno {error.errno}] {os.strerror(error.errno)}"
+        return error
     inner = exc.__cause__
     if isinstance(inner, OSError) and str(inner):
         return inner

@@ -252,3 +252,24 @@ def test_premierlangage_server_without_the_extension(
         assert proxy.count("GET", "execute/stream/") == 0
     finally:
         proxy.close()
+
+
+def test_a_proxy_without_websockets_falls_back_to_plain_runs(
+    start_kernel: Callable[..., KernelSession], live_server: Server
+) -> None:
+    """The server names the extension, but a proxy in between passes no WebSocket: the cell
+    runs once, as plain execute/, with one line saying live output is off; later cells do
+    not try again."""
+    proxy = CountingProxy(live_server.url)
+    try:
+        kernel = start_kernel(live_server, SANDBOX_URL=proxy.url)
+        first = run_live(kernel, "echo one >> runs.txt; cat runs.txt")
+        assert first.reply["status"] == "ok", first.reply
+        assert first.text("stdout") == "one\n", "the cell ran once"
+        assert first.text("stderr").count("Live output is off") == 1
+        second = run_live(kernel, "echo two")
+        assert second.text() == "two\n"
+        assert proxy.count("GET", "execute/stream/") == 1
+        assert proxy.count("POST", "execute/") == 2
+    finally:
+        proxy.close()

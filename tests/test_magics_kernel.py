@@ -52,7 +52,7 @@ def test_timeout_magic(kernel: KernelSession) -> None:
     assert too_long.reply["ename"] == "MagicError"
     assert "execute_timeout" in too_long.reply["evalue"]
     assert "--execute-timeout" in too_long.reply["evalue"]
-    assert "1 min" in shown(kernel.run("%sandbox_timeout"))
+    assert "60 s" in shown(kernel.run("%sandbox_timeout"))
     kernel.run("%sandbox_timeout 1")
     cell = kernel.run("sleep 3")
     assert cell.reply["ename"] == "Timeout"
@@ -180,10 +180,12 @@ def test_percent_deeper_in_a_cell_is_bash(kernel: KernelSession) -> None:
     cell = kernel.run("cat <<'EOF'\n%sandbox_specs\n%%c\nEOF\nprintf '%s\\n' done")
     assert cell.stdout == "%sandbox_specs\n%%c\ndone\n"
     line_magic_second = kernel.run("echo first\n%sandbox_specs")
-    # Not in the leading lines: bash gets it (job syntax, "%job"), no magic runs.
+    # Not in the leading lines: refused with a clear message before anything runs (bash
+    # would only say "fg: no job control").
     assert line_magic_second.status == "error"
-    assert "line 2" in line_magic_second.stderr
-    assert not line_magic_second.of_type("display_data")
+    assert line_magic_second.reply["ename"] == "UsageError"
+    assert "after bash code" in line_magic_second.reply["evalue"]
+    assert line_magic_second.stdout == "" and not line_magic_second.of_type("display_data")
 
 
 def test_teaching_cells(kernel: KernelSession) -> None:

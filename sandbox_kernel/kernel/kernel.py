@@ -34,7 +34,7 @@ from traitlets import Bool, Float, Int, Unicode, default
 from traitlets.utils.importstring import import_item
 
 from .. import __version__, magics
-from .._errors import SandboxCancelled, SandboxError
+from .._errors import SandboxCancelled, SandboxError, SandboxStreamRefused
 from ..async_client import AsyncSandbox, LiveRun, Output
 from ..client import Cancellation, cancel_scope
 from ..magics.cells import split_cell
@@ -59,6 +59,10 @@ KERNEL_SETTINGS_HELP = (
 )
 #: Characters of a streamed cell's output shown at most, by default.
 _MAX_OUTPUT = 1024 * 1024
+_NO_STREAM_NOTICE = (
+    "Live output is off for this kernel: the sandbox's WebSocket could not be opened (the "
+    "kernel log says why); cells now show their output when they end.\n"
+)
 #: Seconds a stopped streamed run has to send its final answer before its socket is closed.
 _STOP_GRACE = 4.0
 #: Seconds between two looks at the stdin socket while an input box is open.
@@ -151,6 +155,8 @@ class SandboxKernel(Kernel):
         #: The kernel's own I/O: an asyncio client in its event loop (see _run_cell).
         self._aclient: AsyncSandbox | None = None
         self._aclient_settings: object = None
+        #: The client whose server named the stream extension but refused the WebSocket.
+        self._stream_refused_by: AsyncSandbox | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cell_task: asyncio.Future[dict[str, Any]] | None = None
         self._live_run: LiveRun | None = None
@@ -349,22 +355,28 @@ class SandboxKernel(Kernel):
         session = self.sandbox.session
         client = self._async_client()
         streams = await self._server_streams(client)
-        for _attempt in range(2):  # a second time only in a fresh environment (lost one)
+        lost = False
+        while True:
             cell = session.prepare(code)
             live = LiveFrames(self.max_output, cell.prologue_lines) if streams else None
             try:
                 answer = await self._request(self._send(client, cell, live))
+            except SandboxStreamRefused as refused:  # nothing ran: go on without streaming
+                self.log.warning("%s", refused)
+                self._stream("stderr", _NO_STREAM_NOTICE)
+                self._stream_refused_by, streams = client, False
+                continue
             except SandboxError as error:
                 failed = session.failed(error)
-                if failed is not None:
-                    return failed
+                if failed is not None or lost:
+                    return failed or CellOutcome(error=CellError("SandboxError", str(error)))
                 self._stream("stderr", session.lost_notice + "\n")
+                lost = True  # the cell runs once more, in a fresh environment
                 continue
             outcome = session.finish(cell, answer, live)
             if outcome.pending_displays:
                 await asyncio.wrap_future(self.sandbox.submit(session.fetch_displays, outcome))
             return outcome
-        raise AssertionError("unreachable: a fresh environment cannot be lost")  # pragma: no cover
 
     def _async_client(self) -> AsyncSandbox:
         """The client of the current settings (``%sandbox_connect`` replaces them)."""
@@ -379,6 +391,8 @@ class SandboxKernel(Kernel):
     async def _server_streams(self, client: AsyncSandbox) -> bool:
         """Whether the server offers the streaming extension (PremierLangage servers do not:
         they get plain ``execute/``, unchanged)."""
+        if self._stream_refused_by is client:
+            return False
         try:
             return "stream" in await client.extensions()
         except SandboxError:  # the execute/ that follows says what is wrong

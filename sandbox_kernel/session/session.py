@@ -420,7 +420,7 @@ def _interrupted() -> CellError:
     return CellError(
         "Interrupted",
         "the cell was stopped",
-        ["The next cell starts from the last completed one."],
+        ["The next cell starts from the last completed environment."],
     )
 
 
@@ -434,14 +434,15 @@ def _unreachable(error: SandboxError, session: Session) -> CellError:
     else:
         name = "SandboxUnreachable"
     kept = f" ({session.environment})" if session.environment else ""
-    advice = [f"The kernel keeps the last good environment{kept}: run the cell again later."]
+    advice = [f"The kernel keeps the environment of the last good cell{kept}: the next cell "
+              "continues from it."]  # fmt: skip
     return CellError(name, str(error), advice)
 
 
 def _lost_environment(uuid: str | None) -> str:
     return (
         f"The environment {uuid} is gone from the sandbox (expired or lost): this cell ran in a "
-        "fresh one, and the files and shell state of earlier cells were lost."
+        "fresh environment, and the files and shell state of earlier cells were lost."
     )
 
 
