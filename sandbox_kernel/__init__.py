@@ -1,7 +1,8 @@
 """sandbox-kernel: notebook cells run as bash in a PremierLangage-protocol code sandbox.
 
-The public surface is small: the client :class:`Sandbox`, the typed facts it gives
-(:class:`Specs`, :class:`Load`, :class:`Inventory`) and its exceptions. They are loaded on first
+The public surface is small: the client :class:`Sandbox` (and :class:`AsyncSandbox`, the same
+on asyncio), the typed facts it gives (:class:`Specs`, :class:`Load`, :class:`Inventory`) and
+its exceptions. They are loaded on first
 use, so that the embedded server (a subpackage) does not import the client.
 """
 
@@ -19,12 +20,15 @@ if TYPE_CHECKING:
         SandboxError,
         SandboxHTTPError,
         SandboxProtocolError,
+        SandboxStreamRefused,
         SandboxTimeout,
     )
     from ._generations import Inventory, Library, Load, Specs
+    from .async_client import AsyncSandbox
     from .client import Sandbox
 
 _LAZY = {
+    "AsyncSandbox": ".async_client",
     "Inventory": "._generations",
     "Library": "._generations",
     "Load": "._generations",
@@ -34,11 +38,13 @@ _LAZY = {
     "SandboxError": "._errors",
     "SandboxHTTPError": "._errors",
     "SandboxProtocolError": "._errors",
+    "SandboxStreamRefused": "._errors",
     "SandboxTimeout": "._errors",
     "Specs": "._generations",
 }
 
 __all__ = [
+    "AsyncSandbox",
     "Inventory",
     "Library",
     "Load",
@@ -48,6 +54,7 @@ __all__ = [
     "SandboxError",
     "SandboxHTTPError",
     "SandboxProtocolError",
+    "SandboxStreamRefused",
     "SandboxTimeout",
     "Specs",
     "__version__",

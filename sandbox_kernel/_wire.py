@@ -83,6 +83,15 @@ class Part:
 # --- Checks of a client's arguments ------------------------------------------------------------
 
 
+def check_options(timeout: float, token: str | None, max_json: int, max_download: int) -> None:
+    """What both clients check of their options before any request (SandboxConfigError)."""
+    if not timeout > 0:
+        raise SandboxConfigError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    check_size("max_json", max_json)
+    check_size("max_download", max_download)
+    check_token(token)
+
+
 def check_token(token: str | None) -> None:
     """A token that cannot travel in a header is refused before anything is sent (an HTTP
     library's own error would show the token in its text)."""

@@ -85,8 +85,8 @@ from ._wire import (
     busy_advice,
     busy_wait,
     check_identity,
+    check_options,
     check_size,
-    check_token,
     connect_timeout_message,
     connection_message,
     download_cap,
@@ -616,13 +616,7 @@ class Sandbox:
         max_download: int = DEFAULT_MAX_DOWNLOAD,
         timeout_setting: str = DEFAULT_TIMEOUT_SETTING,
     ) -> None:
-        if not timeout > 0:
-            raise SandboxConfigError(
-                f"timeout must be a positive number of seconds, not {timeout!r}"
-            )
-        check_size("max_json", max_json)
-        check_size("max_download", max_download)
-        check_token(token)
+        check_options(timeout, token, max_json, max_download)
         self.url = normalise_url(url)
         self.timeout = timeout
         #: How the user changes ``timeout``, named in the error of a request past it.

@@ -113,7 +113,7 @@ def test_execute_round_trip_equals_the_sync_client(server: Server, tmp_path: Pat
     }
 
     async def scenario() -> tuple[dict[str, Any], int, int, bytes]:
-        async with AsyncSandbox(server.url, server.token) as sandbox:
+        async with AsyncSandbox(server.url, token=server.token) as sandbox:
             answer = await sandbox.execute(config, upload)
             uuid = answer["environment"]
             size = await sandbox.check(uuid, "out.txt")
@@ -131,7 +131,7 @@ def test_execute_round_trip_equals_the_sync_client(server: Server, tmp_path: Pat
 
 def test_many_executes_reuse_one_connection(server: Server) -> None:
     async def scenario() -> set[int]:
-        async with AsyncSandbox(server.url, server.token) as sandbox:
+        async with AsyncSandbox(server.url, token=server.token) as sandbox:
             ports = set()
             for _ in range(5):
                 await sandbox.execute({"commands": ["true"]})
@@ -156,8 +156,8 @@ def test_http_errors_equal_the_sync_client(server: Server) -> None:
         sync = Sandbox(server.url, token=server.token)
         wrong_sync = Sandbox(server.url, token="wrong")
         async with (
-            AsyncSandbox(server.url, server.token) as sandbox,
-            AsyncSandbox(server.url, "wrong") as wrong,
+            AsyncSandbox(server.url, token=server.token) as sandbox,
+            AsyncSandbox(server.url, token="wrong") as wrong,
         ):
             cases = [
                 (
@@ -197,7 +197,7 @@ def test_unreachable_server_equals_the_sync_client(start_server: Callable[..., S
 
     async def scenario() -> None:
         sync = Sandbox(url, token=token)
-        async with AsyncSandbox(url, token) as sandbox:
+        async with AsyncSandbox(url, token=token) as sandbox:
             for sync_call, async_call in [
                 (
                     lambda: sync.execute({"commands": ["true"]}),
@@ -218,7 +218,7 @@ def test_cancelled_execute_kills_the_run(server: Server) -> None:
     marker = "31.4159"  # in the command line of `sleep 31.4159` (NUL-separated)
 
     async def scenario() -> None:
-        async with AsyncSandbox(server.url, server.token) as sandbox:
+        async with AsyncSandbox(server.url, token=server.token) as sandbox:
             task = asyncio.ensure_future(sandbox.execute({"commands": [f"sleep {marker}"]}))
             started = await asyncio.to_thread(wait_until, lambda: bool(processes_matching(marker)))
             assert started, "the command never started on the server"
@@ -387,7 +387,7 @@ def test_hostile_execute_answers_equal_the_sync_client(name: str) -> None:
 
 def test_specs_and_extensions_of_the_embedded_server(server: Server) -> None:
     async def scenario() -> None:
-        async with AsyncSandbox(server.url, server.token) as sandbox:
+        async with AsyncSandbox(server.url, token=server.token) as sandbox:
             specs = await sandbox.specs()
             assert specs.generation == 3 and specs.execute_timeout is not None
             with Sandbox(server.url, token=server.token) as sync:
@@ -447,7 +447,7 @@ def test_stream_gives_lines_as_they_are_printed(server: Server) -> None:
     config = {"commands": ["for i in 1 2 3; do echo $i; sleep 0.4; done"]}
 
     async def scenario() -> None:
-        async with AsyncSandbox(server.url, server.token) as sandbox:
+        async with AsyncSandbox(server.url, token=server.token) as sandbox:
             arrivals: list[tuple[float, str]] = []
             async with sandbox.open_stream(config) as live:
                 async for event in live:
@@ -466,7 +466,7 @@ def test_stream_keeps_the_order_of_stdout_and_stderr(server: Server) -> None:
 
     async def scenario() -> None:
         async with (
-            AsyncSandbox(server.url, server.token) as sandbox,
+            AsyncSandbox(server.url, token=server.token) as sandbox,
             sandbox.open_stream({"commands": [command]}) as live,
         ):
             events = await collect(live)
@@ -489,7 +489,7 @@ def test_stream_answer_equals_execute(server: Server, tmp_path: Path) -> None:
     }
 
     async def scenario() -> None:
-        async with AsyncSandbox(server.url, server.token) as sandbox:
+        async with AsyncSandbox(server.url, token=server.token) as sandbox:
             plain = await sandbox.execute(config, upload)
             for archive in (upload, None):
                 async with sandbox.open_stream(config, archive) as live:
@@ -511,7 +511,7 @@ def test_stream_answer_equals_execute(server: Server, tmp_path: Path) -> None:
 def test_stream_stdin_round_trip(server: Server, command: str, prompt: str) -> None:
     async def scenario() -> None:
         async with (
-            AsyncSandbox(server.url, server.token) as sandbox,
+            AsyncSandbox(server.url, token=server.token) as sandbox,
             sandbox.open_stream({"commands": [command]}) as live,
         ):
             events = []
@@ -531,7 +531,7 @@ def test_stream_stdin_round_trip(server: Server, command: str, prompt: str) -> N
 def test_stream_eof_ends_a_reader(server: Server) -> None:
     async def scenario() -> None:
         async with (
-            AsyncSandbox(server.url, server.token) as sandbox,
+            AsyncSandbox(server.url, token=server.token) as sandbox,
             sandbox.open_stream({"commands": ["cat; echo done"]}) as live,
         ):
             async for event in live:
@@ -548,7 +548,7 @@ def test_stream_eof_ends_a_reader(server: Server) -> None:
 def test_stream_stop_keeps_the_output_and_ends(server: Server) -> None:
     async def scenario() -> None:
         async with (
-            AsyncSandbox(server.url, server.token) as sandbox,
+            AsyncSandbox(server.url, token=server.token) as sandbox,
             sandbox.open_stream({"commands": ["echo started; sleep 30", "echo never"]}) as live,
         ):
             start = time.monotonic()
@@ -582,7 +582,7 @@ def test_leaving_a_stream_early_kills_the_run(server: Server, how: str) -> None:
             asyncio.current_task().cancel()  # type: ignore[union-attr]
 
     async def scenario() -> None:
-        async with AsyncSandbox(server.url, server.token) as sandbox:
+        async with AsyncSandbox(server.url, token=server.token) as sandbox:
             live = sandbox.open_stream({"commands": [f"echo go; sleep {marker}"]})
             task = asyncio.ensure_future(_enter_and(live, follow))
             if how == "cancel":
@@ -608,8 +608,8 @@ async def _enter_and(live: LiveRun, body: Callable[[LiveRun], Awaitable[None]]) 
 def test_stream_refusals_raise_the_classes_of_execute(server: Server) -> None:
     async def scenario() -> None:
         async with (
-            AsyncSandbox(server.url, server.token) as sandbox,
-            AsyncSandbox(server.url, "wrong") as wrong,
+            AsyncSandbox(server.url, token=server.token) as sandbox,
+            AsyncSandbox(server.url, token="wrong") as wrong,
         ):
             with pytest.raises(Sandbox400, match="Invalid environment archive"):
                 async with sandbox.open_stream({"commands": ["true"]}, b"not a tgz") as live:
@@ -670,7 +670,7 @@ def play(
             loopback(stream_app(scripts, received)) as url,
             AsyncSandbox(
                 url,
-                "secret",
+                token="secret",
                 timeout=client.pop("timeout", 60),
                 max_json=client.pop("max_json", 1000),
             ) as sandbox,

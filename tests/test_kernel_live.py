@@ -150,8 +150,11 @@ def test_interrupt_keeps_output_files_and_state(kernel: KernelSession) -> None:
     """The stop button: what was printed stays, one short line is added, and the cell's files
     and shell state are there for the next cell (bash's EXIT trap runs on SIGINT)."""
 
+    interrupted = threading.Event()
+
     def interrupt_after_before(cell: LiveCell, message: dict[str, Any]) -> None:
-        if "before" in cell.text():
+        if "before" in cell.text() and not interrupted.is_set():  # once, as a user would
+            interrupted.set()
             threading.Thread(target=kernel.manager.interrupt_kernel).start()
 
     cell = run_live(
@@ -273,3 +276,14 @@ def test_a_proxy_without_websockets_falls_back_to_plain_runs(
         assert proxy.count("POST", "execute/") == 2
     finally:
         proxy.close()
+
+
+def test_a_cell_ending_in_tmp_is_told_once_that_tmp_does_not_carry(
+    kernel: KernelSession,
+) -> None:
+    first = run_live(kernel, "mkdir -p /tmp/work && cd /tmp/work && echo scratch > f")
+    notices = [line for line in first.text("stderr").splitlines() if "/tmp" in line]
+    assert len(notices) == 1 and "/home/student" in notices[0], first.text()
+    second = run_live(kernel, "pwd; ls /tmp; cd /tmp")
+    assert second.text("stdout") == "/home/student\n", "/tmp/work went with its run"
+    assert "/tmp" not in second.text("stderr"), "said once only"

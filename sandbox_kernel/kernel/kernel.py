@@ -384,7 +384,12 @@ class SandboxKernel(Kernel):
         if self._aclient is None or self._aclient_settings is not settings:
             if self._aclient is not None:
                 self._in_background(self._aclient.close())
-            self._aclient = AsyncSandbox(settings.url, settings.token, settings.timeout)
+            self._aclient = AsyncSandbox(
+                settings.url,
+                settings.timeout,
+                settings.token,
+                timeout_setting=settings.timeout_setting,
+            )
             self._aclient_settings = settings
         return self._aclient
 
@@ -428,8 +433,8 @@ class SandboxKernel(Kernel):
                         text = live.feed(event.stream, event.text)
                         if text:
                             self._stream(event.stream, text)
-                    else:
-                        self._ask_input(run, event.prompt)
+                    else:  # the prompt it carries was streamed already: shown once
+                        self._ask_input(run)
                 return run.answer
         finally:
             self._live_run = None
@@ -449,7 +454,7 @@ class SandboxKernel(Kernel):
 
     # -- keyboard input ----------------------------------------------------------------------
 
-    def _ask_input(self, run: LiveRun, prompt: str) -> None:
+    def _ask_input(self, run: LiveRun) -> None:
         """Ask the front-end for a line (``input_request``) without blocking the event loop:
         output keeps streaming while the user types. Without a front-end able to answer
         (nbclient, ``demo``: ``allow_stdin`` false), the program reads end-of-file."""

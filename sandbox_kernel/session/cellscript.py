@@ -44,8 +44,9 @@ _BASH_VARIABLES = (
     "BASH_SUBSHELL BASH_VERSINFO BASH_VERSION COLUMNS COMP_WORDBREAKS DIRSTACK EPOCHREALTIME "
     "EPOCHSECONDS EUID FUNCNAME GROUPS HISTCMD HOSTNAME HOSTTYPE IFS LINENO LINES MACHTYPE "
     "OPTERR OPTIND OSTYPE PIPESTATUS PPID PS4 PWD RANDOM SECONDS SHELLOPTS SHLVL SRANDOM UID _ "
-    # Set by the server for every run (the working directory may move between runs).
-    "HOME OLDPWD"
+    # Set by the server for every run (the working directory may move between runs), and for
+    # every streamed run (line buffering: docs/protocol-extensions.md).
+    "HOME OLDPWD LD_PRELOAD PYTHONUNBUFFERED _STDBUF_I _STDBUF_O _STDBUF_E"
 )
 
 # The whole prologue and exit trap use bash builtins only (no fork in the common path): each
