@@ -355,6 +355,11 @@ class SandboxKernel(Kernel):
         session = self.sandbox.session
         client = self._async_client()
         streams = await self._server_streams(client)
+        if not session.client.has_specifications:
+            # The session reads them (the server's identity, its time limit) while it reads
+            # the answer, in this loop: fetch them once beforehand, in the worker thread.
+            with contextlib.suppress(SandboxError):
+                await asyncio.wrap_future(self.sandbox.submit(session.client.specs))
         lost = False
         while True:
             cell = session.prepare(code)
