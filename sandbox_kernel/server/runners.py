@@ -318,7 +318,9 @@ class Runner:
         started = time.monotonic()
         try:
             try:
-                code = await asyncio.wait_for(self._execute(command, environ), timeout)
+                code = await asyncio.wait_for(
+                    self._execute(command, environ, grouped=live is not None), timeout
+                )
             except asyncio.TimeoutError:  # the builtin one only from Python 3.11
                 code = -2
                 await self.stop()
@@ -341,7 +343,9 @@ class Runner:
             limit = format_size(self.isolation.settings.memory_limit)
             outcome.notes.append(f"[sandbox] killed: memory limit of {limit} reached.")
 
-    async def _execute(self, command: str, environ: Mapping[str, str]) -> int:
+    async def _execute(self, command: str, environ: Mapping[str, str], grouped: bool) -> int:
+        """Run the command; ``grouped``: in a process group of its own (a streamed run may
+        be stopped: its Ctrl-C goes to that group)."""
         raise NotImplementedError
 
     def command_processes(self) -> list[int]:
@@ -554,8 +558,9 @@ class BwrapRunner(Runner):
             asyncio.get_running_loop().remove_reader(self._status_fd)
             self._status.feed_eof()
 
-    async def _execute(self, command: str, environ: Mapping[str, str]) -> int:
-        entries = [str(len(environ)), *(f"{k}={v}" for k, v in environ.items()), command]
+    async def _execute(self, command: str, environ: Mapping[str, str], grouped: bool) -> int:
+        count = f"{len(environ)}{'g' if grouped else ''}"  # agent.sh: "g" asks for setsid
+        entries = [count, *(f"{k}={v}" for k, v in environ.items()), command]
         record = b"".join(entry.encode() + b"\0" for entry in entries)
         if len(record) > 60_000:  # more than a pipe holds: don't block the event loop
             await asyncio.to_thread(_write_all, self._ctl_w, record)
@@ -625,8 +630,8 @@ class PlainRunner(Runner):
     def command_leaders(self) -> list[int]:
         return [] if self._command_pid is None else [self._command_pid]
 
-    async def _execute(self, command: str, environ: Mapping[str, str]) -> int:
-        iso = self.isolation
+    async def _execute(self, command: str, environ: Mapping[str, str], grouped: bool) -> int:
+        iso = self.isolation  # each command leads a session of its own here anyway
         # The request's variables are applied by `env -i` after privileges are dropped: a
         # PATH or LD_PRELOAD of the request must never reach the root launcher.
         wrapper = iso.rlimit_shell() + 'exec /bin/bash -c "$0"'
