@@ -343,9 +343,6 @@ def sent_past_length(where: str, announced: int, base: str) -> SandboxAnswerTooL
 
 # --- Frames of execute/stream/ -------------------------------------------------------------------
 
-#: The top-level ``extensions`` of ``specifications/`` that offers ``execute/stream/``.
-STREAM_EXTENSION: Final = "stream"
-
 
 @dataclasses.dataclass(frozen=True)
 class Output:

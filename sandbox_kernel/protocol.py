@@ -48,14 +48,23 @@ STATUS_MEANINGS: Final[Mapping[int, str]] = {
 OVERLOADED_TEXT: Final = "Sandbox overloaded, retry after a few seconds."
 #: stderr of a command that hit an internal error (public server, under churn).
 UNKNOWN_ERROR_TEXT: Final = "An unknown error occurred on the sandbox\n"
+#: How the embedded server's own lines in a command's stderr begin (docs/protocol-extensions.md).
+SERVER_NOTE: Final = "[sandbox] "
+#: The line of a command whose output was cut at ``--max-output``, and how to read it back
+#: (group 1: the limit in bytes).
+OUTPUT_CUT_NOTE: Final = SERVER_NOTE + "output cut after {limit} (--max-output)"
+OUTPUT_CUT_PATTERN: Final = r"\[sandbox\] output cut after ([0-9]+) \(--max-output\)"
+
 #: The line a streamed run's stopped command gets at the end of its stderr (our extension,
 #: docs/protocol-extensions.md: "execute/stream/").
 STOPPED_NOTE = "[sandbox] stopped on request"
+#: The extensions our server names in ``specifications/`` (docs/protocol-extensions.md):
+#: ``execute/stream/``, and its ``stdin`` events.
+EXTENSION_STREAM: Final = "stream"
+EXTENSION_STDIN: Final = "stdin"
 
 #: How long the server waits for a free execution slot before answering 503.
 SLOT_WAIT_SECONDS: Final = 2.0
-#: ``execute_timeout`` of the public server when nothing else is configured.
-DEFAULT_EXECUTE_TIMEOUT: Final = 10.0
 #: Working directory of the commands (user ``student`` on the public server).
 WORKING_DIR: Final = "/home/student"
 

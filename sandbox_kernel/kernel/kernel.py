@@ -33,7 +33,7 @@ from ipykernel.kernelbase import Kernel
 from traitlets import Bool, Float, Int, Unicode, default
 from traitlets.utils.importstring import import_item
 
-from .. import __version__, magics
+from .. import __version__, magics, protocol
 from .._errors import SandboxCancelled, SandboxError, SandboxStreamRefused
 from ..async_client import AsyncSandbox, LiveRun, Output
 from ..client import Cancellation, cancel_scope
@@ -404,7 +404,7 @@ class SandboxKernel(Kernel):
         if self._stream_refused_by is client:
             return False
         try:
-            return "stream" in await client.extensions()
+            return protocol.EXTENSION_STREAM in await client.extensions()
         except SandboxError:  # the execute/ that follows says what is wrong
             return False
 

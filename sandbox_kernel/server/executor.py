@@ -320,7 +320,7 @@ class _OutputBudget:
             # The contract's text, newline included; output printed before the timeout is kept.
             lines.append(protocol.timeout_message(timeout))
         if outcome.dropped or cut_out or cut_err:
-            lines.append(f"[sandbox] output cut after {self.limit} (--max-output)")
+            lines.append(protocol.OUTPUT_CUT_NOTE.format(limit=self.limit))
         if outcome.stopped:
             lines.append(protocol.STOPPED_NOTE)
         return {

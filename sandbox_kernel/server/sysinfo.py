@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .. import __version__, protocol
 from .runners import Isolation
 from .settings import ServerSettings
 
@@ -70,7 +70,7 @@ def _physical_cores() -> int | None:
 
 
 #: The protocol extensions this server speaks (docs/protocol-extensions.md).
-EXTENSIONS = ("stream", "stdin")
+EXTENSIONS = (protocol.EXTENSION_STREAM, protocol.EXTENSION_STDIN)
 
 
 def specifications(

@@ -30,6 +30,8 @@ import re
 import shlex
 from collections.abc import Iterable
 
+from ..protocol import SERVER_NOTE
+
 STATE_DIR = ".sandbox_kernel"
 RESULT_PATH = f"{STATE_DIR}/result"
 DISPLAY_DIR = f"{STATE_DIR}/display"
@@ -296,10 +298,6 @@ def user_line_numbers(stderr: str, offset: int) -> str:
         return f"{match.group(1)}line {line}:" if line > 0 else match.group(0)
 
     return _BASH_LINE.sub(shift, stderr)
-
-
-#: The server's own lines at the end of a command's stderr (``[sandbox] ...``).
-SERVER_NOTE = "[sandbox] "
 
 
 class LiveFrames:

@@ -458,7 +458,7 @@ def _under_tmp(cwd: str) -> bool:
     return cwd == "/tmp" or cwd.startswith("/tmp/")
 
 
-_OUTPUT_CUT = re.compile(r"\[sandbox\] output cut after ([0-9]+) \(--max-output\)")
+_OUTPUT_CUT = re.compile(protocol.OUTPUT_CUT_PATTERN)
 
 
 def _readable_notes(added: str) -> list[str]:
@@ -495,5 +495,5 @@ def _drop_timeout_sentence(stderr: str) -> str:
 
 _TIMEOUT_SENTENCE = re.compile(
     r"\n?Command timed out after [0-9.]+ seconds\n?"
-    r"(\[sandbox\] output cut after [0-9]+ \(--max-output\)|)$"
+    f"({protocol.OUTPUT_CUT_PATTERN}|)$"
 )
