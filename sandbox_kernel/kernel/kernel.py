@@ -466,8 +466,8 @@ class SandboxKernel(Kernel):
         if not self._allow_stdin:
             self._in_background(run.send_eof())
             return
-        if self._input_task is not None:
-            self._input_task.cancel()
+        if self._input_task is not None and not self._input_task.done():
+            return  # one box at a time: the protocol asks again only after an answer
         self._input_task = asyncio.ensure_future(self._forward_input(run))
 
     async def _forward_input(self, run: LiveRun) -> None:

@@ -199,7 +199,7 @@ class StreamSession:
     def _client_frame(self, data: str, hooks: RunHooks) -> Refusal | None:
         try:
             frame = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # a frame nested without end is no frame either
             frame = None
         if isinstance(frame, dict) and len(frame) == 1:
             if isinstance(frame.get("stdin"), str):

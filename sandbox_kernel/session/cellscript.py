@@ -300,6 +300,10 @@ def user_line_numbers(stderr: str, offset: int) -> str:
     return _BASH_LINE.sub(shift, stderr)
 
 
+#: Characters after an end marker that can still be the exit trap's (beyond: the cell's own).
+_MAX_HELD = 64 * 1024
+
+
 class LiveFrames:
     """Undo the framing of a cell's output as it streams in (see :func:`unframe`).
 
@@ -331,6 +335,8 @@ class LiveFrames:
             text, self._held[stream] = text[:end], text[end:]
         else:
             self._held[stream] = ""
+        if len(self._held[stream]) > _MAX_HELD:  # the exit trap adds a line or two, no more:
+            text, self._held[stream] = text + self._held[stream], ""  # that one was the cell's
         if stream == "stderr":  # a write of bash's is one chunk: its line number is whole
             text = user_line_numbers(text, self.prologue_lines)
         room = max(0, self.limit - self.shown)

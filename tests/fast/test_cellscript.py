@@ -317,3 +317,12 @@ def test_server_notes_are_the_trailing_sandbox_lines() -> None:
     stderr = "user line\n[sandbox] not at the end\nmore\n[sandbox] a\n[sandbox] b"
     assert server_notes(stderr) == ["[sandbox] a", "[sandbox] b"]
     assert server_notes("plain") == []
+
+
+def test_live_frames_hold_back_a_bounded_tail_only() -> None:
+    """A stream that prints \\x03 and then megabytes (a hostile cell or server) is not held
+    in memory to the end: past what an exit trap could write, the marker was the cell's."""
+    live = LiveFrames(limit=10_000_000)
+    assert live.feed("stdout", "\x02a\x03") == "a"
+    shown = "".join(live.feed("stdout", "x" * 1000) for _ in range(200))
+    assert shown == "\x03" + "x" * 200_000
