@@ -360,7 +360,6 @@ class SandboxKernel(Kernel):
             # the answer, in this loop: fetch them once beforehand, in the worker thread.
             with contextlib.suppress(SandboxError):
                 await asyncio.wrap_future(self.sandbox.submit(session.client.specs))
-        lost = False
         while True:
             cell = session.prepare(code)
             live = LiveFrames(self.max_output, cell.prologue_lines) if streams else None
@@ -373,10 +372,10 @@ class SandboxKernel(Kernel):
                 continue
             except SandboxError as error:
                 failed = session.failed(error)
-                if failed is not None or lost:
-                    return failed or CellOutcome(error=CellError("SandboxError", str(error)))
+                if failed is not None:
+                    return failed
+                # The environment is gone: once more in a fresh one (which cannot be lost).
                 self._stream("stderr", session.lost_notice + "\n")
-                lost = True  # the cell runs once more, in a fresh environment
                 continue
             outcome = session.finish(cell, answer, live)
             if outcome.pending_displays:
