@@ -255,8 +255,8 @@ class AsyncSandbox:
         return self._specs
 
     async def extensions(self) -> frozenset[str]:
-        """The protocol extensions the server offers (``{"stream", "stdin"}`` for the embedded
-        one); empty for a server that names none, never an error for it."""
+        """The protocol extensions the server offers (``{"stream", "stdin", "causes"}`` for the
+        embedded one); empty for a server that names none, never an error for it."""
         return (await self.specs()).extensions
 
     # --- Environments and files ---

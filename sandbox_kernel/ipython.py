@@ -53,7 +53,8 @@ def load_ipython_extension(shell: InteractiveShell) -> None:
     context_of(shell)  # the local folder of the magics is the one the extension is loaded in
     register: Any = shell.register_magic_function  # IPython's stub mistypes it
     for magic in magics.REGISTRY.values():
-        name = f"sandbox_{magic.name}" if magic.kind == "cell" else magic.name
+        # Teaching cells (%%c...) get the prefix: %%python3 and %%perl are IPython's own.
+        name = magic.name if magic.name.startswith("sandbox") else f"sandbox_{magic.name}"
         register(_adapter(shell, magic), magic_kind=magic.kind, magic_name=name)
     register(_sandbox_cell(shell), magic_kind="cell", magic_name="sandbox")
     shell.events.register("post_run_cell", lambda result: _cell_done(shell))
@@ -78,7 +79,13 @@ def _adapter(shell: InteractiveShell, magic: magics.Magic) -> Any:
         except (magics.MagicUsageError, OperationFailed, HostPathRefused) as problem:
             raise UsageError(str(problem)) from None
         if result.script is not None:  # a teaching cell: its output is shown already
-            return _ShownOutcome(**vars(_run_cell(shell, result.script)))
+            outcome = _run_cell(shell, result.script)
+            if result.then is None:
+                return _ShownOutcome(**vars(outcome))
+            try:
+                result = result.then(outcome)  # its --check
+            except (magics.MagicUsageError, OperationFailed) as problem:
+                raise UsageError(str(problem)) from None
         if result.view is not None:
             publish_display_data(result.view._repr_mimebundle_())  # type: ignore[no-untyped-call]
             result.view.start()

@@ -59,9 +59,18 @@ OUTPUT_CUT_PATTERN: Final = r"\[sandbox\] output cut after ([0-9]+) \(--max-outp
 #: docs/protocol-extensions.md: "execute/stream/").
 STOPPED_NOTE = "[sandbox] stopped on request"
 #: The extensions our server names in ``specifications/`` (docs/protocol-extensions.md):
-#: ``execute/stream/``, and its ``stdin`` events.
+#: ``execute/stream/``, its ``stdin`` events, and why a command was killed.
 EXTENSION_STREAM: Final = "stream"
 EXTENSION_STDIN: Final = "stdin"
+#: ``cause`` (and ``signal``) in the ``execution`` entries of killed or cut commands.
+EXTENSION_CAUSES: Final = "causes"
+#: The fields and values of that extension (docs/protocol-extensions.md, "Causes").
+CAUSE_FIELD: Final = "cause"
+SIGNAL_FIELD: Final = "signal"
+CAUSE_TIMEOUT: Final = "timeout"
+CAUSE_MEMORY: Final = "memory"
+CAUSE_SIGNAL: Final = "signal"
+CAUSE_OUTPUT: Final = "output"
 
 #: How long the server waits for a free execution slot before answering 503.
 SLOT_WAIT_SECONDS: Final = 2.0

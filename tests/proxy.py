@@ -29,6 +29,11 @@ class CountingProxy:
         #: and anything the server offers beyond the PremierLangage protocol (the
         #: ``execute/stream/`` WebSocket) is answered 404, as a PremierLangage server does.
         self.premierlangage_specifications: dict[str, object] | None = None
+        #: When set, the proxy hides the ``causes`` extension as a server without it would:
+        #: ``cause`` and ``signal`` leave every ``execution`` entry of an ``execute/``
+        #: answer, and ``causes`` leaves the ``extensions`` of a forwarded
+        #: ``specifications/``.
+        self.strip_causes = False
         self._lock = threading.Lock()
         proxy = self
 
@@ -57,6 +62,8 @@ class CountingProxy:
                 data = answer.read()
                 if self.command == "GET" and self.path.startswith("/files/"):
                     data += b"x" * proxy.inflate
+                if proxy.strip_causes and answer.status == 200:
+                    data = _without_causes(self.path, data)
                 self.send_response(answer.status)
                 for name, value in answer.getheaders():
                     if name.lower() not in ("transfer-encoding", "connection", "content-length"):
@@ -101,3 +108,23 @@ class CountingProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _without_causes(path: str, data: bytes) -> bytes:
+    """``data`` (an answer to ``path``) as a server without the ``causes`` extension would
+    send it; anything that is not such an answer is left as it came."""
+    if path not in ("/execute/", "/specifications/"):
+        return data
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        return data
+    if not isinstance(answer, dict):
+        return data
+    if path == "/specifications/" and isinstance(answer.get("extensions"), list):
+        answer["extensions"] = [name for name in answer["extensions"] if name != "causes"]
+    for entry in answer.get("execution") or []:
+        if isinstance(entry, dict):
+            entry.pop("cause", None)
+            entry.pop("signal", None)
+    return json.dumps(answer).encode()

@@ -394,7 +394,7 @@ def test_specs_and_extensions_of_the_embedded_server(server: Server) -> None:
                 assert specs == sync.specs()
             assert await sandbox.specs() is specs  # cached
             assert await sandbox.specs(refresh=True) == specs
-            assert await sandbox.extensions() == {"stream", "stdin"}
+            assert await sandbox.extensions() == {"stream", "stdin", "causes"}
 
     run(scenario())
 

@@ -538,7 +538,7 @@ def test_specifications_advertise_the_extensions_and_a_stable_server_id(
 ) -> None:
     first = start_server("--workers", "1", data_dir=tmp_path / "data")
     specs = first.get("specifications/").json()
-    assert specs["extensions"] == ["stream", "stdin"]
+    assert specs["extensions"] == ["stream", "stdin", "causes"]
     assert re.fullmatch(r"[0-9a-f]{32}", specs["server_id"])
     first.stop()
     again = start_server("--workers", "1", data_dir=tmp_path / "data")

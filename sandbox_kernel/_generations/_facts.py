@@ -73,8 +73,8 @@ class Specs:
     host: Host | None = None
     isolation: Isolation | None = None
     environ: Mapping[str, str] | None = None
-    #: Protocol extensions the server offers (``{"stream", "stdin"}`` for the embedded one;
-    #: none on PremierLangage servers). See docs/protocol-extensions.md.
+    #: Protocol extensions the server offers (``{"stream", "stdin", "causes"}`` for the
+    #: embedded one; none on PremierLangage servers). See docs/protocol-extensions.md.
     extensions: frozenset[str] = frozenset()
     #: Who the server is, whatever its port (the embedded server keeps it in its data
     #: directory); None when it does not say.

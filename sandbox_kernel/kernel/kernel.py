@@ -24,7 +24,7 @@ import fnmatch
 import logging
 import os
 import signal
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import zmq
@@ -306,7 +306,9 @@ class SandboxKernel(Kernel):
         if name == "sandbox_panel":  # widgets are made on the event loop's thread
             result = magic.run(self.sandbox, arguments, body)
         else:
-            result = await self._run_magic_cancellable(magic, arguments, body)
+            result = await self._run_magic_cancellable(
+                lambda: magic.run(self.sandbox, arguments, body)
+            )
         if result is None:
             return CellOutcome(
                 error=_interrupted_magic(f"%%{name}" if body is not None else f"%{name}")
@@ -317,20 +319,44 @@ class SandboxKernel(Kernel):
         if result.view is not None:
             self._display(result.view._repr_mimebundle_())
             result.view.start()
-        if result.script is not None:
-            return await self._run_cell(result.script)
+        if result.script is None:
+            return None
+        outcome = await self._run_cell(result.script)
+        if result.then is None:
+            return outcome
+        return await self._follow_up(result.then, outcome, name, silent)
+
+    async def _follow_up(
+        self,
+        then: Callable[[CellOutcome], magics.MagicResult],
+        outcome: CellOutcome,
+        name: str,
+        silent: bool,
+    ) -> CellOutcome | None:
+        """What a magic does after its script (a teaching cell's ``--check``): its output
+        replaces the script's outcome (a failed compilation is a verdict, not an error)."""
+        if outcome.error is not None and outcome.exit_code is None:
+            return outcome  # the script never ran (unreachable, interrupted)
+        if not silent:
+            self._publish(outcome)  # the compiler's messages; its error is the verdicts'
+        result = await self._run_magic_cancellable(lambda: then(outcome))
+        if result is None:
+            return CellOutcome(error=_interrupted_magic(f"%%{name}"))
+        if not silent:
+            for bundle in result.bundles:
+                self._display(bundle)
         return None
 
     async def _run_magic_cancellable(
-        self, magic: magics.Magic, arguments: str, body: str | None
+        self, work: Callable[[], magics.MagicResult]
     ) -> magics.MagicResult | None:
-        """Run a magic in a worker thread, every request of it cancelled by an interrupt;
-        None when it was interrupted."""
+        """Run a magic's work in a worker thread, every request of it cancelled by an
+        interrupt; None when it was interrupted."""
         self._cancel = cancel = Cancellation()
 
         def run() -> magics.MagicResult:
             with cancel_scope(cancel):
-                return magic.run(self.sandbox, arguments, body)
+                return work()
 
         try:
             return await asyncio.to_thread(run)

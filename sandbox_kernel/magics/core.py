@@ -14,6 +14,7 @@ import shlex
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from ..session import CellOutcome
 from ..session.context import OperationFailed, SandboxContext
 from ..views.render import Bundle
 
@@ -40,6 +41,9 @@ class MagicResult:
     script: str | None = None
     #: A live view to display, then ``start()`` on the front-end's event loop (the panel).
     view: Any = None
+    #: What to do once :attr:`script` has run (a teaching cell's ``--check``): called with
+    #: the script's outcome in the front-end's worker thread, it gives what to show next.
+    then: Callable[[CellOutcome], MagicResult] | None = None
 
 
 Operation = Callable[[SandboxContext, argparse.Namespace, "str | None"], MagicResult]
@@ -71,7 +75,9 @@ class Magic:
             raise MagicUsageError(
                 f"%{self.name}: {error}\n{self.parser.format_usage().strip()}"
             ) from None
-        return self.operation(context, self.parser.parse_args(words), cell)
+        args = self.parser.parse_args(words)
+        args.line = line  # as written: a magic may need its shell syntax (%%sandbox_check)
+        return self.operation(context, args, cell)
 
     @property
     def usage(self) -> str:

@@ -15,7 +15,10 @@ import secrets
 import shlex
 
 from .._errors import SandboxError
+from ..checking import CheckTable, compilation_failed
+from ..session import CellOutcome
 from ..session.context import SandboxContext
+from . import checking
 from .core import MagicFailed, MagicResult, MagicUsageError, _Parser, magic
 
 _DEFAULT_HEAP_MB = 256
@@ -74,6 +77,12 @@ def _arguments(language: Language) -> object:
         )
         parser.add_argument("--args", default="", help="command-line arguments, as one string")
         parser.add_argument("--stdin", help="text given on standard input (\\n for new lines)")
+        parser.add_argument(
+            "--check",
+            metavar="TABLE_FILE",
+            help="instead of running the program once, run a table of cases against it "
+            "(a local YAML file, as %%%%sandbox_check --tests reads) and show the verdicts",
+        )
         if language.compile:
             parser.add_argument(
                 "--flags",
@@ -103,16 +112,57 @@ def run_teaching_cell(
     context: SandboxContext, language: Language, args: argparse.Namespace, source: str
 ) -> MagicResult:
     _check_file_name(args.file)
+    table = _check_table(context, language, args)
     _check_available(context, language)
+    heap = _heap_mb(context)
     try:
-        script = build(language, args, source, _heap_mb(context))
+        script = build(language, args, source, heap, run_it=table is None)
     except ValueError as error:  # unbalanced quotes in --args or --flags
         raise MagicUsageError(f"%%{language.name}: --args/--flags: {error}") from None
-    return MagicResult(script=script)
+    if table is None:
+        return MagicResult(script=script)
+    table = table.with_run(_program(language, args, heap))
+
+    def check(compiled: CellOutcome) -> MagicResult:
+        if not compiled.ok:
+            return checking.shown(compilation_failed(table))
+        return checking.check_result(context, table)
+
+    return MagicResult(script=script, then=check)
 
 
-def build(language: Language, args: argparse.Namespace, source: str, heap: int) -> str:
-    """The bash script of a teaching cell."""
+def _check_table(
+    context: SandboxContext, language: Language, args: argparse.Namespace
+) -> CheckTable | None:
+    """The table of ``--check`` (read before anything runs: a bad table runs nothing)."""
+    if args.check is None:
+        return None
+    name = f"%%{context.teaching_prefix}{language.name} --check"
+    for option in ("stdin", "args"):
+        if getattr(args, option):
+            raise MagicUsageError(f"{name}: the cases give their own {option}; drop --{option}")
+    context.refuse_while_grading(name)
+    return checking.read_table(context, "", args.check, None, name)
+
+
+def _program(language: Language, args: argparse.Namespace, heap: int) -> str:
+    """The command that runs the cell's program, from the working directory."""
+    stem = posixpath.splitext(posixpath.basename(args.file))[0]
+    folder = posixpath.dirname(args.file)
+    run = language.run.format(file=shlex.quote(posixpath.basename(args.file)),
+                              stem=shlex.quote(stem), heap=heap, args="").strip()  # fmt: skip
+    if not folder:
+        return run
+    if language.compile:  # compiled where the source is: run from there
+        return f"cd {shlex.quote(folder)} && {run}"
+    return language.run.format(file=shlex.quote(args.file), stem=shlex.quote(stem),
+                               heap=heap, args="").strip()  # fmt: skip
+
+
+def build(
+    language: Language, args: argparse.Namespace, source: str, heap: int, *, run_it: bool = True
+) -> str:
+    """The bash script of a teaching cell (``run_it`` false: write and compile only)."""
     stem = posixpath.splitext(posixpath.basename(args.file))[0]
     values = {
         "file": shlex.quote(args.file),
@@ -125,17 +175,18 @@ def build(language: Language, args: argparse.Namespace, source: str, heap: int) 
     folder = posixpath.dirname(args.file)
     lines = [f"mkdir -p {shlex.quote(folder)}"] if folder else []
     lines.append(f"cat > {values['file']} <<'{delimiter}'\n\n{source.rstrip(chr(10))}\n{delimiter}")
-    run = language.run.format(**values).strip()
-    if args.stdin is not None:
+    run = language.run.format(**values).strip() if run_it else ""
+    if args.stdin is not None and run:
         run = f"printf '%s\\n' {shlex.quote(args.stdin.replace(chr(92) + 'n', chr(10)))} | {run}"
     if language.compile:
         if folder:
             lines.append(f"cd {shlex.quote(folder)}")
             values["file"] = shlex.quote(posixpath.basename(args.file))
-        lines.append(f"{language.compile.format(**values).strip()} && {run}")
+        compile_line = language.compile.format(**values).strip()
+        lines.append(f"{compile_line} && {run}" if run else compile_line)
         if folder:
             lines.append("__sk_status=$?; cd - >/dev/null; (exit $__sk_status)")
-    else:
+    elif run:
         lines.append(run)
     return "\n".join(lines) + "\n"
 

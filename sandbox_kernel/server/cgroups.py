@@ -10,6 +10,7 @@ possible the server says so and falls back to rlimits.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -21,6 +22,15 @@ log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _PREFIX = "sandbox-kernel-"
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryKills:
+    """A reading of a cgroup's memory-kill counter (see :meth:`RunCgroup.memory_kills`)."""
+
+    count: int
+    #: False: ``count`` is how often the cap was hit (old v1 kernels), not kills.
+    exact: bool
 
 
 class RunCgroup:
@@ -52,15 +62,25 @@ class RunCgroup:
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.002)
 
-    def out_of_memory(self) -> bool:
-        """Whether the kernel killed a member for exceeding the memory cap."""
+    def memory_kills(self) -> MemoryKills:
+        """How often the kernel has killed a member for exceeding the memory cap so far.
+
+        Read before and after each command: the counter moving is the only sure sign that
+        a SIGKILL (exit status 137) was the memory cap's and not someone's ``kill -9``. It is
+        ``oom_kill`` in ``memory.events`` (v2) or ``memory.oom_control`` (v1, Linux 4.13+);
+        an older v1 kernel only counts how often the cap was hit (``memory.failcnt``), which
+        reclaiming page cache also does, so that count is marked inexact.
+        """
+        failures = None
         for directory in self.directories:
-            for name, key in (("memory.oom_control", "oom_kill "), ("memory.events", "oom_kill ")):
-                with contextlib.suppress(OSError):
+            for name in ("memory.events", "memory.oom_control"):
+                with contextlib.suppress(OSError, ValueError, IndexError):
                     for line in (directory / name).read_text().splitlines():
-                        if line.startswith(key) and int(line.split()[1]) > 0:
-                            return True
-        return False
+                        if line.startswith("oom_kill "):
+                            return MemoryKills(int(line.split()[1]), exact=True)
+            with contextlib.suppress(OSError, ValueError):
+                failures = int((directory / "memory.failcnt").read_text())
+        return MemoryKills(failures or 0, exact=failures is None)
 
     def remove(self) -> None:
         for directory in self.directories:

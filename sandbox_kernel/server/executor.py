@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import protocol
+from .._signals import signal_of_status
 from .runners import (
     CommandOutcome,
     Isolation,
@@ -319,11 +320,12 @@ class _OutputBudget:
         if outcome.timed_out:
             # The contract's text, newline included; output printed before the timeout is kept.
             lines.append(protocol.timeout_message(timeout))
-        if outcome.dropped or cut_out or cut_err:
+        cut = outcome.dropped or cut_out or cut_err
+        if cut:
             lines.append(protocol.OUTPUT_CUT_NOTE.format(limit=self.limit))
         if outcome.stopped:
             lines.append(protocol.STOPPED_NOTE)
-        return {
+        entry: dict[str, Any] = {
             "command": command,
             "exit_code": outcome.exit_code,
             "stdout": stdout,
@@ -332,6 +334,8 @@ class _OutputBudget:
             ),
             "time": outcome.elapsed,
         }
+        entry.update(cause_fields(outcome, cut))
+        return entry
 
     def _fit(self, text: str) -> tuple[str, bool]:
         """``text`` within what is left (and what is left then), and whether it was cut."""
@@ -342,6 +346,30 @@ class _OutputBudget:
         fitted = _longest_prefix_within(text, self.left)
         self.left = 0
         return fitted, True
+
+
+def cause_fields(outcome: CommandOutcome, output_cut: bool) -> dict[str, str]:
+    """Why a command was killed or cut, for its entry (extension ``causes``,
+    docs/protocol-extensions.md): ``{"cause": "timeout" | "memory" | "output"}``, or
+    ``{"cause": "signal", "signal": "SIGSEGV"}``; nothing for a command that ended by itself
+    uncut, so that such an entry keeps the contract's five keys.
+
+    One cause, the first that applies: the time limit, the memory cgroup (its SIGKILL is no
+    plain signal), a fatal signal (the process's own, or ``128 + N`` reported by bash for a
+    child), the output cut. A command the client stopped has none (its stderr says so).
+    """
+    if outcome.stopped:
+        return {}
+    if outcome.timed_out:
+        return {protocol.CAUSE_FIELD: protocol.CAUSE_TIMEOUT}
+    if outcome.out_of_memory:
+        return {protocol.CAUSE_FIELD: protocol.CAUSE_MEMORY}
+    name = signal_of_status(outcome.exit_code)
+    if name is not None:
+        return {protocol.CAUSE_FIELD: protocol.CAUSE_SIGNAL, protocol.SIGNAL_FIELD: name}
+    if output_cut:
+        return {protocol.CAUSE_FIELD: protocol.CAUSE_OUTPUT}
+    return {}
 
 
 def _note_stop(execution: list[dict[str, Any]]) -> None:

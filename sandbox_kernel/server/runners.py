@@ -44,7 +44,7 @@ from typing import Protocol
 
 from ..protocol import WORKING_DIR
 from . import trees
-from .cgroups import Cgroups, RunCgroup
+from .cgroups import Cgroups, MemoryKills, RunCgroup
 from .seccomp import SeccompFilter, load_filter
 from .settings import ServerSettings, format_size
 from .storage import searchable_by
@@ -104,6 +104,8 @@ class CommandOutcome:
     dropped: bool = False
     #: The client asked to stop the run (``{"stop": true}``) while this command ran.
     stopped: bool = False
+    #: The memory cgroup killed a process of this command (its oom_kill counter moved).
+    out_of_memory: bool = False
 
 
 class OutputSink(Protocol):
@@ -315,6 +317,7 @@ class Runner:
         if live is not None:
             self.stdout.sink = self.stderr.sink = live.sink
             interrupter = asyncio.ensure_future(self._interrupt_when(live.stop))
+        kills_before = self.cgroup.memory_kills() if self.cgroup is not None else None
         started = time.monotonic()
         try:
             try:
@@ -334,14 +337,23 @@ class Runner:
             self.stdout.sink = self.stderr.sink = None
         outcome.dropped, self._keep.room = self._keep.dropped, 0
         outcome.stopped = live is not None and live.stop.is_set()
-        self._add_notes(outcome)
+        self._note_memory(outcome, kills_before)
         return outcome
 
-    def _add_notes(self, outcome: CommandOutcome) -> None:
-        if outcome.exit_code >= 128 and self.cgroup and self.cgroup.out_of_memory():
-            self.spent = True
-            limit = format_size(self.isolation.settings.memory_limit)
-            outcome.notes.append(f"[sandbox] killed: memory limit of {limit} reached.")
+    def _note_memory(self, outcome: CommandOutcome, kills_before: MemoryKills | None) -> None:
+        """Mark a failed command whose process the memory cgroup killed meanwhile, and say so
+        in its stderr. A timed-out command's cgroup is gone already: its cause is the time."""
+        if kills_before is None or self.cgroup is None or outcome.exit_code in (0, -2):
+            return
+        kills = self.cgroup.memory_kills()
+        if kills.count <= kills_before.count:
+            return
+        if not kills.exact and outcome.exit_code != 128 + signal.SIGKILL:
+            return  # the cap was hit, but the command did not die of the OOM killer's SIGKILL
+        self.spent = True
+        outcome.out_of_memory = True
+        limit = format_size(self.isolation.settings.memory_limit)
+        outcome.notes.append(f"[sandbox] killed: memory limit of {limit} reached.")
 
     async def _execute(self, command: str, environ: Mapping[str, str], grouped: bool) -> int:
         """Run the command; ``grouped``: in a process group of its own (a streamed run may

@@ -70,7 +70,7 @@ def _physical_cores() -> int | None:
 
 
 #: The protocol extensions this server speaks (docs/protocol-extensions.md).
-EXTENSIONS = (protocol.EXTENSION_STREAM, protocol.EXTENSION_STDIN)
+EXTENSIONS = (protocol.EXTENSION_STREAM, protocol.EXTENSION_STDIN, protocol.EXTENSION_CAUSES)
 
 
 def specifications(

@@ -57,6 +57,9 @@ _T = TypeVar("_T")
 _POLL = 0.05
 #: The user's timeouts, kept across ``%sandbox_connect``.
 _TIMEOUT_VARIABLES = ("SANDBOX_TIMEOUT", "SANDBOX_SIDE_TIMEOUT")
+#: Set to 1 in the environment of the kernels ``sandbox-kernel grade`` starts: the notebook is
+#: a submission, and magics that touch local files or change the sandbox are refused.
+GRADING_VARIABLE = "SANDBOX_GRADING"
 
 
 class OperationFailed(Exception):
@@ -139,6 +142,9 @@ class SandboxContext:
         self.teaching_prefix = ""
         #: Open panels (``%sandbox_panel``): told after each cell, closed with the context.
         self.panels: list[Any] = []
+        #: The notebook is a submission being graded (``SANDBOX_GRADING=1``, set by
+        #: ``sandbox-kernel grade``): see :meth:`refuse_while_grading`.
+        self.grading = os.environ.get(GRADING_VARIABLE, "").strip() == "1"
 
     # -- connection --------------------------------------------------------------------------
 
@@ -373,6 +379,17 @@ class SandboxContext:
         return cwd
 
     # -- local paths -------------------------------------------------------------------------
+
+    def refuse_while_grading(self, what: str) -> None:
+        """Raise :class:`OperationFailed` when grading: a submission may not read or write the
+        grader's files (the hidden tests among them) nor send its cells to another sandbox,
+        which could answer anything. ``what`` names the refused feature (``"%sandbox_upload"``).
+        """
+        if self.grading:
+            raise OperationFailed(
+                f"{what} is disabled while grading: a submitted notebook may not read or write "
+                "the grader's files or change the sandbox. Remove it from the notebook."
+            )
 
     @property
     def host_paths_allowed(self) -> bool:

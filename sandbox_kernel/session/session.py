@@ -9,11 +9,9 @@ raises for a failing cell, an unreachable sandbox, or an interrupt.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
 import secrets
-import signal
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,6 +24,7 @@ from .._errors import (
     SandboxHTTPError,
     SandboxProtocolError,
 )
+from .._signals import describe_signal, signal_of_status
 from .._units import format_size
 from ..client import Cancellation, Sandbox
 from ..protocol import STOPPED_NOTE
@@ -312,12 +311,14 @@ class Session:
             outcome.error = _timed_out(self)
         elif stopped:
             outcome.error = _stopped()
+        elif entry.get(protocol.CAUSE_FIELD) == protocol.CAUSE_MEMORY:
+            outcome.error = _memory_limit(self)
         elif code == protocol.STATUS_UNKNOWN_ERROR:
             outcome.error = _sandbox_failure(code)
         elif code != 0:
-            outcome.error = _exit_code(code)
+            outcome.error = _exit_code(code, entry, self)
         if code != protocol.STATUS_TIMEOUT:
-            outcome.notices += _readable_notes(added)
+            outcome.notices += _readable_notes(added, outcome.error)
         if live is not None and live.dropped:
             outcome.notices.append(_kernel_cut(live))
         book = parse_bookkeeping(answer.get("result"), cell.nonce)
@@ -380,12 +381,88 @@ def mime_type(name: str) -> str:
 # -- wording of failures ----------------------------------------------------------------------
 
 
-def _exit_code(code: int) -> CellError:
+def _exit_code(code: int, entry: Mapping[str, Any], session: Session) -> CellError:
+    """A failed command: the signal the server names (extension ``causes``), or what its
+    exit status suggests when the server names none (a PremierLangage server)."""
+    named = entry.get(protocol.SIGNAL_FIELD)
+    if (
+        entry.get(protocol.CAUSE_FIELD) == protocol.CAUSE_SIGNAL
+        and isinstance(named, str)
+        and named
+    ):
+        return _killed_by(named, code)
     evalue = f"command exited with status {code}"
-    if code > 128:
-        with contextlib.suppress(ValueError):  # not a signal number
-            evalue += f" (killed by {signal.Signals(code - 128).name})"
+    if entry.get(protocol.CAUSE_FIELD) is None:  # the server did not say why: guess from the status
+        evalue += _probable_signal(code, session)
     return CellError("ExitCode", evalue)
+
+
+def _probable_signal(code: int, session: Session) -> str:
+    """What a status of ``128 + N`` probably means, said as a guess: a script may also
+    ``exit 137`` itself. Empty for any other status."""
+    name = signal_of_status(code)
+    if name == "SIGKILL":
+        return f": probably killed (SIGKILL), often the {_memory_limit_words(session)}"
+    if name == "SIGSEGV":
+        return ": probably a segmentation fault (SIGSEGV)"
+    if name is not None:
+        return f" (probably killed by {name}: {describe_signal(name)})"
+    return ""
+
+
+def _killed_by(name: str, code: int) -> CellError:
+    """A program of the cell died of signal ``name``, as the server says."""
+    advice = _SIGNAL_ADVICE.get(name)
+    return CellError(
+        "Signal",
+        f"killed by {name} ({describe_signal(name)}), exit status {code}",
+        [advice] if advice else [],
+    )
+
+
+_SIGNAL_ADVICE = {
+    "SIGSEGV": "The program read or wrote memory it does not own (a bad pointer, an index "
+    "out of bounds, a runaway recursion): a debugger or `gcc -g -fsanitize=address` shows where.",
+    "SIGABRT": "The program aborted itself (a failed assert, abort(), an uncaught C++ "
+    "exception, or the C library found its memory corrupted): its message, if any, is above.",
+    "SIGFPE": "An arithmetic error: most often an integer division by zero.",
+    "SIGBUS": "A bad memory access (a misaligned pointer, or a mapped file that shrank).",
+    "SIGILL": "The program ran an invalid instruction (a corrupted function pointer, or code "
+    "built for another processor).",
+    "SIGXCPU": "The program used up the sandbox's CPU time limit (an endless loop?).",
+    "SIGXFSZ": "The program wrote a file larger than the sandbox allows.",
+    "SIGKILL": "Something killed the program outright (not the memory cap: the server says "
+    "when it is).",
+    "SIGPIPE": "The program wrote to a pipe whose reader had ended (`| head`): often harmless.",
+}
+
+
+def _memory_limit(session: Session) -> CellError:
+    """The memory cgroup killed a program of the cell (extension ``causes``)."""
+    return CellError(
+        "MemoryLimit",
+        f"{_memory_limit_words(session)} reached: a program of the cell was killed",
+        [_MEMORY_ADVICE],
+    )
+
+
+_MEMORY_ADVICE = (
+    "Use less memory (smaller data, fewer processes at once); the embedded server's limit per "
+    "cell is its --memory-limit."
+)
+
+
+def _memory_limit_words(session: Session) -> str:
+    """``memory limit (64 MiB)``, the sandbox's limit as its cached specifications say (and
+    ``memory limit`` when they do not tell or cannot be read)."""
+    try:
+        limit = session.client.specs().limits.ram
+    except SandboxError:
+        limit = None
+    if limit is None or limit <= 0:
+        return "memory limit"
+    mebibytes, rest = divmod(limit, 1024**2)
+    return f"memory limit ({mebibytes} MiB)" if not rest else f"memory limit ({format_size(limit)})"
 
 
 def _timed_out(session: Session) -> CellError:
@@ -459,17 +536,21 @@ def _under_tmp(cwd: str) -> bool:
 
 
 _OUTPUT_CUT = re.compile(protocol.OUTPUT_CUT_PATTERN)
+#: The embedded server's line for a command its memory cgroup killed.
+_MEMORY_NOTE = re.compile(r"\[sandbox\] killed: memory limit of .* reached")
 
 
-def _readable_notes(added: str) -> list[str]:
-    """The server's notes as one short line each; its stop note is said by the error."""
+def _readable_notes(added: str, error: CellError | None = None) -> list[str]:
+    """The server's notes as one short line each; its stop note, and its memory note when the
+    error is the memory limit, are said by the error."""
     notes = []
+    memory_said = error is not None and error.ename == "MemoryLimit"
     for line in added.splitlines():
         cut = _OUTPUT_CUT.fullmatch(line.strip())
         if cut:
             size = format_size(int(cut.group(1)))
             line = f"Output cut after {size} (the sandbox's --max-output); the cell ran on."
-        elif line.strip() in (STOPPED_NOTE, ""):
+        elif line.strip() in (STOPPED_NOTE, "") or (memory_said and _MEMORY_NOTE.match(line)):
             continue
         notes.append(line)
     return notes

@@ -272,7 +272,7 @@ class SandboxPanel:
             ("load", render.load_figures(self.history[-1]) if self.history else None),
         ]  # fmt: skip
         told = [(name, value) for name, value in rows if value]
-        return render.key_values(told)["text/html"]
+        return str(render.key_values(told)["text/html"])
 
     # -- specifications and libraries ------------------------------------------------------------
 

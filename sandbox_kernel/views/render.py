@@ -31,7 +31,7 @@ from .._generations import (
 )
 from .._units import format_size
 
-Bundle = dict[str, str]
+Bundle = dict[str, Any]
 UNKNOWN = "unknown"
 
 #: How each inventory category is called on screen, by its key.

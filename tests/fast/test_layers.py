@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "protocol": 0,
     "_errors": 0,
     "_units": 0,
+    "_signals": 0,
     "_generations": 1,
     "_wire": 2,
     "archive": 2,
@@ -29,18 +30,20 @@ LAYERS: dict[str, int] = {
     "discovery": 3,
     "settings": 4,
     "session": 5,
+    "checking": 5,
     "magics": 6,
     "views": 6,
     "kernel": 7,
     "ipython": 7,
     "install": 7,
     "lab": 8,
+    "grading": 8,
     "cli": 9,
     "__init__": 9,
     "__main__": 9,
 }
 #: What the server may import from the rest of the package.
-SERVER_MAY_IMPORT = ("protocol", "_units", "archive", "discovery", "__init__")
+SERVER_MAY_IMPORT = ("protocol", "_signals", "_units", "archive", "discovery", "__init__")
 
 
 def _modules() -> dict[str, Path]:
