@@ -32,6 +32,7 @@ def _add_sandbox_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .grading import add_arguments as add_grade_arguments
     from .install import add_arguments as add_install_arguments
     from .lab import add_arguments as add_lab_arguments
     from .server import add_arguments as add_serve_arguments
@@ -98,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
         "notebook.",
     )
     add_lab_arguments(demo, demo=True)
+
+    grade = commands.add_parser(
+        "grade",
+        help="grade a class's notebooks with hidden test tables, into a CSV",
+        description="Run each submitted notebook headless in its own Sandbox kernel (whatever "
+        "kernel it names), in an empty temporary folder, with the magics that touch local "
+        "files or change the sandbox disabled; after the cell tagged check:NAME, run the "
+        "table NAME.yaml of --tests in that cell's environment. Writes one row per notebook: each "
+        "question's points, total, max, cases passed and failed, status. Example: "
+        "sandbox-kernel grade submissions/*.ipynb --tests tests/ --output grades.csv",
+    )
+    add_grade_arguments(grade)
+    _add_sandbox_options(grade)
     return parser
 
 
@@ -116,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import lab
 
         return lab.lab(args) if args.command == "lab" else lab.demo(args)
+    if args.command == "grade":
+        from . import grading
+
+        return grading.run(args)
     return _run(parser, args)
 
 

@@ -46,9 +46,13 @@ SLOW_SUITES = frozenset(
         "test_panel_browser.py",
         "test_server_isolation.py",
         "test_server_stream.py",
+        "test_verdicts.py",
         "test_async_client.py",
         "test_kernel_live.py",
         "test_live_browser.py",
+        "test_grade.py",
+        "test_check.py",
+        "test_check_kernel.py",
     }
 )
 

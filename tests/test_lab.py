@@ -361,12 +361,12 @@ def test_lab_works_on_copies_of_the_demo_notebooks(taken_port_lab: tuple[Lab, in
     lab, _ = taken_port_lab
     work = lab.data_dir / "sandbox-kernel" / "notebooks"
     root = lab.api("GET", "api/contents/").json()
-    assert sorted(entry["name"] for entry in root["content"]) == sorted(DEMO_NOTEBOOKS)
+    assert sorted(entry["name"] for entry in root["content"]) == sorted([*DEMO_NOTEBOOKS, "tests"])
     assert f"notebooks:  {work}" in lab.lines
     # The user's change stays, and lab says so; the others are exact copies.
     assert b"Bonjour" in (work / DEMO_NOTEBOOKS[0]).read_bytes()
     assert f"kept your changed {DEMO_NOTEBOOKS[0]}" in lab.output
-    assert "copied 3 demo notebooks" in lab.output
+    assert "copied 4 demo notebooks and 3 of their files" in lab.output
     for name in DEMO_NOTEBOOKS[1:]:
         assert (work / name).read_bytes() == (REPOSITORY / "notebooks" / name).read_bytes()
     # A notebook saved through JupyterLab lands in the copies, not in the project.

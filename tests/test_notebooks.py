@@ -1,4 +1,4 @@
-"""The main job: ``sandbox-kernel demo`` runs the four demo notebooks, the tracked ones only (and
+"""The main job: ``sandbox-kernel demo`` runs the five demo notebooks, the tracked ones only (and
 their outputs are what they teach). ``sandbox-kernel lab`` is tested in test_lab.py."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def demo(server: Server, kernelspec: str, tmp_path_factory: pytest.TempPathFacto
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     lines = [line for line in done.stdout.splitlines() if line.endswith(", ok")]
-    assert len(lines) == 4, done.stdout
+    assert len(lines) == 5, done.stdout
     return output
 
 
@@ -72,8 +72,9 @@ def test_quickstart(demo: Path) -> None:
 def test_teaching(demo: Path) -> None:
     cells = read(demo, "2-teaching")
     assert text_of(cells[0]) == "5\n" and text_of(cells[1]) == "5\n"
-    verdicts = text_of(cells[2]).splitlines()
-    assert len(verdicts) == 8 and all(line.startswith("PASS") for line in verdicts)
+    check = text_of(cells[2])
+    assert check.count("✓ passed") == 4 and "777777" in check, check
+    assert check.rstrip().endswith("4/4 points · 4/4 cases passed"), check
     broken = text_of(cells[3])
     assert "broken.c:4:" in broken and "undefined_name" in broken
     assert "ExitCode: command exited with status 1" in broken
@@ -125,3 +126,36 @@ def test_demo_reports_an_unexpected_error(server: Server, kernelspec: str, tmp_p
     assert done.returncode == 1
     assert "broken.ipynb: 1 cells run, 1 errors" in done.stdout and "FAILED" in done.stdout
     assert (tmp_path / "out" / "broken.ipynb").exists()
+
+
+def score(text: str) -> str:
+    return text.rstrip().splitlines()[-1]
+
+
+def test_checking(demo: Path) -> None:
+    cells = read(demo, "5-checking")
+    assert text_of(cells[0]) == "5\n"
+    assert score(text_of(cells[1])) == "5/5 points · 4/4 cases passed"
+    hidden = text_of(cells[2])  # tests/sum-hidden.yaml: verdicts only, never the data
+    assert score(hidden) == "4/4 points · 3/3 cases passed"
+    assert hidden.count("(hidden)") == 3
+    assert not any(data in hidden for data in ("-15", "42", "9223372036854775807"))
+    overflow = text_of(cells[4])
+    assert score(overflow) == "5/9 points · 5/7 cases passed"
+    assert "large: line 1: expected '4000000000', got '-294967296'" in overflow
+    assert overflow.count("wrong output") == 2 and "9223372036854775807" not in overflow
+    count = text_of(cells[6])
+    assert score(count) == "5/9 points · 4/7 cases passed" and count.count("time limit") == 3
+    recursive = text_of(cells[8])
+    assert score(recursive) == "5/9 points · 4/7 cases passed"
+    assert recursive.count("segmentation fault (SIGSEGV)") == 2  # the hidden one: verdict only
+    typo = text_of(cells[9])
+    assert "typo.c:7:" in typo and typo.count("compilation error") == 7
+    assert score(typo) == "0/9 points · 0/7 cases passed"
+    stopped = text_of(cells[10])
+    assert stopped.count("time limit") == 1 and stopped.count("not run") == 2
+    assert score(stopped) == "1/4 points · 1/4 cases passed"
+    assert score(text_of(cells[12])) == "9/9 points · 7/7 cases passed"  # Python
+    assert score(text_of(cells[14])) == "2/2 points · 2/2 cases passed"  # bash: args, env
+    mean = text_of(cells[16])  # compare: float, tolerance 0.001
+    assert "3.3333333333333335" in mean and score(mean) == "2/2 points · 2/2 cases passed"

@@ -47,6 +47,8 @@ MAX_TABLE_BYTES = 4 * 1024**2
 MAX_EXPECTED_BYTES = 16 * 1024**2
 MAX_CASES = 1000
 
+#: A number with an exponent, which PyYAML (YAML 1.1) leaves a string unless it has a dot.
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 #: Resolves a local file a table names (``expect_file``) to a path that may be read, or
 #: raises (a path outside the places the user allowed).
 Resolver = Callable[[str], Path]
@@ -298,6 +300,8 @@ class _Reader:
         value = self.data.get(key)
         if value is None:
             return None
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-9 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(key, "a number")
         if not math.isfinite(value) or value < minimum:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .._errors import SandboxConfigError
 from ..settings import COMMAND_NAMES, Resolved, SandboxSettings, Source, resolve
-from .notebooks import DEMO_NOTEBOOKS, demo_notebooks_folder
+from .notebooks import DEMO_FILES, DEMO_NOTEBOOKS, demo_notebooks_folder, write_file
 from .options import given_token
 from .prerequisites import ensure_kernelspec, require
 from .processes import StopSignals, stopped_by
@@ -77,6 +77,9 @@ def _run_demo(
     from nbclient.exceptions import CellExecutionError
 
     output.mkdir(parents=True, exist_ok=True)
+    for name in DEMO_FILES:  # the tables the notebooks read beside them (5-checking)
+        if (notebooks / name).is_file():
+            write_file(output / name, (notebooks / name).read_bytes())
     print(f"notebooks: {notebooks}\nexecuted copies: {output}")
     described = settings.describe()
     if settings.source is Source.EMBEDDED:

@@ -20,7 +20,10 @@ DEMO_NOTEBOOKS: tuple[str, ...] = (
     "2-teaching.ipynb",
     "3-inspecting-a-sandbox.ipynb",
     "4-from-python.ipynb",
+    "5-checking.ipynb",
 )
+#: Files the demo notebooks read beside them (5-checking's test tables): copied with them.
+DEMO_FILES: tuple[str, ...] = ("tests/sum.yaml", "tests/sum-hidden.yaml", "tests/sum-largest.out")
 
 
 def demo_notebooks_folder() -> Path | None:
@@ -61,7 +64,10 @@ class CopyReport:
 
 
 def _count_of(names: list[str]) -> str:
-    return "1 demo notebook" if len(names) == 1 else f"{len(names)} demo notebooks"
+    notebooks = sum(name.endswith(".ipynb") for name in names)
+    others = len(names) - notebooks
+    text = "1 demo notebook" if notebooks == 1 else f"{notebooks} demo notebooks"
+    return text + (f" and {others} of their files" if others else "")
 
 
 def copy_notebooks(source: Path, target: Path, names: Sequence[str], manifest: Path) -> CopyReport:
@@ -147,4 +153,5 @@ def open_folder(given: Path | None) -> tuple[Path, list[str]]:
         folder.mkdir(parents=True, exist_ok=True)
         return folder, ["no demo notebooks in this installation (a clone of the project has "
                         "them in notebooks/)"]  # fmt: skip
-    return folder, copy_notebooks(source, folder, DEMO_NOTEBOOKS, manifest_path()).lines(source)
+    names = DEMO_NOTEBOOKS + DEMO_FILES
+    return folder, copy_notebooks(source, folder, names, manifest_path()).lines(source)

@@ -38,6 +38,7 @@ def _connect_arguments(parser: _Parser) -> None:
 def sandbox_connect(
     context: SandboxContext, args: argparse.Namespace, cell: str | None
 ) -> MagicResult:
+    context.refuse_while_grading("%sandbox_connect")
     try:
         settings = context.connect(args.url, args.token)
         version = context.specs().sandbox_version
@@ -111,6 +112,7 @@ def _use_arguments(parser: _Parser) -> None:
 
 @magic("sandbox_use", "continue from a saved environment", arguments=_use_arguments)
 def sandbox_use(context: SandboxContext, args: argparse.Namespace, cell: str | None) -> MagicResult:
+    context.refuse_while_grading("%sandbox_use")  # another student's environment, say
     if not protocol.is_uuid(args.uuid):
         raise MagicUsageError(
             f"%sandbox_use: {args.uuid!r} is not an environment uuid "
@@ -210,6 +212,7 @@ def _download_arguments(parser: _Parser) -> None:
 def sandbox_download(
     context: SandboxContext, args: argparse.Namespace, cell: str | None
 ) -> MagicResult:
+    context.refuse_while_grading("%sandbox_download")
     uuid = args.uuid or context.session.environment
     if not uuid:
         raise MagicFailed("There is no environment yet: run a cell first, or give --uuid UUID.")
@@ -247,6 +250,7 @@ def _upload_arguments(parser: _Parser) -> None:
 def sandbox_upload(
     context: SandboxContext, args: argparse.Namespace, cell: str | None
 ) -> MagicResult:
+    context.refuse_while_grading("%sandbox_upload")
     if args.name and len(args.paths) != 1:
         raise MagicUsageError("%sandbox_upload: --as names one file; give a single LOCAL path")
     try:

@@ -388,7 +388,8 @@ class SandboxContext:
         if self.grading:
             raise OperationFailed(
                 f"{what} is disabled while grading: a submitted notebook may not read or write "
-                "the grader's files or change the sandbox. Remove it from the notebook."
+                "the grader's files, change the sandbox or take another environment. Remove it "
+                "from the notebook."
             )
 
     @property
