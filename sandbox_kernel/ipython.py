@@ -80,8 +80,8 @@ def _adapter(shell: InteractiveShell, magic: magics.Magic) -> Any:
             raise UsageError(str(problem)) from None
         if result.script is not None:  # a teaching cell: its output is shown already
             outcome = _run_cell(shell, result.script)
-            if result.then is None:
-                return _ShownOutcome(**vars(outcome))
+            if result.then is None or (outcome.error is not None and outcome.exit_code is None):
+                return _ShownOutcome(**vars(outcome))  # no --check, or the script never ran
             try:
                 result = result.then(outcome)  # its --check
             except (magics.MagicUsageError, OperationFailed) as problem:

@@ -22,6 +22,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 # -- processes --------------------------------------------------------------------------------
 
@@ -208,3 +209,25 @@ def escape_chain(canary: Path) -> list[Member]:
     target = f"{link}/{climb}{str(canary).lstrip('/')}"
     members.append((member("escape", tarfile.SYMTYPE, target), None))
     return members
+
+
+@contextlib.contextmanager
+def sandbox_ipython(url: str, token: str | None, folder: Path) -> Iterator[Any]:
+    """The process's one IPython shell with the sandbox extension loaded in ``folder`` (its
+    local folder), talking to ``url``. IPython's test shell is made once per process: every
+    test module gets that same shell, the extension reloaded."""
+    from IPython.terminal.interactiveshell import TerminalInteractiveShell
+    from IPython.testing.globalipapp import start_ipython
+
+    with sandbox_environ(url, token):
+        ip = start_ipython() or TerminalInteractiveShell.instance()
+        previous = os.getcwd()
+        os.chdir(folder)
+        try:
+            ip.run_line_magic("load_ext", "sandbox_kernel")
+        finally:
+            os.chdir(previous)
+        try:
+            yield ip
+        finally:
+            ip.run_line_magic("unload_ext", "sandbox_kernel")

@@ -807,3 +807,19 @@ def test_java_gets_xmx_instead_of_ulimit(context: SandboxContext) -> None:
     assert verdicts(result) == {
         "small": "passed", "hungry": "memory limit", "unlimited": "passed"
     }, [(c.name, c.verdict, c.detail) for c in result.cases]  # fmt: skip
+
+
+def test_the_notebook_variables_reach_the_program_never_the_harness(
+    context: SandboxContext,
+) -> None:
+    """``%sandbox_env`` variables are the program's. A ``BASH_ENV`` among them, given to the
+    harness, would run the notebook's code there: a ``wait`` that hides every crash."""
+    build(
+        context,
+        "printf 'wait() { builtin wait \"$@\"; return 0; }\\n' > hook.sh\n"
+        "printf 'echo \"$COURSE\"\\nkill -SEGV $$\\n' > crash.sh",
+    )
+    context.session.environ.update(BASH_ENV="/home/student/hook.sh", COURSE="systems 101")
+    result = result_of(check(context, "bash crash.sh", "- {expect: systems 101}"))
+    [case] = result.cases
+    assert (case.verdict, case.signal, case.got) == ("runtime error", "SIGSEGV", "systems 101\n")

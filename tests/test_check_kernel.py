@@ -8,7 +8,6 @@ and how the cell ends: failing cases are a result (status ``ok``), bad use an er
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import threading
 from collections.abc import Iterator
@@ -17,12 +16,11 @@ from typing import Any
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
-from IPython.testing.globalipapp import start_ipython
 
 from sandbox_kernel.checking import CHECK_MIME, CheckResult
 
 from .conftest import Cell, KernelSession, Server
-from .helpers import kernel_env, processes_matching, sandbox_environ, wait_until
+from .helpers import kernel_env, processes_matching, sandbox_ipython, wait_until
 from .hostile.test_page import FolderKernel
 
 SUM_C = (
@@ -219,17 +217,8 @@ def test_an_interrupt_ends_a_long_check(kernel: KernelSession) -> None:
 def shell(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InteractiveShell]:
     folder = tmp_path_factory.mktemp("ipython-check")
     (folder / "sum.yaml").write_text(SUM_TABLE)
-    with sandbox_environ(server.url, server.token):
-        ip = start_ipython()
-        assert ip is not None
-        previous = os.getcwd()
-        os.chdir(folder)
-        try:
-            ip.run_line_magic("load_ext", "sandbox_kernel")
-        finally:
-            os.chdir(previous)
+    with sandbox_ipython(server.url, server.token, folder) as ip:
         yield ip
-        ip.run_line_magic("unload_ext", "sandbox_kernel")
 
 
 def test_ipython_names_the_magic_sandbox_check(shell: InteractiveShell) -> None:

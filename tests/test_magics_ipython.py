@@ -10,14 +10,13 @@ from typing import Any
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
-from IPython.testing.globalipapp import start_ipython
 from IPython.utils.capture import capture_output
 
 from sandbox_kernel.client import Specs
 from sandbox_kernel.session import CellOutcome
 
 from .conftest import Server
-from .helpers import sandbox_environ
+from .helpers import sandbox_ipython
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +35,8 @@ def local(folder: Path, request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture(scope="module")
 def shell(server: Server, folder: Path) -> Iterator[InteractiveShell]:
-    with sandbox_environ(server.url, server.token):
-        ip = start_ipython()
-        assert ip is not None
-        previous = os.getcwd()
-        os.chdir(folder)
-        try:
-            ip.run_line_magic("load_ext", "sandbox_kernel")
-        finally:
-            os.chdir(previous)
+    with sandbox_ipython(server.url, server.token, folder) as ip:
         yield ip
-        ip.run_line_magic("unload_ext", "sandbox_kernel")
 
 
 def run(shell: InteractiveShell, code: str) -> Any:

@@ -116,6 +116,8 @@ def _no_record(answer: dict[str, object]) -> str:
     status = answer.get("status")
     meaning = protocol.STATUS_MEANINGS.get(status, "unexpected answer")  # type: ignore[call-overload]
     return (
-        f"The sandbox ran no case of the check (status {status}: {meaning}). Not an error of "
-        "the program checked: run the check again; if it persists, see the sandbox's log."
+        f"The check's record did not come back (status {status}: {meaning}): the sandbox "
+        "failed, or the program checked wrote over the record or filled it past what the "
+        "sandbox returns (--max-result). Run the check again; if it persists, look at the "
+        "program, then at the sandbox's log."
     )

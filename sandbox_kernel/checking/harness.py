@@ -63,6 +63,9 @@ OUTPUT_LIMIT = 8 * 1024**2
 CHECK_DIR = ".sandbox_check"
 #: Bytes of harness sent as the command itself; a larger one is uploaded.
 INLINE_LIMIT = 96 * 1024
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: A JVM run without a shell, whose ``-Xmx`` :func:`program_command` sets itself.
+_PLAIN_JAVA = re.compile(r"(\S*/)?java -Xmx")
 #: A program word that needs no shell: run with ``exec`` directly, saving a bash start.
 _PLAIN_WORD = re.compile(r"[A-Za-z0-9_./+,:@%-]+")
 
@@ -107,7 +110,7 @@ def plan_batches(cases: Sequence[Case], budget: float) -> list[list[Planned]]:
             raise ValueError(
                 f"case {case.name!r}: its timeout of {case.timeout:g} s does not fit the "
                 f"sandbox's time limit per request ({budget + 1:g} s, less 1 s for the "
-                f"harness): give it a timeout under {max(budget - KILL_GRACE - 0.05, 0):.2g} s"
+                f"harness): give it a timeout of at most {_most(budget):g} s"
             )
         if current and not _fits([*current, planned], budget):
             batches.append(current)
@@ -116,6 +119,11 @@ def plan_batches(cases: Sequence[Case], budget: float) -> list[list[Planned]]:
     if current:
         batches.append(current)
     return batches
+
+
+def _most(budget: float) -> float:
+    """The longest timeout a case may have in a request of ``budget`` seconds."""
+    return max(math.floor(round((budget - KILL_GRACE - CASE_OVERHEAD) * 100, 6)) / 100, 0.0)
 
 
 def _fits(batch: list[Planned], budget: float) -> bool:
@@ -153,7 +161,7 @@ def build_request(
     """
     nonce = secrets.token_hex(8)
     folder = f"{CHECK_DIR}/{nonce}"
-    script = _script(batch, run, nonce, state_file, stop_on_failure)
+    script = _script(batch, run, nonce, state_file, stop_on_failure, environ)
     archive = None
     command = script
     if len(script.encode()) > INLINE_LIMIT:
@@ -163,7 +171,6 @@ def build_request(
         "commands": [{"command": command, "timeout": request_timeout}],
         "result_path": f"{folder}/result",
         "save": False,
-        "environ": environ,
     }
     if environment:
         config["environment"] = environment
@@ -250,13 +257,21 @@ printf '%s %s %s\n' $! $((${h_t/./} + @MICROSECONDS@)) @I@ >"$h_dir/current"
 wait $!
 h_status=$?
 : >"$h_dir/current"
+kill -KILL -- "-$!" 2>/dev/null  # what the case left running in its group
 h_now; printf '{"case":@I@,"status":%d,"end":%s}\n' "$h_status" "$h_t" >>"$h_result"
 h_ran+=(@I@)
 if [ "$h_status" != 0 ]; then h_failed+=(@I@)@STOP@; fi
 """
 
 
-def _script(batch: list[Planned], run: str, nonce: str, state_file: str | None, stop: bool) -> str:
+def _script(
+    batch: list[Planned],
+    run: str,
+    nonce: str,
+    state_file: str | None,
+    stop: bool,
+    environ: dict[str, str],
+) -> str:
     prologue = _fill(
         _PROLOGUE,
         FOLDER=f"{CHECK_DIR}/{nonce}",
@@ -265,7 +280,7 @@ def _script(batch: list[Planned], run: str, nonce: str, state_file: str | None, 
         TAIL=str(STDERR_TAIL),
         GRACE=str(round(KILL_GRACE * 1e6)),
     )
-    cases = [_case_lines(planned, run, stop) for planned in batch]
+    cases = [_case_lines(planned, run, stop, environ) for planned in batch]
     return prologue + "".join(cases) + "h_finish\n"
 
 
@@ -275,12 +290,19 @@ def _fill(template: str, **values: str) -> str:
     return re.sub(r"@([A-Z]+)@", lambda found: values[found.group(1)], template)
 
 
-def _case_lines(planned: Planned, run: str, stop: bool) -> str:
+def _case_lines(planned: Planned, run: str, stop: bool, environ: dict[str, str]) -> str:
+    """A case's lines. The session's variables (``%sandbox_env``) are exported here, in the
+    case's subshell after its shell state, never given to the harness as the request's
+    ``environ``: a ``BASH_ENV`` there would run code of the notebook inside the harness."""
     case = planned.case
     setup = _file_lines(case.files)
-    setup += [f"export {name}={shlex.quote(value)}" for name, value in case.env]
+    variables = [*environ.items(), *case.env]
+    setup += [f"export {name}={shlex.quote(value)}" for name, value in variables
+              if _VARIABLE.fullmatch(name)]  # fmt: skip
     limits = f"ulimit -c 0; ulimit -f {-(-planned.output_limit // 1024)}"
     command, java = program_command(run, case.args, case.memory)
+    if case.memory is not None and java and not _PLAIN_JAVA.match(command):
+        setup.append(f"export JAVA_TOOL_OPTIONS=-Xmx{case.memory}m")  # after any of the cell's
     if case.memory is not None and not java:
         limits += f"; ulimit -v {case.memory * 1024}"
     setup.append(limits)
@@ -327,13 +349,13 @@ def program_command(run: str, args: Sequence[str], memory: int | None) -> tuple[
         words = []
     plain = bool(words) and all(_PLAIN_WORD.fullmatch(word) for word in words)
     plain = plain and "=" not in words[0]
-    java = plain and words[0].rsplit("/", 1)[-1] == "java"
-    if java and memory is not None:
+    java = any(word.rsplit("/", 1)[-1] == "java" for word in words)
+    if plain and java and memory is not None and words[0].rsplit("/", 1)[-1] == "java":
         words = [words[0], f"-Xmx{memory}m", *[w for w in words[1:] if not w.startswith("-Xmx")]]
     if plain:
         return " ".join([*words, *(shlex.quote(arg) for arg in args)]), java
     script = shlex.quote(f'{run} "$@"')
-    return " ".join(["bash -c", script, "bash", *(shlex.quote(arg) for arg in args)]), False
+    return " ".join(["bash -c", script, "bash", *(shlex.quote(arg) for arg in args)]), java
 
 
 # -- the record --------------------------------------------------------------------------------
@@ -391,9 +413,11 @@ def read_record(result: str | None, batch: list[Planned]) -> dict[int, RawCase]:
 
 def _lines(result: str) -> Iterator[dict[str, Any]]:
     for text in result.splitlines():
+        if not text.startswith('{"'):
+            continue  # not a line of the harness (a program may write anything there)
         try:
             line = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(line, dict):
             yield line

@@ -13,10 +13,12 @@ import dataclasses
 import json
 import math
 import re
+import reprlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import regex as patterns
 import yaml
 
 #: The comparisons a case may ask for (``compare:``).
@@ -144,9 +146,11 @@ def parse_table(
     if len(text.encode("utf-8", "surrogatepass")) > MAX_TABLE_BYTES:
         raise TableError(f"{source} is larger than {MAX_TABLE_BYTES // 1024**2} MiB")
     try:
-        data = yaml.safe_load(text)
+        data = _load(text)
     except yaml.YAMLError as error:
         raise TableError(f"{source} is not valid YAML: {error}") from None
+    except RecursionError:
+        raise TableError(f"{source} is nested too deeply") from None
     if data is None:
         raise TableError(f"{source} is empty: write a list of cases (see %%sandbox_check?)")
     if isinstance(data, list):
@@ -157,6 +161,31 @@ def parse_table(
             f"{', '.join(TABLE_KEYS)}; it is a {_kind(data)}"
         )
     return _table(data, source, run, resolve)
+
+
+class _TableLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases (``*name``): a few hundred bytes of nested
+    aliases expand to gigabytes (the "billion laughs"), and a table has ``defaults`` for
+    what anchors would share."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in a test table: use defaults:", mark
+            )
+        return super().compose_node(parent, index)
+
+
+def _load(text: str) -> Any:
+    """The table's data: JSON as JSON (what :meth:`CheckTable.inline` writes: YAML would read
+    some of its characters differently, such as U+0085), anything else as YAML."""
+    if text.lstrip().startswith(("{", "[")):
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass  # YAML's flow style, like [{stdin: 1, expect: 2}]
+    return yaml.load(text, Loader=_TableLoader)  # a SafeLoader
 
 
 def _table(data: dict[Any, Any], source: str, run: str | None, resolve: Resolver) -> CheckTable:
@@ -211,8 +240,8 @@ def _case(data: dict[Any, Any], number: int, source: str, resolve: Resolver) -> 
     regex = read.text("expect_regex")
     if regex is not None:
         try:
-            re.compile(regex)
-        except re.error as error:
+            patterns.compile(regex)
+        except patterns.error as error:
             raise TableError(f"{where}: expect_regex is not a valid regular expression: "
                              f"{error}") from None  # fmt: skip
     compare = data.get("compare", "trailing")
@@ -230,7 +259,7 @@ def _case(data: dict[Any, Any], number: int, source: str, resolve: Resolver) -> 
         expect_regex=regex,
         expect_file=expect_file,
         compare=compare,
-        tolerance=read.number("tolerance", minimum=0) or DEFAULT_TOLERANCE,
+        tolerance=_or(read.number("tolerance", minimum=0), DEFAULT_TOLERANCE),
         points=_or(read.number("points", minimum=0), 1.0),
         hidden=read.flag("hidden"),
         timeout=_or(read.number("timeout", minimum=0.01), DEFAULT_TIMEOUT),
@@ -249,7 +278,7 @@ class _Reader:
         self.data, self.where = data, where
 
     def fail(self, key: str, wanted: str) -> TableError:
-        return TableError(f"{self.where}: {key} must be {wanted}, not {self.data[key]!r}"[:500])
+        return TableError(f"{self.where}: {key} must be {wanted}, not {_shown(self.data[key])}")
 
     def text(self, key: str) -> str | None:
         """A string; numbers are taken as written (``expect: 5``)."""
@@ -315,6 +344,15 @@ class _Reader:
         return value
 
 
+def _shown(value: object) -> str:
+    """A value of the table in an error, short whatever its size or depth."""
+    return _SHORT_REPR.repr(value)
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 2, 60, 60
+
+
 def _number_text(value: float) -> str:
     return str(value)
 
@@ -335,6 +373,8 @@ def _read_expected(name: str, resolve: Resolver, where: str) -> str:
 
 
 def _read_text(path: Path, what: str, limit: int = MAX_TABLE_BYTES) -> str:
+    if path.exists() and not path.is_file():  # a FIFO would block the kernel for good
+        raise TableError(f"{what} is not a regular file ({path})")
     try:
         with open(path, "rb") as file:
             data = file.read(limit + 1)

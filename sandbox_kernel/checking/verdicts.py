@@ -14,6 +14,8 @@ import math
 import re
 import signal as signals
 
+import regex as patterns
+
 from .._signals import describe_signal, signal_name
 from .harness import Planned, RawCase
 from .result import CaseResult
@@ -42,6 +44,13 @@ _MISSING_PROGRAM = re.compile(
     rb"can't open file .*No such file or directory|Could not find or load main class"
     rb"|Cannot find module"
 )
+#: Seconds past its timeout after which a case is over time even if the watchdog did not
+#: stop it (a program can rewrite the watchdog's file; the watchdog ticks every 20 ms and
+#: sends SIGKILL 0.1 s after SIGTERM).
+_LATE = 0.25
+#: Seconds a teacher's ``expect_regex`` may take on one output: a pattern that backtracks
+#: exponentially must not hold the kernel (or ``grade``) for hours.
+REGEX_TIMEOUT = 1.0
 _KILLED = 128 + signals.SIGKILL
 _FILE_TOO_LARGE = 128 + signals.SIGXFSZ
 _COMMAND_NOT_FOUND = 127
@@ -69,7 +78,7 @@ def judge(planned: Planned, raw: RawCase | None, *, request_timed_out: bool) -> 
     signal = status - 128 if status > 128 else None
     if signal is not None:
         result.signal = signal_name(signal)
-    if raw.timed_out:
+    if raw.timed_out or (elapsed is not None and elapsed > case.timeout + _LATE):
         result.verdict, result.detail = TIME_LIMIT, f"over {case.timeout:g} s"
         result.signal = None
     elif status == _FILE_TOO_LARGE or raw.stdout_size >= planned.output_limit:
@@ -109,7 +118,7 @@ def _blank(case: Case) -> CaseResult:
         verdict=NOT_RUN,
         points=case.points,
         hidden=case.hidden,
-        expected=None if case.expect is None else case.expect[:_SHOWN],
+        expected=None if case.expect is None or case.hidden else case.expect[:_SHOWN],
     )
 
 
@@ -135,7 +144,12 @@ def compare(case: Case, got: str, size: int, kept: int) -> tuple[str, str]:
     if case.expect_regex is not None:
         if size > kept:
             return WRONG_OUTPUT, f"the output ({size} bytes) is longer than a check reads"
-        if re.fullmatch(case.expect_regex, _trailing(got)):
+        try:
+            matched = patterns.fullmatch(case.expect_regex, _trailing(got), timeout=REGEX_TIMEOUT)
+        except TimeoutError:
+            return WRONG_OUTPUT, (f"matching /{case.expect_regex}/ took over {REGEX_TIMEOUT:g} s "
+                                  "(a pattern that backtracks: simplify it)")  # fmt: skip
+        if matched:
             return PASSED, ""
         return WRONG_OUTPUT, f"the output does not match /{case.expect_regex}/"
     if case.expect is None:
@@ -155,8 +169,11 @@ def compare(case: Case, got: str, size: int, kept: int) -> tuple[str, str]:
 
 
 def _trailing(text: str) -> str:
-    """Trailing whitespace of each line and final newlines dropped."""
-    return "\n".join(line.rstrip() for line in text.splitlines()).rstrip("\n")
+    """Trailing spaces, tabs and carriage returns of each line, and final newlines, dropped.
+
+    Lines are split at ``\n`` only: ``str.splitlines`` would also split at ``\x1c``,
+    ``\x85`` or U+2028, and an output with those would pass for one with newlines."""
+    return "\n".join(line.rstrip(" \t\r") for line in text.split("\n")).rstrip("\n")
 
 
 def _same_numbers(got: str, expected: str, tolerance: float) -> bool:

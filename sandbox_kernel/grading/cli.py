@@ -22,7 +22,7 @@ from ..lab.processes import stopped_by
 from ..settings import COMMAND_NAMES, Resolved, SandboxSettings, Source, resolve
 from .batch import grade_all
 from .progress import Progress, format_duration
-from .questions import BadTests, load_questions
+from .questions import BadTests, fit_budget, load_questions
 from .report import write_reports
 from .results import NotebookResult, Question
 
@@ -103,8 +103,11 @@ def run(args: argparse.Namespace) -> int:
     with StopSignals() as signals:
         try:
             resolved = resolve(args.url, token, names=COMMAND_NAMES)
-            _check_sandbox(resolved.settings)
+            fit_budget(questions, _check_sandbox(resolved.settings), args.tests)
             return _grade(args, notebooks, questions, resolved.settings)
+        except BadTests as problem:  # a table this sandbox cannot run: nothing was graded
+            print(f"{PROG}: {problem}", file=sys.stderr)
+            return EXIT_USAGE
         except KeyboardInterrupt as interrupt:
             signals.ignore()
             print(f"\n{PROG}: {stopped_by(interrupt)}: grading stopped, kernels killed; "
@@ -142,15 +145,16 @@ def _check_writable(path: Path, option: str) -> None:
         raise UsageProblem(f"{option} {path} is a folder: give a file name")
 
 
-def _check_sandbox(settings: SandboxSettings) -> None:
+def _check_sandbox(settings: SandboxSettings) -> float | None:
     """Fail now, before any notebook, when the sandbox cannot be reached: otherwise every
-    row would be a zero for a reason that has nothing to do with the students."""
+    row would be a zero for a reason that has nothing to do with the students. Its
+    ``execute_timeout``, when it tells."""
     from ..client import Sandbox
 
     with Sandbox(settings.url, timeout=settings.side_timeout, token=settings.token,
                  timeout_setting=settings.side_timeout_setting) as sandbox:  # fmt: skip
         try:
-            sandbox.specs()
+            return sandbox.specs().execute_timeout
         except SandboxError as error:
             raise SandboxError(
                 f"the sandbox at {settings.url} cannot be used ({error}); nothing was graded"

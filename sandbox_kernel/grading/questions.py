@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .report import SUMMARY_COLUMNS
 from .results import Question
+
+#: The CSV's own columns: a question may not take one of these names.
+RESERVED_COLUMNS = frozenset({"notebook", *SUMMARY_COLUMNS})
 
 
 class BadTests(ValueError):
@@ -22,6 +26,10 @@ def load_questions(folder: Path) -> list[Question]:
     if not folder.is_dir():
         raise BadTests(f"--tests {folder}: no such folder; give the folder of the NAME.yaml tables")
     paths = sorted(folder.glob("*.yaml"), key=lambda path: path.stem)
+    ignored = sorted(path.name for path in folder.glob("*.yml"))
+    if ignored:
+        raise BadTests(f"--tests {folder}: {', '.join(ignored)}: name tables NAME.yaml (the "
+                       "questions are the *.yaml files)")  # fmt: skip
     if not paths:
         raise BadTests(
             f"--tests {folder}: no *.yaml table in it; write one table per question, "
@@ -38,6 +46,29 @@ def load_questions(folder: Path) -> list[Question]:
                 f"{path}: the table has no 'run': write the program to run at its top "
                 "(run: ./sum), as a grading table is not under a %%sandbox_check line"
             )
+        if path.stem in RESERVED_COLUMNS:
+            raise BadTests(f"{path}: {path.stem!r} is a column of grades.csv already: rename "
+                           "the table (and the check: tag)")  # fmt: skip
         names = tuple(case.name for case in table.cases)
         questions.append(Question(path.stem, float(table.total), names, table.inline()))
     return questions
+
+
+def fit_budget(questions: list[Question], execute_timeout: float | None, folder: Path) -> None:
+    """Refuse, before anything runs, a table whose case cannot run on this sandbox (its
+    timeout is over the sandbox's time per request): every student would get 0 for it."""
+    from ..checking.check import PUBLIC_EXECUTE_TIMEOUT
+    from ..checking.harness import plan_batches
+    from ..checking.table import parse_table
+
+    budget = (execute_timeout or PUBLIC_EXECUTE_TIMEOUT) - 1
+    for question in questions:
+        table = parse_table(question.table_text, source=question.name, resolve=_no_files)
+        try:
+            plan_batches(table.cases, budget)
+        except ValueError as error:
+            raise BadTests(f"{folder / question.name}.yaml: {error}") from None
+
+
+def _no_files(name: str) -> Path:
+    raise ValueError("an inlined table names no file")

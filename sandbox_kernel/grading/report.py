@@ -32,15 +32,21 @@ def csv_header(questions: list[Question]) -> list[str]:
 def csv_row(result: NotebookResult, questions: list[Question]) -> list[str]:
     scores = [points(result.questions[question.name].score) for question in questions]
     return [
-        result.notebook,
+        _not_a_formula(result.notebook),
         *scores,
         points(result.score),
         points(result.max),
         str(result.passed),
         str(result.failed),
         str(result.status),
-        result.notes(),
+        _not_a_formula(result.notes()),
     ]
+
+
+def _not_a_formula(text: str) -> str:
+    """A text a submission chose (its file name, its error) as a spreadsheet shows it:
+    ``=HYPERLINK(...)`` would be a formula, so a leading ``= + - @`` gets a ``'``."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 def csv_text(results: list[NotebookResult], questions: list[Question]) -> str:

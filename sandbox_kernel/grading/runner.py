@@ -275,7 +275,7 @@ class _Kernel:
 
     def execute(self, code: str, deadline: float, check: bool = False) -> Execution:
         """Run ``code`` as one cell; keep its error, and (``check``) its check result."""
-        msg_id = self.client.execute(code, store_history=True, allow_stdin=False,
+        msg_id = self.client.execute(code, store_history=not check, allow_stdin=False,
                                      stop_on_error=False)  # fmt: skip
         execution = Execution()
         while True:

@@ -153,6 +153,8 @@ def _program(language: Language, args: argparse.Namespace, heap: int) -> str:
                               stem=shlex.quote(stem), heap=heap, args="").strip()  # fmt: skip
     if not folder:
         return run
+    if language.name == "java":  # no shell: the check sets the JVM's -Xmx for memory:
+        return run.replace("-cp .", f"-cp {shlex.quote(folder)}")
     if language.compile:  # compiled where the source is: run from there
         return f"cd {shlex.quote(folder)} && {run}"
     return language.run.format(file=shlex.quote(args.file), stem=shlex.quote(stem),

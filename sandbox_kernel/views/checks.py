@@ -9,6 +9,7 @@ verdict, points and time only. The bundle also carries the result as JSON
 from __future__ import annotations
 
 import html
+import re
 
 from ..checking import CHECK_MIME, CaseResult, CheckResult
 from .render import Bundle
@@ -120,15 +121,24 @@ def _time(case: CaseResult) -> str:
     return f"{case.time * 1000:.0f} ms" if case.time < 1 else f"{case.time:.2f} s"
 
 
+def _printable(text: str) -> str:
+    """Control characters of a program's output written as escapes (``\x1b``): a terminal
+    must not obey them, nor a grader's log."""
+    return _CONTROL.sub(lambda found: repr(found.group())[1:-1], text)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 def _one_line(text: str | None) -> str:
     if text is None:
         return ""
-    shown = text.rstrip("\n").replace("\n", "⏎")
+    shown = _printable(text.rstrip("\n")).replace("\n", "⏎")
     return shown if len(shown) <= _CELL else shown[: _CELL - 1] + "…"
 
 
 def _code(text: str | None) -> str:
     if text is None:
         return ""
-    shown = text if len(text) <= 400 else text[:399] + "…"
+    shown = _printable(text if len(text) <= 400 else text[:399] + "…")
     return f"<pre style='margin:0;white-space:pre-wrap'>{html.escape(shown)}</pre>"

@@ -471,3 +471,107 @@ def test_html_escapes_what_a_program_printed() -> None:
     page = check_bundle(CheckResult("./x", [case]))["text/html"]
     assert "<script>" not in page and "<img>" not in page and "<b>n</b>" not in page
     assert "&lt;script&gt;" in page
+
+
+# -- what the review found -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["a\x85  b", "\x9b\x7f\ufffe", "é 😀 \u2028 end", "tab\there"])
+def test_an_inlined_table_reads_back_the_same(text: str) -> None:
+    """``grade`` sends tables as ``inline()`` text: JSON, read as JSON (YAML would turn
+    U+0085 into a space and refuse U+009B)."""
+    table = parse_table(
+        json.dumps({"run": "./x", "cases": [{"stdin": text, "expect": text, "tolerance": 0}]}),
+        resolve=refuse,
+    )
+    again = parse_table(table.inline(), resolve=refuse)
+    assert again == table and again.cases[0].expect == text
+    assert again.cases[0].tolerance == 0  # 0 is a tolerance, not "the default"
+
+
+def test_aliases_and_deep_nesting_are_refused_quickly() -> None:
+    levels = ["&x0 [a,a,a,a,a,a,a,a,a]"]
+    levels += [f"&x{i} [" + ",".join([f"*x{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    with pytest.raises(TableError, match="aliases"):
+        parse("- name: a\n  args: [" + ", ".join(levels) + "]\n")
+    with pytest.raises(TableError, match=r"nested too deeply|not valid YAML"):
+        parse("- args: " + "[" * 50_000)
+    with pytest.raises(TableError) as refused:  # a big wrong value is named briefly
+        parse("- args: [" + ", ".join(["[1, 2, 3]"] * 10_000) + "]")
+    assert len(str(refused.value)) < 400
+
+
+def test_a_record_line_nested_deeply_is_ignored() -> None:
+    planned = batch("5")
+    text = record([(0, 0, 1.0, 1.1)], [b"5\n"])
+    raws = read_record('{"case":' + "[" * 200_000 + "\n" + text, planned)
+    assert judge(planned[0], raws[0], request_timed_out=False).verdict == "passed"
+
+
+def test_a_case_over_its_time_is_a_time_limit_even_if_the_watchdog_was_fooled() -> None:
+    """A program can rewrite the watchdog's file; its time still gives it away."""
+    planned = Planned(0, Case("slow", timeout=1.0, expect="5"))
+    raw = read_record(record([(0, 0, 1.0, 4.0)], [b"5\n"]), [planned])[0]
+    assert judge(planned, raw, request_timed_out=False).verdict == "time limit"
+
+
+def test_hidden_cases_keep_no_data_even_when_they_did_not_run() -> None:
+    from sandbox_kernel.checking import compilation_failed
+    from sandbox_kernel.checking.verdicts import not_run
+
+    case = Case("secret", expect="THE HIDDEN ANSWER", hidden=True)
+    assert not_run(case).expected is None
+    table = parse_table('- {expect: "THE HIDDEN ANSWER", hidden: true}', run="./x", resolve=refuse)
+    assert compilation_failed(table).cases[0].expected is None
+
+
+def test_a_backtracking_pattern_gives_up_with_a_verdict() -> None:
+    case = Case("r", expect_regex="(a|aa)+c")
+    verdict, detail = compare(case, "a" * 60 + "!", 61, 16384)
+    assert verdict == "wrong output" and "took over" in detail
+
+
+def test_trailing_splits_lines_at_newlines_only() -> None:
+    case = Case("t", expect="a\nb")
+    for sneaky in ("a\x1cb", "a\x85b", "a\u2028b", "a\x0bb"):
+        assert compare(case, sneaky, len(sneaky), 100)[0] == "wrong output", repr(sneaky)
+    assert compare(case, "a \t\r\nb\r\n\n", 10, 100)[0] == "passed"
+
+
+def test_the_session_variables_go_to_the_cases_not_to_the_harness() -> None:
+    request = build_request(
+        [Planned(0, Case("a"))], "./sum", state_file=None, environment=None,
+        environ={"BASH_ENV": "/home/student/hook.sh", "COURSE": "c 101"},
+        request_timeout=60, stop_on_failure=False,
+    )  # fmt: skip
+    assert "environ" not in request.config  # bash would read BASH_ENV before the harness
+    command = request.config["commands"][0]["command"]
+    assert "export BASH_ENV=/home/student/hook.sh" in command
+    assert "export COURSE='c 101'" in command
+
+
+def test_java_behind_shell_syntax_gets_its_heap_limit_without_ulimit() -> None:
+    script = sent(Case("j", memory=64), run="cd j && java -cp . Main")
+    assert "export JAVA_TOOL_OPTIONS=-Xmx64m" in script and "ulimit -v" not in script
+
+
+def test_a_timeout_that_fits_no_request_says_the_most_it_may_be() -> None:
+    with pytest.raises(ValueError, match=r"at most 58\.85 s"):
+        plan_batches(cases(1, timeout=58.9), 59)
+    with pytest.raises(ValueError, match=r"at most 298\.85 s"):
+        plan_batches(cases(1, timeout=299), 299)
+
+
+def test_an_expect_file_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "pipe.out")
+    (tmp_path / "t.yaml").write_text("- {expect_file: pipe.out}\n")
+    with pytest.raises(TableError, match="not a regular file"):
+        load_table(tmp_path / "t.yaml")
+
+
+def test_control_characters_of_an_output_are_shown_as_escapes() -> None:
+    result = CheckResult("./x", [CaseResult("c", "wrong output", 1, got="\x1b[2Jboom\r!")])
+    text = check_bundle(result)["text/plain"]
+    assert "\x1b" not in text and "\\x1b[2Jboom\\r!" in text

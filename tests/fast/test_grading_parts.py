@@ -180,6 +180,8 @@ def test_the_check_sent_reads_back_as_the_same_table(tmp_path: Path) -> None:
         ({"sum.yaml": "run: ./sum\ncases:\n- {expected: '3'}\n"}, "expected"),
         ({"sum.yaml": "run: ./sum\ncases: [\n"}, "sum.yaml"),
         ({"a.yaml": "run: ./a\ncases:\n- {expect: x}\n", "b.yaml": "- {stdin: 1}\n"}, "b.yaml"),
+        ({"total.yaml": "run: ./a\ncases:\n- {expect: x}\n"}, "a column of grades.csv"),
+        ({"a.yaml": "run: ./a\ncases: [{expect: x}]", "b.yml": "run: ./b"}, "b.yml"),
     ],
 )
 def test_a_bad_table_stops_everything(tmp_path: Path, files: dict[str, str], message: str) -> None:
@@ -188,6 +190,18 @@ def test_a_bad_table_stops_everything(tmp_path: Path, files: dict[str, str], mes
     with pytest.raises(BadTests) as raised:
         load_questions(tmp_path)
     assert message in str(raised.value)
+
+
+def test_a_table_this_sandbox_cannot_run_stops_everything(tmp_path: Path) -> None:
+    from sandbox_kernel.grading.questions import fit_budget
+
+    (tmp_path / "slow.yaml").write_text("run: ./main\ncases:\n- {expect: '2', timeout: 30}\n")
+    questions = load_questions(tmp_path)
+    fit_budget(questions, 60.0, tmp_path)  # fits the embedded server's 60 s
+    with pytest.raises(BadTests, match=r"slow\.yaml: case 'case 1': its timeout of 30 s"):
+        fit_budget(questions, 10.0, tmp_path)
+    with pytest.raises(BadTests, match=r"at most 8\.85 s"):  # the public server's 10 s, untold
+        fit_budget(questions, None, tmp_path)
 
 
 def test_tests_must_be_a_folder(tmp_path: Path) -> None:
@@ -272,6 +286,13 @@ def test_the_csv_has_a_row_per_notebook_and_a_column_per_question() -> None:
     assert "1 cell failed (cell 3: MagicError: %sandbox_upload is disabled)" in rows[2][8]
     assert rows[3][:8] == ["subs/broken.ipynb", "0", "0", "0", "6", "0", "5", "invalid notebook"]
     assert len(rows) == 4
+
+
+def test_a_submission_cannot_put_a_formula_in_the_csv() -> None:
+    [row] = graded_rows()[:1]
+    row.notebook = '=HYPERLINK("http://x")'
+    rows = list(csv.reader(io.StringIO(csv_text([row], [GREET, SUM]))))
+    assert rows[1][0] == '\'=HYPERLINK("http://x")'
 
 
 def test_notes_stay_one_short_line() -> None:
