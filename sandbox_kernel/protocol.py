@@ -54,6 +54,9 @@ SERVER_NOTE: Final = "[sandbox] "
 #: (group 1: the limit in bytes).
 OUTPUT_CUT_NOTE: Final = SERVER_NOTE + "output cut after {limit} (--max-output)"
 OUTPUT_CUT_PATTERN: Final = r"\[sandbox\] output cut after ([0-9]+) \(--max-output\)"
+#: The line a command the memory cgroup killed gets at the end of its stderr.
+MEMORY_NOTE: Final = SERVER_NOTE + "killed: memory limit of {limit} reached."
+MEMORY_NOTE_PATTERN: Final = r"\[sandbox\] killed: memory limit of .* reached\.?"
 
 #: The line a streamed run's stopped command gets at the end of its stderr (our extension,
 #: docs/protocol-extensions.md: "execute/stream/").

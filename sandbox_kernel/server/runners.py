@@ -42,7 +42,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
-from ..protocol import WORKING_DIR
+from ..protocol import MEMORY_NOTE, WORKING_DIR
 from . import trees
 from .cgroups import Cgroups, MemoryKills, RunCgroup
 from .seccomp import SeccompFilter, load_filter
@@ -353,7 +353,7 @@ class Runner:
         self.spent = True
         outcome.out_of_memory = True
         limit = format_size(self.isolation.settings.memory_limit)
-        outcome.notes.append(f"[sandbox] killed: memory limit of {limit} reached.")
+        outcome.notes.append(MEMORY_NOTE.format(limit=limit))
 
     async def _execute(self, command: str, environ: Mapping[str, str], grouped: bool) -> int:
         """Run the command; ``grouped``: in a process group of its own (a streamed run may

@@ -537,7 +537,7 @@ def _under_tmp(cwd: str) -> bool:
 
 _OUTPUT_CUT = re.compile(protocol.OUTPUT_CUT_PATTERN)
 #: The embedded server's line for a command its memory cgroup killed.
-_MEMORY_NOTE = re.compile(r"\[sandbox\] killed: memory limit of .* reached")
+_MEMORY_NOTE = re.compile(protocol.MEMORY_NOTE_PATTERN)
 
 
 def _readable_notes(added: str, error: CellError | None = None) -> list[str]:
