@@ -80,7 +80,7 @@ def _adapter(shell: InteractiveShell, magic: magics.Magic) -> Any:
             raise UsageError(str(problem)) from None
         if result.script is not None:  # a teaching cell: its output is shown already
             outcome = _run_cell(shell, result.script)
-            if result.then is None or (outcome.error is not None and outcome.exit_code is None):
+            if result.then is None or not outcome.ran:
                 return _ShownOutcome(**vars(outcome))  # no --check, or the script never ran
             try:
                 result = result.then(outcome)  # its --check

@@ -40,10 +40,7 @@ def run_check(session: Session, table: CheckTable) -> CheckResult:
             "run: in the table"
         )
     limit = session.server_timeout() or PUBLIC_EXECUTE_TIMEOUT
-    try:
-        batches = plan_batches(table.cases, limit - 1)
-    except ValueError as error:
-        raise TableError(str(error)) from None
+    batches = plan_requests(table, limit)
     results: dict[int, CaseResult] = {}
     requests = 0
     for batch in batches:
@@ -58,6 +55,17 @@ def run_check(session: Session, table: CheckTable) -> CheckResult:
     if table.stop_on_failure:
         cases = _hide_after_failure(cases, table)
     return CheckResult(str(table.run), cases, requests=requests, request_budget=limit)
+
+
+def plan_requests(table: CheckTable, execute_timeout: float | None) -> list[list[Planned]]:
+    """The requests ``table`` takes on a server whose ``execute_timeout`` is this (None: it
+    does not tell, the public server's default); a case that fits none raises
+    :class:`TableError`."""
+    budget = (execute_timeout or PUBLIC_EXECUTE_TIMEOUT) - 1  # a second for the harness
+    try:
+        return plan_batches(table.cases, budget)
+    except ValueError as error:
+        raise TableError(str(error)) from None
 
 
 def compilation_failed(table: CheckTable) -> CheckResult:

@@ -285,9 +285,10 @@ class _Reader:
         value = self.data.get(key)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        text = _scalar_text(value)
+        if text is None:
             raise self.fail(key, "a string")
-        return value if isinstance(value, str) else _number_text(value)
+        return text
 
     def words(self, key: str) -> tuple[str, ...]:
         value = self.data.get(key)
@@ -297,11 +298,10 @@ class _Reader:
             raise self.fail(key, 'a list of arguments, like ["--big", "3"]')
         if not isinstance(value, list):
             raise self.fail(key, "a list of arguments")
-        words = []
-        for item in value:
-            if isinstance(item, bool) or not isinstance(item, (str, int, float)):
-                raise self.fail(key, "a list of strings")
-            words.append(item if isinstance(item, str) else _number_text(item))
+        texts = [_scalar_text(item) for item in value]
+        words = [text for text in texts if text is not None]
+        if len(words) != len(texts):
+            raise self.fail(key, "a list of strings")
         if any("\0" in word for word in words):
             raise self.fail(key, "free of NUL characters")
         return tuple(words)
@@ -315,14 +315,15 @@ class _Reader:
             raise self.fail(key, "a mapping")
         pairs = []
         for name, content in value.items():
-            if isinstance(content, bool) or not isinstance(content, (str, int, float)):
+            text = _scalar_text(content)
+            if text is None:
                 raise self.fail(key, "a mapping of strings")
             name = str(name)
             if names and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
                 raise TableError(f"{self.where}: env: {name!r} is not a variable name")
             if not names:
                 _check_relative(name, f"{self.where}: files")
-            pairs.append((name, content if isinstance(content, str) else _number_text(content)))
+            pairs.append((name, text))
         return tuple(pairs)
 
     def number(self, key: str, *, minimum: float) -> float | None:
@@ -353,8 +354,14 @@ _SHORT_REPR = reprlib.Repr()
 _SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 2, 60, 60
 
 
-def _number_text(value: float) -> str:
-    return str(value)
+def _scalar_text(value: object) -> str | None:
+    """A string as it is, a number as written (``expect: 5``); None for anything else (a
+    boolean, a list, a mapping)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
 
 
 def _check_relative(name: str, where: str) -> None:

@@ -57,16 +57,14 @@ def load_questions(folder: Path) -> list[Question]:
 def fit_budget(questions: list[Question], execute_timeout: float | None, folder: Path) -> None:
     """Refuse, before anything runs, a table whose case cannot run on this sandbox (its
     timeout is over the sandbox's time per request): every student would get 0 for it."""
-    from ..checking.check import PUBLIC_EXECUTE_TIMEOUT
-    from ..checking.harness import plan_batches
-    from ..checking.table import parse_table
+    from ..checking.check import plan_requests
+    from ..checking.table import TableError, parse_table
 
-    budget = (execute_timeout or PUBLIC_EXECUTE_TIMEOUT) - 1
     for question in questions:
         table = parse_table(question.table_text, source=question.name, resolve=_no_files)
         try:
-            plan_batches(table.cases, budget)
-        except ValueError as error:
+            plan_requests(table, execute_timeout)
+        except TableError as error:
             raise BadTests(f"{folder / question.name}.yaml: {error}") from None
 
 

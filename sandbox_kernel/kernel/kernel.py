@@ -335,8 +335,8 @@ class SandboxKernel(Kernel):
     ) -> CellOutcome | None:
         """What a magic does after its script (a teaching cell's ``--check``): its output
         replaces the script's outcome (a failed compilation is a verdict, not an error)."""
-        if outcome.error is not None and outcome.exit_code is None:
-            return outcome  # the script never ran (unreachable, interrupted)
+        if not outcome.ran:
+            return outcome  # unreachable, interrupted: nothing to check
         if not silent:
             self._publish(outcome)  # the compiler's messages; its error is the verdicts'
         result = await self._run_magic_cancellable(lambda: then(outcome))

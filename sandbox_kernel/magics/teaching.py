@@ -147,18 +147,20 @@ def _check_table(
 
 def _program(language: Language, args: argparse.Namespace, heap: int) -> str:
     """The command that runs the cell's program, from the working directory."""
-    stem = posixpath.splitext(posixpath.basename(args.file))[0]
-    folder = posixpath.dirname(args.file)
-    run = language.run.format(file=shlex.quote(posixpath.basename(args.file)),
-                              stem=shlex.quote(stem), heap=heap, args="").strip()  # fmt: skip
+    folder, name = posixpath.split(args.file)
+    stem = posixpath.splitext(name)[0]
+
+    def run(file: str) -> str:
+        return language.run.format(file=shlex.quote(file), stem=shlex.quote(stem), heap=heap,
+                                   args="").strip()  # fmt: skip
+
     if not folder:
-        return run
+        return run(name)
     if language.name == "java":  # no shell: the check sets the JVM's -Xmx for memory:
-        return run.replace("-cp .", f"-cp {shlex.quote(folder)}")
+        return run(name).replace("-cp .", f"-cp {shlex.quote(folder)}")
     if language.compile:  # compiled where the source is: run from there
-        return f"cd {shlex.quote(folder)} && {run}"
-    return language.run.format(file=shlex.quote(args.file), stem=shlex.quote(stem),
-                               heap=heap, args="").strip()  # fmt: skip
+        return f"cd {shlex.quote(folder)} && {run(name)}"
+    return run(args.file)
 
 
 def build(

@@ -97,6 +97,12 @@ class CellOutcome:
         return self.error is None
 
     @property
+    def ran(self) -> bool:
+        """Whether the cell reached the sandbox and ran (False: unreachable, refused, or
+        interrupted before an answer)."""
+        return self.error is None or self.exit_code is not None
+
+    @property
     def environment(self) -> str | None:
         """The environment this cell saved (None if it never reached the sandbox)."""
         return (self.answer or {}).get("environment")
