@@ -11,7 +11,7 @@ one request per case would cost minutes).
 from __future__ import annotations
 
 from .. import protocol
-from .._errors import Sandbox404
+from .._errors import Sandbox404, SandboxHTTPError
 from ..session.session import Session
 from . import verdicts
 from .harness import HarnessError, Planned, build_request, plan_batches, read_record
@@ -95,6 +95,17 @@ def _run_batch(
                 "lost): run the cells that build the program again, then the check."
             ) from None
         raise CheckFailed(f"The sandbox could not run the check: {error}") from None
+    except SandboxHTTPError as error:
+        if error.status_code not in (400, 413):
+            raise
+        # The config is ours and valid: what the server refuses is the size of the request,
+        # which carries every case's stdin and files.
+        raise CheckFailed(
+            f"The sandbox refused the check's request ({error.status_code}: "
+            f"{error.response.text[:200]!r}): the cases' stdin and files travel with it, and "
+            "are more than this sandbox accepts. Make them smaller, or split the table; on "
+            "the embedded server, --max-upload and --max-archive-bytes set the limits."
+        ) from None
     try:
         raws = read_record(answer.get("result"), batch)
     except HarnessError as error:
