@@ -38,6 +38,7 @@ SLOW_SUITES = frozenset(
     {
         "hostile",
         "faults",
+        "cluster",
         "load",
         "test_cli.py",
         "test_kernel_suite.py",

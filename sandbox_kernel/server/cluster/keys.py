@@ -1,0 +1,179 @@
+"""Every Redis key, TTL and Lua script of the cluster, in one place (design B3, B4).
+
+All keys start with ``sk:`` (and the Celery queues with ``sk.``), so one Redis can serve other
+applications too. A key is only ever built here, from a job id or a name checked against
+:data:`JOB_ID_RE` or :data:`NAME_RE`: text from a message can never reach another key space.
+
+The claim (:func:`claim`) is the one rule that makes the cluster safe. A job runs only after
+``SET sk:claim:<job> <owner> NX`` succeeded for a worker; a front that stops waiting claims the
+job itself (:func:`give_up`), so either a worker runs it or the front answers 503 (nothing
+ran), never both. Fallback copies and late redeliveries of a message find the key and are
+dropped, which is why the claim outlives any redelivery (:data:`CLAIM_TTL_MS`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Final
+
+from ...protocol import is_uuid
+
+if TYPE_CHECKING:
+    import redis
+    import redis.asyncio
+
+PREFIX: Final = "sk:"
+
+#: A job id: a uuid4 in hex, as the front makes them (``uuid.uuid4().hex``).
+JOB_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
+#: A worker's or a front's name (``<hostname>-<pid>`` by default): no ``:``, so no name can
+#: pass for the fronts' reserved owners (:data:`OWNER_GAVE_UP`), and no space or control
+#: character, so it is safe in keys, queue names and logs.
+NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+# Timings and sizes.
+#: A claim outlives the broker's visibility timeout (at least 300 s) and any late
+#: redelivery of the message, which must find it and be dropped (design A2, B4): one day.
+CLAIM_TTL_MS: Final = 24 * 3600 * 1000
+#: A worker refreshes its heartbeat this often ...
+HEARTBEAT_INTERVAL: Final = 0.25
+#: ... and the key lives this long: a worker that stopped beating is seen dead within 1 s.
+HEARTBEAT_TTL_MS: Final = 1000
+#: Replies kept per front inbox and messages per worker control stream (``XADD MAXLEN ~``).
+INBOX_MAXLEN: Final = 10_000
+CONTROL_MAXLEN: Final = 1_000
+#: An uploaded archive up to this size travels in Redis (``sk:upload:<job>``), larger ones
+#: through the bucket; either is deleted after the run, and the Redis copy expires anyway.
+UPLOAD_INLINE_MAX: Final = 1024**2
+UPLOAD_TTL_S: Final = 120
+
+# Owners a front writes in a claim: reserved, since a worker's name cannot contain ``:``.
+OWNER_GAVE_UP: Final = "front:gave-up"
+OWNER_CANCELLED: Final = "front:cancelled"
+FRONT_OWNERS: Final = frozenset({OWNER_GAVE_UP, OWNER_CANCELLED})
+
+# Keys with fixed names.
+#: zset of waiting jobs, score = enqueue time in ms: ``ZRANK`` is "N ahead of you".
+WAITING: Final = PREFIX + "waiting"
+#: set of the worker names ever seen; readers keep those whose heartbeat key lives.
+WORKERS: Final = PREFIX + "workers"
+#: hash ``{bytes, inodes}``: the cluster-wide storage quota.
+QUOTA: Final = PREFIX + "quota"
+#: one sweeper at a time (``SET NX PX``).
+SWEEP_LOCK: Final = PREFIX + "sweep-lock"
+#: the cluster's ``server_id`` in ``specifications/`` (``SET NX`` by the first front).
+CLUSTER_ID: Final = PREFIX + "cluster-id"
+#: the Celery queue every worker consumes.
+SHARED_QUEUE: Final = "sk.shared"
+
+
+def job_id(text: object) -> str:
+    """``text`` if it is a job id, else :class:`ValueError` (no key is built from junk)."""
+    if not isinstance(text, str) or not JOB_ID_RE.fullmatch(text):
+        raise ValueError(f"not a job id (32 lowercase hex digits): {_shown(text)}")
+    return text
+
+
+def name(text: object) -> str:
+    """``text`` if it is a worker or front name, else :class:`ValueError`."""
+    if not isinstance(text, str) or not NAME_RE.fullmatch(text):
+        raise ValueError(
+            f"not a worker or front name (letters, digits, '.', '_' and '-', at most 100, "
+            f"starting with a letter or digit): {_shown(text)}"
+        )
+    return text
+
+
+def claim_key(job: str) -> str:
+    """``sk:claim:<job>``: who owns the job, a worker's name or a front's reserved owner."""
+    return f"{PREFIX}claim:{job_id(job)}"
+
+
+def worker_key(worker: str) -> str:
+    """``sk:worker:<name>``: the worker's heartbeat, JSON, :data:`HEARTBEAT_TTL_MS`."""
+    return f"{PREFIX}worker:{name(worker)}"
+
+
+def worker_queue(worker: str) -> str:
+    """The Celery queue only this worker consumes (routing to where an environment is)."""
+    return f"sk.w.{name(worker)}"
+
+
+def env_key(uuid: str) -> str:
+    """``sk:env:<uuid>``: the workers that hold this environment locally."""
+    if not is_uuid(uuid):
+        raise ValueError(f"not an environment uuid: {_shown(uuid)}")
+    return f"{PREFIX}env:{uuid.lower()}"
+
+
+def inbox_key(front: str) -> str:
+    """``sk:inbox:<front>``: the one reply stream of a front (all its jobs' events)."""
+    return f"{PREFIX}inbox:{name(front)}"
+
+
+def control_key(worker: str) -> str:
+    """``sk:control:<worker>``: stdin, eof, stop and cancel for the jobs a worker runs."""
+    return f"{PREFIX}control:{name(worker)}"
+
+
+def upload_key(job: str) -> str:
+    """``sk:upload:<job>``: an uploaded archive up to :data:`UPLOAD_INLINE_MAX` bytes."""
+    return f"{PREFIX}upload:{job_id(job)}"
+
+
+#: KEYS[1] = the claim key, KEYS[2] = the waiting zset; ARGV = owner, TTL in ms, job id.
+#: Returns 1 if ``owner`` now owns the job (and took it out of the queue), 0 if someone
+#: already did. ``SET ... NX`` answers nil (false in Lua) when the key exists.
+CLAIM_SCRIPT: Final = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('ZREM', KEYS[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+def _claim_call(job: str, owner: str) -> tuple[list[str], list[str | int]]:
+    if owner not in FRONT_OWNERS:
+        name(owner)
+    return [claim_key(job), WAITING], [owner, CLAIM_TTL_MS, job]
+
+
+def claim(client: redis.Redis, job: str, owner: str) -> bool:
+    """Claim ``job`` for ``owner`` (a worker's name), atomically: True if it is now ours.
+
+    A worker runs a job only after this answered True; on False the message is a copy, a
+    redelivery, or a job its front gave up on, and is dropped.
+    """
+    keys, args = _claim_call(job, owner)
+    return bool(client.register_script(CLAIM_SCRIPT)(keys, args))
+
+
+async def claim_async(client: redis.asyncio.Redis, job: str, owner: str) -> bool:
+    """:func:`claim` on a ``redis.asyncio`` client."""
+    keys, args = _claim_call(job, owner)
+    return bool(await client.register_script(CLAIM_SCRIPT)(keys, args))
+
+
+def give_up(client: redis.Redis, job: str, owner: str = OWNER_GAVE_UP) -> bool:
+    """The front's side of the claim: True means no worker can ever run ``job`` (503 is
+    true); False means a worker claimed it first, and the front waits for its answer.
+    ``owner`` is :data:`OWNER_GAVE_UP` (queue wait over) or :data:`OWNER_CANCELLED`."""
+    return claim(client, job, _front_owner(owner))
+
+
+async def give_up_async(client: redis.asyncio.Redis, job: str, owner: str = OWNER_GAVE_UP) -> bool:
+    """:func:`give_up` on a ``redis.asyncio`` client."""
+    return await claim_async(client, job, _front_owner(owner))
+
+
+def _front_owner(owner: str) -> str:
+    if owner not in FRONT_OWNERS:
+        raise ValueError(f"a front gives a job up as one of {sorted(FRONT_OWNERS)}, not {owner!r}")
+    return owner
+
+
+def _shown(value: object) -> str:
+    """A value for an error message: its repr, cut to 80 characters (it may be hostile)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

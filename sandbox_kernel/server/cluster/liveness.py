@@ -1,0 +1,246 @@
+"""Which workers are alive, and whether a job's worker still is (design B3, B6, B7).
+
+A worker proves it is alive by refreshing ``sk:worker:<name>`` every
+:data:`~.keys.HEARTBEAT_INTERVAL` (0.25 s) with a TTL of :data:`~.keys.HEARTBEAT_TTL_MS` (1 s):
+the key vanishes within a second of the worker dying, however it died. :class:`Heartbeat` is
+that refresh, in a thread of its own with a synchronous client: a worker's event loop busy with
+a 50 MB copy must not look dead. The thread is also what registers the worker again after a
+Redis restart (every beat writes the key and the ``sk:workers`` entry).
+
+:class:`Liveness` is the reading side, on ``redis.asyncio`` for fronts: the live workers (for
+``specifications/`` and ``usages/``), and whether the owner of a claimed job still beats (a
+front answers 502 when it does not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from . import keys
+
+if TYPE_CHECKING:
+    import redis
+    import redis.asyncio
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerState:
+    """What a heartbeat says: ``{"slots", "busy", "jobs", "started"}``."""
+
+    name: str
+    slots: int
+    busy: int
+    jobs: tuple[str, ...]
+    #: When the worker started (Unix time).
+    started: float
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "slots": self.slots,
+                "busy": self.busy,
+                "jobs": list(self.jobs),
+                "started": self.started,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, name: str, raw: bytes | str) -> WorkerState | None:
+        """The state in a heartbeat key, or None if it is not one (logged: someone wrote it)."""
+        try:
+            value = json.loads(raw)
+            state = cls(
+                name=name,
+                slots=value["slots"],
+                busy=value["busy"],
+                jobs=tuple(keys.job_id(job) for job in value["jobs"]),
+                started=float(value["started"]),
+            )
+        except (ValueError, KeyError, TypeError) as error:
+            log.warning("ignoring the malformed heartbeat of worker %s: %s", name, error)
+            return None
+        if type(state.slots) is not int or type(state.busy) is not int or state.slots < 1:
+            log.warning("ignoring the heartbeat of worker %s: slots or busy are no counts", name)
+            return None
+        return state
+
+
+class Heartbeat:
+    """A worker's heartbeat: a daemon thread writing its :class:`WorkerState` with a TTL.
+
+    ``client`` should have a ``socket_timeout`` below the TTL (``target.client(
+    socket_timeout=0.5)``) so that a Redis that hangs cannot hold a beat back unseen.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        name: str,
+        slots: int,
+        *,
+        interval: float = keys.HEARTBEAT_INTERVAL,
+        ttl_ms: int = keys.HEARTBEAT_TTL_MS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.name = keys.name(name)
+        self.key = keys.worker_key(name)
+        self.slots = slots
+        self.interval = interval
+        self.ttl_ms = ttl_ms
+        self.started = clock()
+        self._jobs: dict[str, None] = {}  # ordered: the oldest job first
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: Beats written, and the longest time between two written beats, in seconds: past
+        #: half the TTL, a busy machine risks a live worker looking dead (design B12, 3).
+        self.beats = 0
+        self.longest_gap = 0.0
+        self._last_beat: float | None = None
+        self._failing = False
+
+    def job_started(self, job: str) -> None:
+        with self._lock:
+            self._jobs[keys.job_id(job)] = None
+
+    def job_finished(self, job: str) -> None:
+        with self._lock:
+            self._jobs.pop(job, None)
+
+    def state(self) -> WorkerState:
+        with self._lock:
+            jobs = tuple(self._jobs)
+        return WorkerState(self.name, self.slots, len(jobs), jobs, self.started)
+
+    def beat(self) -> None:
+        """Write one beat now: the key with its TTL, and the name in ``sk:workers``."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(self.key, self.state().to_json(), px=self.ttl_ms)
+        pipe.sadd(keys.WORKERS, self.name)
+        pipe.execute()
+        now = time.monotonic()
+        if self._last_beat is not None:
+            self.longest_gap = max(self.longest_gap, now - self._last_beat)
+        self._last_beat = now
+        self.beats += 1
+
+    def start(self) -> None:
+        """Beat once (so the worker is seen as soon as this returns), then every interval."""
+        self.beat()
+        self._thread = threading.Thread(
+            target=self._run, name=f"heartbeat-{self.name}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, *, clean: bool = True) -> None:
+        """Stop beating. ``clean`` deletes the key, so fronts see the worker gone at once;
+        without it the key lives out its TTL, as after a ``kill -9``."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+        if clean:
+            try:
+                self.client.delete(self.key)
+            except Exception as error:  # the key expires anyway
+                log.warning("worker %s could not delete its heartbeat: %s", self.name, error)
+
+    def _run(self) -> None:
+        next_beat = time.monotonic() + self.interval
+        while not self._stopping.wait(max(0.0, next_beat - time.monotonic())):
+            next_beat = max(next_beat + self.interval, time.monotonic())
+            try:
+                self.beat()
+            except Exception as error:
+                self._failed(error)
+            else:
+                if self._failing:
+                    self._failing = False
+                    log.warning("worker %s reaches Redis again: its heartbeat is back", self.name)
+
+    def _failed(self, error: Exception) -> None:
+        if not self._failing:
+            self._failing = True
+            log.warning(
+                "worker %s cannot write its heartbeat (%s: %s): fronts will see it dead within "
+                "%.1f s; retrying every %.2f s",
+                self.name,
+                type(error).__name__,
+                error,
+                self.ttl_ms / 1000,
+                self.interval,
+            )
+
+
+class Liveness:
+    """A front's view of the workers, on ``redis.asyncio``."""
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self.client = client
+
+    async def alive_workers(self, *, prune: bool = True) -> dict[str, WorkerState]:
+        """The workers whose heartbeat key lives, by name. ``prune`` drops the others from
+        ``sk:workers`` (a name comes back with its next beat, should it still beat)."""
+        members = await self.client.smembers(keys.WORKERS)
+        names = sorted(filter(None, (_name(member) for member in members)))
+        if not names:
+            return {}
+        values = await self.client.mget([keys.worker_key(name) for name in names])
+        alive: dict[str, WorkerState] = {}
+        gone: list[str] = []
+        for name, value in zip(names, values, strict=True):
+            if value is None:
+                gone.append(name)
+            elif (state := WorkerState.from_json(name, value)) is not None:
+                alive[name] = state
+        if prune and gone:
+            await self.client.srem(keys.WORKERS, *gone)
+        return alive
+
+    async def owner(self, job: str) -> str | None:
+        """Who claimed ``job``: a worker's name, a front's reserved owner, or None (nobody, or
+        Redis lost the claim in a restart)."""
+        value = await self.client.get(keys.claim_key(job))
+        return None if value is None else _text(value)
+
+    async def owner_alive(self, job: str) -> bool:
+        """Whether a worker claimed ``job`` and still beats. False for an unclaimed job, a job
+        a front gave up, and a lost claim: a front asks only about jobs it saw claimed, for
+        which each of these means the run is lost."""
+        return (await self.owners_alive([job]))[job]
+
+    async def owners_alive(self, jobs: Iterable[str]) -> dict[str, bool]:
+        """:meth:`owner_alive` for many jobs in two round trips (a front's watcher checks all
+        its claimed jobs every 250 ms). A claim never changes owner once set, so reading the
+        claims and then the heartbeats is as good as one atomic read."""
+        jobs = list(jobs)
+        if not jobs:
+            return {}
+        claims = await self.client.mget([keys.claim_key(job) for job in jobs])
+        owners = {job: _text(value) for job, value in zip(jobs, claims, strict=True) if value}
+        workers = sorted({owner for owner in owners.values() if _name(owner)})
+        beating: dict[str, bool] = {}
+        if workers:
+            pipe = self.client.pipeline(transaction=False)
+            for worker in workers:
+                pipe.exists(keys.worker_key(worker))
+            beating = dict(zip(workers, map(bool, await pipe.execute()), strict=True))
+        return {job: beating.get(owners.get(job, ""), False) for job in jobs}
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _name(value: Any) -> str | None:
+    """A worker name from Redis, or None for junk (never turned into a key)."""
+    text = _text(value)
+    return text if keys.NAME_RE.fullmatch(text) else None
