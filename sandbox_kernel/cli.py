@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .install import add_arguments as add_install_arguments
     from .lab import add_arguments as add_lab_arguments
     from .server import add_arguments as add_serve_arguments
+    from .server import add_worker_arguments
 
     parser = argparse.ArgumentParser(
         prog="sandbox-kernel",
@@ -50,6 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the embedded sandbox server.",
     )
     add_serve_arguments(serve)
+
+    worker = commands.add_parser(
+        "worker",
+        help="run a worker of a sandbox cluster",
+        description="Run a worker of a sandbox cluster: it takes execute/ jobs from the "
+        "cluster's task engine on Redis (--cluster) and keeps environments in S3-API storage "
+        "(--storage), with the sandboxes, limits and caps of serve. Example: sandbox-kernel "
+        "worker --cluster redis://:PASSWORD@10.0.0.5:6379/0 --storage s3://sandbox/class1 "
+        "--workers 4",
+    )
+    add_worker_arguments(worker)
 
     run = commands.add_parser(
         "run",
@@ -122,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         from .server import run as run_server
 
         return run_server(args)
+    if args.command == "worker":
+        from .server.cluster.worker import run_worker
+
+        return run_worker(args)
     if args.command == "install":
         from .install import run as run_install
 

@@ -74,6 +74,22 @@ CAUSE_TIMEOUT: Final = "timeout"
 CAUSE_MEMORY: Final = "memory"
 CAUSE_SIGNAL: Final = "signal"
 CAUSE_OUTPUT: Final = "output"
+#: A cluster front's ``{"queue": N}`` frames on ``execute/stream/`` (N jobs ahead of this one),
+#: sent only to a client that opened the stream with :data:`QUEUE_EVENTS_QUERY`: older clients
+#: refuse frames they do not know (docs/protocol-extensions.md, "Queue events").
+EXTENSION_QUEUE: Final = "queue"
+QUEUE_EVENTS_QUERY: Final = "events=queue"
+QUEUE_FIELD: Final = "queue"
+#: The ``cluster`` object a front adds to ``specifications/``: ``{"workers": N, "slots": M}``.
+CLUSTER_FIELD: Final = "cluster"
+#: The status and body of a run a cluster lost after it may have started (a worker or Redis
+#: went down): never 503, which a client may retry because nothing ran.
+CLUSTER_LOST_STATUS: Final = 502
+CLUSTER_LOST_TEXT: Final = (
+    "Bad gateway: the cluster lost this request; it may have run (a worker or Redis went down "
+    "before answering). Check what the commands do before running them again: the session's "
+    "last saved environment is intact."
+)
 
 #: How long the server waits for a free execution slot before answering 503.
 SLOT_WAIT_SECONDS: Final = 2.0

@@ -17,7 +17,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from aiohttp import web
@@ -41,10 +42,15 @@ from .storage import Storage
 from .sysinfo import UsageSampler
 
 __all__ = [
+    "Parts",
+    "Served",
     "ServerSettings",
     "TokenSource",
     "add_arguments",
+    "add_worker_arguments",
     "assembled_app",
+    "assembled_parts",
+    "assembled_served",
     "main",
     "resolve_token",
     "serve",
@@ -66,7 +72,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not write the server's URL and token into the Jupyter runtime directory",
     )
-    add("--log-level", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
+    _add_log_level(parser)
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``sandbox-kernel worker``: the settings of ``serve`` (caps, limits,
+    ``--workers``, ``--data-dir``, the cluster's), which a worker applies to its runs. A
+    worker listens on no port and checks no token: the fronts do."""
+    add_setting_options(parser)
+    _add_log_level(parser)
+
+
+def _add_log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)"
+    )
 
 
 def _add_token_options(parser: argparse.ArgumentParser) -> None:
@@ -136,32 +156,73 @@ def settings_from_args(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Parts:
+    """What runs requests on this machine: a single server's, or a cluster worker's."""
+
+    isolation: Isolation
+    storage: Storage
+    pool: RunnerPool
+    executor: Executor
+
+
 @contextlib.asynccontextmanager
-async def assembled_app(
-    settings: ServerSettings,
-) -> AsyncIterator[tuple[web.Application, Isolation, Storage]]:
-    """The sandbox application and the parts it runs on (isolation, storage, runners, load
-    sampler, library cache, executor), started in order and stopped in the reverse one.
-    ``serve`` puts it behind a socket; tests may put it behind aiohttp's test server."""
+async def assembled_parts(
+    settings: ServerSettings, storage_type: Callable[[ServerSettings, Path], Storage] = Storage
+) -> AsyncIterator[Parts]:
+    """Isolation, storage (of ``storage_type``: a cluster worker's publishes its saves),
+    runners and executor, started in order and stopped in the reverse one."""
     assert settings.data_dir is not None
     async with contextlib.AsyncExitStack() as cleanup:
         isolation = await Isolation.probe(settings)
         if isolation.cgroups is not None:
             cleanup.push_async_callback(asyncio.to_thread, isolation.cgroups.remove)
-        storage = Storage(settings, settings.data_dir)
+        storage = storage_type(settings, settings.data_dir)
         await asyncio.to_thread(storage.open, isolation.uid)
         cleanup.push_async_callback(asyncio.to_thread, storage.close)
         pool = RunnerPool(isolation, storage.work, settings.workers)
         cleanup.push_async_callback(pool.close)
         pool.fill()
-        sampler = UsageSampler(storage.root)
+        yield Parts(isolation, storage, pool, Executor(settings, storage, isolation, pool))
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+    """An application :func:`serve` puts behind its socket, and what it says about it."""
+
+    app: web.Application
+    #: Printed when the server starts, after the URL: isolation, data dir...
+    lines: list[str]
+    #: Removes what expired (in a thread, every ``--sweep-interval``); how many went.
+    sweep: Callable[[], int] | None = None
+
+
+@contextlib.asynccontextmanager
+async def assembled_app(
+    settings: ServerSettings,
+) -> AsyncIterator[tuple[web.Application, Isolation, Storage]]:
+    """The single server's application and the parts it runs on (:func:`assembled_parts`,
+    load sampler, library cache). ``serve`` puts it behind a socket; tests may put it behind
+    aiohttp's test server."""
+    async with contextlib.AsyncExitStack() as cleanup:
+        parts = await cleanup.enter_async_context(assembled_parts(settings))
+        sampler = UsageSampler(parts.storage.root)
         sampler.start()
         cleanup.push_async_callback(sampler.stop)
-        libraries = LibraryCache(pool)
+        libraries = LibraryCache(parts.pool)
         cleanup.push_async_callback(libraries.close)
-        executor = Executor(settings, storage, isolation, pool)
-        app = SandboxApp(settings, storage, isolation, executor, libraries, sampler).build()
-        yield app, isolation, storage
+        app = SandboxApp(
+            settings, parts.storage, parts.isolation, parts.executor, libraries, sampler
+        ).build()
+        yield app, parts.isolation, parts.storage
+
+
+@contextlib.asynccontextmanager
+async def assembled_served(settings: ServerSettings) -> AsyncIterator[Served]:
+    """The single server as :func:`serve` runs it."""
+    async with assembled_app(settings) as (app, isolation, storage):
+        lines = [isolation_line(isolation), f"  data dir: {settings.data_dir}"]
+        yield Served(app, lines, storage.sweep)
 
 
 async def serve(
@@ -170,8 +231,12 @@ async def serve(
     info_file: Path | None = None,
     exit_with_parent: bool = False,
     token_file: Path | None = None,
+    assemble: Callable[[ServerSettings], AbstractAsyncContextManager[Served]] = assembled_served,
 ) -> None:
     """Run until SIGTERM or SIGINT; then kill every job and remove what was advertised.
+
+    ``assemble`` makes the application: the single server's by default, a cluster front's
+    with ``--cluster`` (:func:`.cluster.front.assembled_front`).
 
     ``token_file`` is where the token already is (``--token-file``); without it the token is
     written only into the 0600 files published here (a token file of its own in the runtime
@@ -184,7 +249,8 @@ async def serve(
     sock = _listen(settings.host, settings.port)
     async with contextlib.AsyncExitStack() as cleanup:
         cleanup.callback(sock.close)
-        app, isolation, storage = await cleanup.enter_async_context(assembled_app(settings))
+        served = await cleanup.enter_async_context(assemble(settings))
+        app = served.app
         guard = ConnectionGuard(settings.header_timeout, settings.workers)
         # First, so that the header deadline ends as soon as aiohttp has parsed the headers,
         # whatever the other middlewares answer.
@@ -216,19 +282,21 @@ async def serve(
             _unlink(token_file)  # left by a crashed server with our pid
             write_token_file(token_file, settings.token)
             cleanup.callback(_unlink, token_file)
-        _announce(url, settings, isolation, published, token_file)
-        await _wait_for_stop(storage, settings, exit_with_parent)
+        _announce(url, settings, served.lines, published, token_file)
+        await _wait_for_stop(served.sweep, settings, exit_with_parent)
         log.info("stopping: killing running jobs")
 
 
 async def _wait_for_stop(
-    storage: Storage, settings: ServerSettings, exit_with_parent: bool
+    sweep: Callable[[], int] | None, settings: ServerSettings, exit_with_parent: bool
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    background = [loop.create_task(_sweep_forever(storage, settings.sweep_interval))]
+    background = []
+    if sweep is not None:
+        background.append(loop.create_task(_sweep_forever(sweep, settings.sweep_interval)))
     if exit_with_parent:
         background.append(loop.create_task(_watch_parent(os.getppid(), stop)))
     try:
@@ -267,25 +335,27 @@ def _url_of(sock: socket.socket, host: str) -> str:
 def _announce(
     url: str,
     settings: ServerSettings,
-    isolation: Isolation,
+    about: list[str],
     files: list[Path],
     token_file: Path | None,
 ) -> None:
-    lines = [f"sandbox-kernel: serving the sandbox protocol on {url}"]
-    if isolation.isolated:
-        cgroups = isolation.cgroups.describe() if isolation.cgroups else "rlimits only"
-        lines.append(f"  isolation: bubblewrap, {cgroups}, commands run as an unprivileged user")
-    else:
-        lines.append(
-            "  isolation: NONE - commands are NOT ISOLATED and can read and write "
-            "this machine as the server's user"
-        )
-    lines.append(f"  data dir: {settings.data_dir}")
+    lines = [f"sandbox-kernel: serving the sandbox protocol on {url}", *about]
     lines.append(f"  token: {_where_the_token_is(settings, files, token_file)}")
     lines += [f"  advertised in: {path}" for path in files]
     for line in lines:
         print(line, flush=True)
         log.debug(line)
+
+
+def isolation_line(isolation: Isolation) -> str:
+    """How commands are isolated, as the start banner says it."""
+    if isolation.isolated:
+        cgroups = isolation.cgroups.describe() if isolation.cgroups else "rlimits only"
+        return f"  isolation: bubblewrap, {cgroups}, commands run as an unprivileged user"
+    return (
+        "  isolation: NONE - commands are NOT ISOLATED and can read and write "
+        "this machine as the server's user"
+    )
 
 
 def _where_the_token_is(
@@ -309,16 +379,28 @@ async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
     stop.set()
 
 
-async def _sweep_forever(storage: Storage, interval: float) -> None:
+async def _sweep_forever(sweep: Callable[[], int], interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
-            removed = await asyncio.to_thread(storage.sweep)
+            removed = await asyncio.to_thread(sweep)
         except OSError:
             log.exception("sweeping expired environments failed")
             continue
         if removed:
             log.info("removed %d expired environments", removed)
+
+
+def _assembler(
+    settings: ServerSettings,
+) -> Callable[[ServerSettings], AbstractAsyncContextManager[Served]]:
+    """The single server's application, or with ``--cluster`` a front's: imported only then,
+    since the cluster's libraries (Redis, boto3, Celery) cost every private server's start."""
+    if not settings.cluster:
+        return assembled_served
+    from .cluster.front import assembled_front
+
+    return assembled_front
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,6 +427,7 @@ def run(args: argparse.Namespace) -> int:
                 info_file=args.info_file,
                 exit_with_parent=args.exit_with_parent,
                 token_file=token.file,
+                assemble=_assembler(settings),
             )
         )
     except (IsolationError, ValueError) as error:

@@ -26,7 +26,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from .. import protocol
-from .executor import RUN_REFUSALS, Executor, refusal_answer
+from .executor import RUN_REFUSALS, Executor, Runs, refusal_answer
 from .libraries import LibraryCache
 from .runners import Isolation
 from .settings import ServerSettings, format_size
@@ -52,25 +52,16 @@ def text(status: int, message: str) -> web.Response:
     return web.Response(status=status, text=message, content_type="text/plain")
 
 
-class SandboxApp:
-    """The aiohttp application and the parts it drives."""
+class ProtocolApp:
+    """The protocol's HTTP side, whatever runs the requests: the guard (Host, Origin, token),
+    ``execute/`` and ``execute/stream/`` with their caps and admission of configs and
+    archives. The GET endpoints are a subclass's: :class:`SandboxApp` answers them from this
+    machine, a cluster front from the cluster (:mod:`.cluster.front`)."""
 
-    def __init__(
-        self,
-        settings: ServerSettings,
-        storage: Storage,
-        isolation: Isolation,
-        executor: Executor,
-        libraries: LibraryCache,
-        sampler: UsageSampler,
-    ) -> None:
+    def __init__(self, settings: ServerSettings, executor: Runs, staging: Path) -> None:
         self.settings = settings
-        self.storage = storage
-        self.isolation = isolation
         self.executor = executor
-        self.libraries = libraries
-        self.sampler = sampler
-        self.specifications = specifications(settings, isolation, storage.root, storage.server_id)
+        self.staging = staging
         self.allowed_hosts = _LOCAL_HOSTS | {h.lower() for h in settings.allowed_hosts}
         if settings.host not in ("0.0.0.0", "::", ""):
             self.allowed_hosts |= {settings.host.lower()}
@@ -152,7 +143,7 @@ class SandboxApp:
 
     def new_upload(self) -> Upload:
         """The staging place of one request's archive (made only if there is one)."""
-        return Upload(self.staging_places, self.storage.staging / os.urandom(8).hex())
+        return Upload(self.staging_places, self.staging / os.urandom(8).hex())
 
     def admit_config(self, raw_config: str) -> dict[str, Any] | web.Response:
         """The config of a request, decoded and validated, or the 400 answer."""
@@ -243,7 +234,42 @@ class SandboxApp:
             return text(400, "Missing argument 'config'")
         return self.admit_config(raw_config)
 
-    # -- the GET endpoints ----------------------------------------------------------------------
+    # -- the GET endpoints: a subclass's ----------------------------------------------------------
+
+    async def get_specifications(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+    async def get_usages(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+    async def get_libraries(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+    async def get_environment(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+    async def get_file(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+
+class SandboxApp(ProtocolApp):
+    """The single server: its runs, environments and files are on this machine."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        storage: Storage,
+        isolation: Isolation,
+        executor: Executor,
+        libraries: LibraryCache,
+        sampler: UsageSampler,
+    ) -> None:
+        super().__init__(settings, executor, storage.staging)
+        self.storage = storage
+        self.isolation = isolation
+        self.libraries = libraries
+        self.sampler = sampler
+        self.specifications = specifications(settings, isolation, storage.root, storage.server_id)
 
     async def get_specifications(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(self.specifications)
@@ -266,7 +292,7 @@ class SandboxApp:
             fd = os.open(archive, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:  # expired this very moment
             return text(404, f"No environment with UUID '{uuid}' found")
-        return await _send_file(request, fd, "application/gzip", f"{uuid}.tgz")
+        return await send_file(request, fd, "application/gzip", f"{uuid}.tgz")
 
     async def get_file(self, request: web.Request) -> web.StreamResponse:
         uuid, path = request.match_info["uuid"], request.match_info["path"]
@@ -277,10 +303,10 @@ class SandboxApp:
             fd = await asyncio.to_thread(open_beneath, directory, path)
         except NotConfined:
             return text(404, f"The file '{path}' could not be found in environment '{uuid}'")
-        return await _send_file(request, fd, "application/octet-stream", os.path.basename(path))
+        return await send_file(request, fd, "application/octet-stream", os.path.basename(path))
 
 
-async def _send_file(
+async def send_file(
     request: web.Request, fd: int, content_type: str, filename: str
 ) -> web.StreamResponse:
     """Stream an open file (closed here); HEAD gets the same headers and no body."""

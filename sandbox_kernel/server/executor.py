@@ -28,7 +28,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import protocol
 from .._signals import signal_of_status
@@ -44,6 +44,9 @@ from .runners import (
 from .settings import ServerSettings
 from .storage import NotConfined, Snapshot, Storage, StorageFull, iso_expire, open_beneath
 from .unpacker import UnpackFailed, unpack
+
+if TYPE_CHECKING:
+    from .streaming import LiveControl, LiveRun
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,26 @@ class RunHooks:
     on_command: Callable[[Runner], None]
     #: Set by the client: the running command is interrupted, later commands do not run.
     stop: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    #: A cluster front's queue: how many jobs are ahead of this one, each time it changes
+    #: before the run starts. Set only for a client that asked for queue events; the single
+    #: server never calls it (its runs wait for a slot, never in a queue).
+    on_queue: Callable[[int], None] | None = None
+
+
+class Runs(Protocol):
+    """What the HTTP application needs of whatever runs its requests: the single server's
+    :class:`Executor`, or a cluster front's executor, which hands them to workers."""
+
+    #: Runs in progress (``usages/``).
+    busy: int
+
+    async def execute(
+        self, config: Mapping[str, Any], upload: Path | None, hooks: RunHooks | None = None
+    ) -> dict[str, Any]: ...
+
+    def live(self, send: Callable[[dict[str, Any]], None]) -> LiveControl:
+        """The controls of one streamed run whose frames go to ``send``."""
+        ...
 
 
 #: What :meth:`Executor.execute` raises when a run is refused or cannot be saved.
@@ -104,6 +127,12 @@ class Executor:
         self.pool = pool
         self._slots = asyncio.Semaphore(settings.workers)
         self.busy = 0
+
+    def live(self, send: Callable[[dict[str, Any]], None]) -> LiveRun:
+        """The controls of a streamed run in this server's sandboxes (:class:`LiveRun`)."""
+        from .streaming import LiveRun  # the streaming module builds on this one
+
+        return LiveRun(send)
 
     async def execute(
         self, config: Mapping[str, Any], upload: Path | None, hooks: RunHooks | None = None

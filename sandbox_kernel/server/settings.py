@@ -245,6 +245,56 @@ class ServerSettings:
         group="connections",
         metavar="SECONDS",
     )
+    # A cluster (docs/design/issue-14-cluster.md): ``serve --cluster`` runs a front, and
+    # ``sandbox-kernel worker`` a worker; both take every option above.
+    cluster: str | None = setting(
+        None,
+        "--cluster",
+        help="run as part of a cluster on this Redis: redis://[USER:]PASSWORD@HOST:PORT/DB "
+        "(rediss:// for TLS across machines). With it, serve runs a front (no runners of its "
+        "own) and needs --storage",
+        group="cluster",
+        metavar="URL",
+    )
+    storage: str | None = setting(
+        None,
+        "--storage",
+        help="where a cluster keeps environments: s3://BUCKET/PREFIX on an S3-API store (AWS "
+        "S3, MinIO, Ceph RGW, Garage); credentials and region from the usual AWS variables",
+        group="cluster",
+        metavar="URL",
+    )
+    s3_endpoint: str | None = setting(
+        None,
+        "--s3-endpoint",
+        help="the S3 API's endpoint (default: AWS_ENDPOINT_URL, else AWS itself)",
+        group="cluster",
+        metavar="URL",
+    )
+    queue_wait: float = setting(
+        30.0,
+        "--queue-wait",
+        _positive_seconds,
+        "a front: how long a request waits in the queue for a free slot before 503 "
+        "(default {default})",
+        group="cluster",
+        metavar="SECONDS",
+    )
+    name: str | None = setting(
+        None,
+        "--name",
+        help="this front's or worker's name in the cluster (default: HOSTNAME-PID)",
+        group="cluster",
+    )
+    cache_size: int | None = setting(
+        None,
+        "--cache-size",
+        parse_size,
+        "a worker: bytes of recent environments kept on local disk (default: half of "
+        "--max-storage)",
+        group="cluster",
+        metavar="SIZE",
+    )
     # Unprivileged account the commands run as when the server runs as root.
     run_as: str = "nobody"
     sweep_interval: float = 60.0
@@ -258,6 +308,13 @@ class ServerSettings:
             raise ValueError("--expiration must be a positive number of seconds")
         if self.isolation not in ISOLATIONS:
             raise ValueError("--isolation must be auto, bwrap or none")
+        if self.cluster and not self.storage:
+            raise ValueError(
+                "--cluster needs --storage s3://BUCKET/PREFIX: a cluster keeps its "
+                "environments in S3-API storage that every front and worker reaches"
+            )
+        if self.storage and not self.cluster:
+            raise ValueError("--storage is for a cluster: give --cluster redis://... too")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> ServerSettings:

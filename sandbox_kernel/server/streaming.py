@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import WSMsgType, web
@@ -26,7 +27,7 @@ from .runners import Runner
 from .uploads import Upload
 
 if TYPE_CHECKING:
-    from .executor import Executor
+    from .executor import Runs
     from .settings import ServerSettings
 
 
@@ -35,7 +36,7 @@ class Front(Protocol):
     admission of configs and archives as ``execute/``."""
 
     settings: ServerSettings
-    executor: Executor
+    executor: Runs
 
     def new_upload(self) -> Upload: ...
     def admit_config(self, raw_config: str) -> dict[str, Any] | web.Response: ...
@@ -57,6 +58,111 @@ _FRAME_SLACK = 64 * 1024
 Refusal = tuple[int, str]
 
 
+class LiveControl(Protocol):
+    """One streamed run's controls, whatever carries its frames: what the client may do to
+    the run (stdin, end of file, stop), and the hooks that make :meth:`Runs.execute` stream.
+
+    The single server and a cluster's worker use :class:`LiveRun`; a cluster's front relays
+    the same controls to the worker that runs the job.
+    """
+
+    hooks: RunHooks
+
+    def give_stdin(self, data: bytes) -> Refusal | None:
+        """Input for the run; a refusal (413) if too much of it waits unread."""
+        ...
+
+    def end_stdin(self) -> None: ...
+    def stop(self) -> None: ...
+
+    async def watch(self) -> None:
+        """Until cancelled: tell the client (``send``) when the run waits for input."""
+        ...
+
+
+class LiveRun:
+    """A streamed run in this process's sandboxes, transport-free: its frames go to
+    ``send`` (called from the loop; it must not block), which a WebSocket session or a
+    cluster worker carries to the client.
+
+    Frames sent: ``{"stream": "stdout" | "stderr", "text": TEXT}`` as output is read, and
+    ``{"stdin": "wanted", "prompt": TEXT}`` once per wait for input.
+    """
+
+    def __init__(self, send: Callable[[dict[str, Any]], None]) -> None:
+        self.send = send
+        self.hooks = RunHooks(on_output=self._on_output, on_command=self._on_command)
+        #: The sandbox of the running command (None before the first).
+        self.runner: Runner | None = None
+        #: stdin sent before the first command started, and whether end-of-file was sent.
+        self.early_stdin = bytearray()
+        self.eof = False
+        #: Whether the next wait for input is told (once per wait: re-armed by stdin/eof).
+        self.armed = True
+        #: stdout of the current command after its last newline.
+        self.prompt = ""
+
+    def _on_output(self, stream: str, text: str) -> None:
+        """A chunk of the running command's output (:attr:`RunHooks.on_output`)."""
+        self.send({"stream": stream, "text": text})
+        if stream == "stdout":
+            line = text.rpartition("\n")[2] if "\n" in text else self.prompt + text
+            self.prompt = line[-PROMPT_CHARS:]
+
+    def _on_command(self, runner: Runner) -> None:
+        """A command starts (:attr:`RunHooks.on_command`): its stdin is the client's."""
+        self.prompt = ""
+        if runner is self.runner:
+            return
+        self.runner = runner
+        if self.early_stdin:
+            runner.input.feed(bytes(self.early_stdin))
+            self.early_stdin.clear()
+        if self.eof:
+            runner.input.end()
+
+    def give_stdin(self, data: bytes) -> Refusal | None:
+        runner = self.runner
+        waiting = len(self.early_stdin) + (runner.input.unread() if runner else 0)
+        if waiting + len(data) > MAX_STDIN_WAITING:
+            return stdin_flood()
+        if runner is None:
+            self.early_stdin += data
+        else:
+            runner.input.feed(data)
+        self.armed = True
+        return None
+
+    def end_stdin(self) -> None:
+        self.eof = self.armed = True
+        if self.runner is not None:
+            self.runner.input.end()
+
+    def stop(self) -> None:
+        self.hooks.stop.set()
+
+    async def watch(self) -> None:
+        """Tell the client, once per wait, when a process of the run waits for input."""
+        while True:
+            await asyncio.sleep(STDIN_POLL_SECONDS)
+            runner = self.runner
+            if runner is None or not self.armed or not runner.stdin_wanted():
+                continue
+            if runner.stdout.sink is not None:
+                runner.stdout.read_available()  # the prompt goes out before the event
+            self.armed = False
+            self.send({"stdin": "wanted", "prompt": self.prompt})
+
+
+def stdin_flood() -> Refusal:
+    """The refusal of stdin sent faster than the run reads it."""
+    return (
+        413,
+        f"More than {MAX_STDIN_WAITING // 1024} KiB of stdin waited unread: the run "
+        "was stopped. Send input when the run asks for it.",
+    )
+
+
 class StreamSession:
     """One ``execute/stream/`` connection, from the upgrade to the close."""
 
@@ -68,15 +174,8 @@ class StreamSession:
             max_msg_size=max(settings.max_upload, settings.max_config_bytes) + _FRAME_SLACK
         )
         self.outgoing: asyncio.Queue[str | None] = asyncio.Queue()
-        #: The sandbox of the running command (None before the first).
-        self.runner: Runner | None = None
-        #: stdin sent before the first command started, and whether end-of-file was sent.
-        self.early_stdin = bytearray()
-        self.eof = False
-        #: Whether the next wait for input is told (once per wait: re-armed by stdin/eof).
-        self.armed = True
-        #: stdout of the current command after its last newline.
-        self.prompt = ""
+        #: Whether the client asked for ``{"queue": N}`` frames (a cluster front's).
+        self.queue_events = protocol.QUEUE_EVENTS_QUERY in request.query_string.split("&")
 
     async def serve(self) -> web.StreamResponse:
         if not self.ws.can_prepare(self.request).ok:
@@ -144,10 +243,12 @@ class StreamSession:
     # -- the run ----------------------------------------------------------------------------------
 
     async def _run(self, config: dict[str, Any], upload: Upload) -> None:
-        hooks = RunHooks(on_output=self._on_output, on_command=self._on_command)
-        run = asyncio.ensure_future(self.app.executor.execute(config, upload.archive, hooks))
-        listener = asyncio.ensure_future(self._listen(hooks))
-        watcher = asyncio.ensure_future(self._watch_stdin())
+        live = self.app.executor.live(self._queue)
+        if self.queue_events:
+            live.hooks.on_queue = self._on_queue
+        run = asyncio.ensure_future(self.app.executor.execute(config, upload.archive, live.hooks))
+        listener = asyncio.ensure_future(self._listen(live))
+        watcher = asyncio.ensure_future(live.watch())
         sender = asyncio.ensure_future(self._send_queued())
         try:
             await asyncio.wait({run, listener}, return_when=asyncio.FIRST_COMPLETED)
@@ -165,91 +266,22 @@ class StreamSession:
                 task.cancel()
             await asyncio.gather(run, listener, watcher, sender, return_exceptions=True)
 
-    def _on_output(self, stream: str, text: str) -> None:
-        """A chunk of the running command's output (:attr:`RunHooks.on_output`)."""
-        self._queue({"stream": stream, "text": text})
-        if stream == "stdout":
-            line = text.rpartition("\n")[2] if "\n" in text else self.prompt + text
-            self.prompt = line[-PROMPT_CHARS:]
-
-    def _on_command(self, runner: Runner) -> None:
-        """A command starts (:attr:`RunHooks.on_command`): its stdin is the client's."""
-        self.prompt = ""
-        if runner is self.runner:
-            return
-        self.runner = runner
-        if self.early_stdin:
-            runner.input.feed(bytes(self.early_stdin))
-            self.early_stdin.clear()
-        if self.eof:
-            runner.input.end()
+    def _on_queue(self, ahead: int) -> None:
+        self._queue({protocol.QUEUE_FIELD: ahead})
 
     # -- frames from the client -----------------------------------------------------------------
 
-    async def _listen(self, hooks: RunHooks) -> Refusal | None:
+    async def _listen(self, live: LiveControl) -> Refusal | None:
         """Until the client closes (None) or sends what it may not (the refusal)."""
         async for message in self.ws:
             if message.type != WSMsgType.TEXT:
                 return _frame_refusal("After the archive, frames must be JSON text", message)
-            problem = self._client_frame(message.data, hooks)
+            problem = _client_frame(message.data, live)
             if problem is not None:
                 return problem
         return None
 
-    def _client_frame(self, data: str, hooks: RunHooks) -> Refusal | None:
-        try:
-            frame = json.loads(data)
-        except (ValueError, RecursionError):  # a frame nested without end is no frame either
-            frame = None
-        if isinstance(frame, dict) and len(frame) == 1:
-            if isinstance(frame.get("stdin"), str):
-                return self._give_stdin(frame["stdin"].encode("utf-8", "replace"))
-            if frame.get("eof") is True:
-                self._end_stdin()
-                return None
-            if frame.get("stop") is True:
-                hooks.stop.set()
-                return None
-        return (
-            400,
-            f"Unknown frame {data[:80]!r}: after the archive, send only "
-            '{"stdin": "TEXT"}, {"eof": true} or {"stop": true}. The run was stopped.',
-        )
-
-    def _give_stdin(self, data: bytes) -> Refusal | None:
-        runner = self.runner
-        waiting = len(self.early_stdin) + (runner.input.unread() if runner else 0)
-        if waiting + len(data) > MAX_STDIN_WAITING:
-            return (
-                413,
-                f"More than {MAX_STDIN_WAITING // 1024} KiB of stdin waited unread: the run "
-                "was stopped. Send input when the run asks for it.",
-            )
-        if runner is None:
-            self.early_stdin += data
-        else:
-            runner.input.feed(data)
-        self.armed = True
-        return None
-
-    def _end_stdin(self) -> None:
-        self.eof = self.armed = True
-        if self.runner is not None:
-            self.runner.input.end()
-
     # -- frames to the client -------------------------------------------------------------------
-
-    async def _watch_stdin(self) -> None:
-        """Tell the client, once per wait, when a process of the run waits for input."""
-        while True:
-            await asyncio.sleep(STDIN_POLL_SECONDS)
-            runner = self.runner
-            if runner is None or not self.armed or not runner.stdin_wanted():
-                continue
-            if runner.stdout.sink is not None:
-                runner.stdout.read_available()  # the prompt goes out before the event
-            self.armed = False
-            self._queue({"stdin": "wanted", "prompt": self.prompt})
 
     def _queue(self, message: dict[str, Any]) -> None:
         self.outgoing.put_nowait(json.dumps(message))
@@ -265,6 +297,28 @@ class StreamSession:
         if not self.ws.closed:
             with contextlib.suppress(ConnectionError):
                 await self.ws.send_str(json.dumps(message))
+
+
+def _client_frame(data: str, live: LiveControl) -> Refusal | None:
+    """One frame of the client after the archive, handed to the run's controls."""
+    try:
+        frame = json.loads(data)
+    except (ValueError, RecursionError):  # a frame nested without end is no frame either
+        frame = None
+    if isinstance(frame, dict) and len(frame) == 1:
+        if isinstance(frame.get("stdin"), str):
+            return live.give_stdin(frame["stdin"].encode("utf-8", "replace"))
+        if frame.get("eof") is True:
+            live.end_stdin()
+            return None
+        if frame.get("stop") is True:
+            live.stop()
+            return None
+    return (
+        400,
+        f"Unknown frame {data[:80]!r}: after the archive, send only "
+        '{"stdin": "TEXT"}, {"eof": true} or {"stop": true}. The run was stopped.',
+    )
 
 
 def _final_message(run: asyncio.Future[dict[str, Any]]) -> dict[str, Any]:
