@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import protocol
 from .._signals import signal_of_status
+from .live import LiveRun, RunHooks
 from .runners import (
     CommandOutcome,
     Isolation,
@@ -46,7 +47,7 @@ from .storage import NotConfined, Snapshot, Storage, StorageFull, iso_expire, op
 from .unpacker import UnpackFailed, unpack
 
 if TYPE_CHECKING:
-    from .streaming import LiveControl, LiveRun
+    from .live import LiveControl
 
 log = logging.getLogger(__name__)
 
@@ -60,29 +61,6 @@ class EnvironmentNotFound(Exception):
 
 class Overloaded(Exception):
     """No execution slot became free in time (HTTP 503)."""
-
-
-@dataclasses.dataclass
-class RunHooks:
-    """What a streamed run (``execute/stream/``) adds to :meth:`Executor.execute`; the
-    plain ``execute/`` passes none.
-
-    Everything is called from the event loop, synchronously: a hook must not block.
-    """
-
-    #: Each chunk of output as it is read: ``("stdout" | "stderr", text)``, decoded as UTF-8
-    #: (a character never split), within ``--max-output``.
-    on_output: Callable[[str, str], None]
-    #: Before each command, with the runner it runs in: its :attr:`Runner.input` is the
-    #: run's stdin (the stdin source), :meth:`Runner.stdin_wanted` says when it is waited on.
-    #: A sandbox replaced after a timeout is a new runner.
-    on_command: Callable[[Runner], None]
-    #: Set by the client: the running command is interrupted, later commands do not run.
-    stop: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
-    #: A cluster front's queue: how many jobs are ahead of this one, each time it changes
-    #: before the run starts. Set only for a client that asked for queue events; the single
-    #: server never calls it (its runs wait for a slot, never in a queue).
-    on_queue: Callable[[int], None] | None = None
 
 
 class Runs(Protocol):
@@ -129,9 +107,7 @@ class Executor:
         self.busy = 0
 
     def live(self, send: Callable[[dict[str, Any]], None]) -> LiveRun:
-        """The controls of a streamed run in this server's sandboxes (:class:`LiveRun`)."""
-        from .streaming import LiveRun  # the streaming module builds on this one
-
+        """The controls of a streamed run in this server's sandboxes."""
         return LiveRun(send)
 
     async def execute(
