@@ -24,15 +24,22 @@ from ._errors import (
     Answer,
     SandboxAnswerTooLarge,
     SandboxConfigError,
+    SandboxHTTPError,
     SandboxProtocolError,
     body_snippet,
     error_for_status,
 )
-from ._generations import checked
+from ._generations import Load, checked
+from ._generations._schema import malformed
 from .protocol import (
+    CLUSTER_LOST_STATUS,
+    DEFAULT_QUEUE_WAIT,
     EXECUTE,
     EXECUTE_STREAM,
     OVERLOADED_TEXT,
+    QUEUE_EVENTS_QUERY,
+    QUEUE_FIELD,
+    USAGES,
     environment_path,
     file_path,
     validate_config,
@@ -64,6 +71,11 @@ OnBusy = Callable[[int, float, float], object]
 #: Added to the server's ``execute_timeout`` for the deadline of ``execute/``: the server
 #: answers after the commands' budget, plus the time to prepare and save the environment.
 EXECUTE_MARGIN: Final = 10.0
+#: Seconds a cluster front (a server whose specifications name the ``queue`` extension) may
+#: hold a run in its queue before it starts: its default ``--queue-wait``. Added to the
+#: deadline of ``execute/`` and of a streamed run there, so that a run that waited in the
+#: queue still gets its whole time budget (docs/protocol-extensions.md, "Queue events").
+QUEUE_ALLOWANCE: Final = DEFAULT_QUEUE_WAIT
 #: The longest host name DNS allows (RFC 1035).
 _LONGEST_HOST_NAME: Final = 253
 _BUSY_FIRST_WAIT: Final = 0.25
@@ -187,19 +199,26 @@ def execute_form(config: Mapping[str, Any], archive: bytes | None) -> list[Part]
     return form
 
 
-def execute_deadline(timeout: float, execute_timeout: float | None) -> float:
+def execute_deadline(
+    timeout: float, execute_timeout: float | None, *, queued: bool = False
+) -> float:
     """Seconds an ``execute/`` may take: the client's timeout, or the server's budget plus a
-    margin when that is longer."""
+    margin when that is longer; ``queued``: the server is a cluster front, whose queue may
+    hold the run up to :data:`QUEUE_ALLOWANCE` seconds before it starts."""
+    allowance = QUEUE_ALLOWANCE if queued else 0.0
     if execute_timeout is None:
-        return timeout
-    return max(timeout, execute_timeout + EXECUTE_MARGIN)
+        return timeout + allowance
+    return max(timeout, execute_timeout + EXECUTE_MARGIN) + allowance
 
 
-def stream_url(base: str) -> str:
+def stream_url(base: str, *, queue_events: bool = False) -> str:
     """The WebSocket address of ``execute/stream/`` on the (normalised) ``base``:
-    ``ws://`` for ``http://``, ``wss://`` for ``https://``."""
+    ``ws://`` for ``http://``, ``wss://`` for ``https://``. ``queue_events``: ask for the
+    ``{"queue": N}`` frames (``?events=queue``), only of a server naming the ``queue``
+    extension: a server without it may refuse a query it does not know."""
     scheme, rest = base.split("://", 1)
-    return ("wss" if scheme == "https" else "ws") + "://" + rest + EXECUTE_STREAM
+    query = "?" + QUEUE_EVENTS_QUERY if queue_events else ""
+    return ("wss" if scheme == "https" else "ws") + "://" + rest + EXECUTE_STREAM + query
 
 
 # --- Reading answers --------------------------------------------------------------------------
@@ -209,10 +228,31 @@ def stream_url(base: str) -> str:
 _NOT_JSON: Final = object()
 
 
+#: What to do after a cluster lost a run (502 with :data:`protocol.CLUSTER_LOST_TEXT`).
+CLUSTER_LOST_ADVICE: Final = (
+    "the sandbox cluster lost this run after it may have started (a worker or Redis went "
+    "down), so the client did not send it again: check what its commands did (their files, "
+    "anything they changed elsewhere) before running them again. The last saved environment "
+    "is intact: the next run starts from it, on another worker"
+)
+
+
+def is_cluster_lost(status: int, text: str) -> bool:
+    """Whether an answer is a cluster front's "lost this request; it may have run" (never
+    retried: unlike a 503, something may have run)."""
+    return status == CLUSTER_LOST_STATUS and "the cluster lost this request" in text.lower()
+
+
+def http_error(answer: Answer) -> SandboxHTTPError:
+    """``Sandbox<STATUS>`` for an answer of 300 or more, with the advice of a cluster's 502."""
+    advice = CLUSTER_LOST_ADVICE if is_cluster_lost(answer.status_code, answer.text) else None
+    return error_for_status(answer.status_code)(answer, advice)
+
+
 def raise_for_status(answer: Answer) -> None:
     """``Sandbox<STATUS>`` for an answer of 300 or more."""
     if answer.status_code >= 300:
-        raise error_for_status(answer.status_code)(answer)
+        raise http_error(answer)
 
 
 def json_object(answer: Answer, base: str) -> dict[str, Any]:
@@ -245,6 +285,59 @@ def execute_answer(answer: Answer, base: str) -> dict[str, Any]:
     naming it, so that what reads the answer can trust its types."""
     raise_for_status(answer)
     return checked(EXECUTE, json_object(answer, base), base)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerLoad:
+    """One worker of a sandbox cluster, as its front's ``usages/`` tells it (``workers``)."""
+
+    name: str
+    slots: int
+    busy: int
+    #: Saved environments the worker keeps on its disk (a session's next cell there costs no
+    #: download).
+    cached_environments: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadSample:
+    """The load at one moment and, from a cluster front, the load of each of its workers
+    (None from a single server or a PremierLangage one, which do not tell it)."""
+
+    load: Load
+    workers: tuple[WorkerLoad, ...] | None = None
+
+
+#: The fields of one entry of ``usages/``' ``workers``, each a whole number 0 or more but
+#: the name.
+_WORKER_COUNTS: Final = ("slots", "busy", "cached_environments")
+
+
+def read_workers(usages: Mapping[str, Any] | None, base: str) -> tuple[WorkerLoad, ...] | None:
+    """The ``workers`` of a cluster front's ``usages/`` (docs/protocol-extensions.md); None
+    when the answer has none. A malformed entry raises :class:`SandboxProtocolError` naming
+    it, as any field of the wrong type does."""
+    told = None if usages is None else usages.get("workers")
+    if told is None:
+        return None
+    if not isinstance(told, list):
+        raise malformed(USAGES, "workers", told, "a list of workers", base)
+    return tuple(_worker(entry, f"workers[{index}]", base) for index, entry in enumerate(told))
+
+
+def _worker(entry: object, where: str, base: str) -> WorkerLoad:
+    if not isinstance(entry, Mapping):
+        raise malformed(USAGES, where, entry, "an object", base)
+    name = entry.get("name")
+    if not isinstance(name, str):
+        raise malformed(USAGES, f"{where}.name", name, "a string", base)
+    counts = []
+    for field in _WORKER_COUNTS:
+        value = entry.get(field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise malformed(USAGES, f"{where}.{field}", value, "a whole number, 0 or more", base)
+        counts.append(value)
+    return WorkerLoad(name, *counts)
 
 
 def announced_size(answer: Answer, base: str) -> int:
@@ -365,6 +458,14 @@ Event = Output | StdinWanted
 
 
 @dataclasses.dataclass(frozen=True)
+class Queued:
+    """``{"queue": N}`` (a cluster front, to a client that asked for queue events): the run
+    waits in the cluster's queue with ``ahead`` runs before it; it has not started."""
+
+    ahead: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ErrorFrame:
     """``{"error": STATUS, "text": ...}``: the run was refused as ``execute/`` would have."""
 
@@ -376,14 +477,18 @@ _FRAME_FIELDS: Final[dict[str, frozenset[str]]] = {
     "stream": frozenset({"stream", "text"}),
     "stdin": frozenset({"stdin", "prompt"}),
     "error": frozenset({"error", "text"}),
+    QUEUE_FIELD: frozenset({QUEUE_FIELD}),
 }
 
 
-def read_frame(data: str, where: str, base: str) -> Event | ErrorFrame | dict[str, Any]:
+def read_frame(
+    data: str, where: str, base: str, *, queue_events: bool = False
+) -> Event | Queued | ErrorFrame | dict[str, Any]:
     """One text frame of ``execute/stream/``, checked: an event, an error, or the final
     object (checked as ``execute/``'s answer). Anything else raises
     :class:`SandboxProtocolError` naming what is wrong, so that nothing hostile reaches
-    whatever shows the output."""
+    whatever shows the output. ``queue_events``: the client asked for ``{"queue": N}``
+    frames (:class:`Queued`); unasked, they are refused as any unknown frame."""
     try:
         frame = json.loads(data)
     except ValueError:
@@ -408,10 +513,26 @@ def read_frame(data: str, where: str, base: str) -> Event | ErrorFrame | dict[st
     if kind == "stdin":
         _expect(frame, "stdin", ("wanted",), where, base)
         return StdinWanted(_string(frame, "prompt", where, base))
+    if kind == QUEUE_FIELD:
+        return _queued(frame[QUEUE_FIELD], queue_events, where, base)
     status = frame["error"]
     if isinstance(status, bool) or not isinstance(status, int) or not 300 <= status <= 599:
         raise frame_error(where, base, f"an 'error' frame whose status is {status!r}")
     return ErrorFrame(status, _string(frame, "text", where, base))
+
+
+def _queued(ahead: object, asked: bool, where: str, base: str) -> Queued:
+    if not asked:
+        raise frame_error(
+            where, base, "a 'queue' frame, which the client did not ask for (?events=queue)"
+        )
+    if isinstance(ahead, bool) or not isinstance(ahead, int) or ahead < 0:
+        raise frame_error(
+            where,
+            base,
+            f"a 'queue' frame whose count is {_snippet(ahead)!r}, not a whole number 0 or more",
+        )
+    return Queued(ahead)
 
 
 def _expect(

@@ -19,6 +19,9 @@ WebSocket at ``execute/stream/``: :meth:`AsyncSandbox.open_stream` runs a config
 its output as it is written, asks for stdin when the run waits for it, and ends with the same
 checked answer as ``execute/``. Every frame the server sends is checked before use (by
 :func:`sandbox_kernel._wire.read_frame`, whose events this module re-exports for the kernel).
+A cluster front also names the ``queue`` extension: its streams are then opened with
+``?events=queue``, and its ``{"queue": N}`` frames (runs ahead of this one, before it starts)
+go to the ``on_queue`` callback; the client never asks a server that does not name it.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import json
 import os
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from types import TracebackType
 from typing import Any, Final
@@ -46,7 +49,6 @@ from ._errors import (
     SandboxProtocolError,
     SandboxStreamRefused,
     SandboxTimeout,
-    error_for_status,
 )
 from ._generations import Specs, read_specs
 from ._wire import (
@@ -64,6 +66,7 @@ from ._wire import (
     Event,
     OnBusy,
     Part,
+    Queued,
     announced_size,
     announced_too_large,
     busy_advice,
@@ -82,6 +85,7 @@ from ._wire import (
     frame_error,
     frame_too_large,
     garbled_message,
+    http_error,
     invalid_url_message,
     json_cap,
     normalise_url,
@@ -96,16 +100,21 @@ from ._wire import (
 # The events of a streamed run, for the kernel: ``from ..async_client import Output``.
 from ._wire import Output as Output
 from ._wire import StdinWanted as StdinWanted
-from .protocol import EXECUTE, SPECIFICATIONS, is_uuid
+from .protocol import EXECUTE, EXTENSION_QUEUE, SPECIFICATIONS, is_uuid
 
 __all__ = [
     "AioAnswer",
     "AsyncSandbox",
     "Event",
     "LiveRun",
+    "OnQueue",
     "Output",
     "StdinWanted",
 ]
+
+#: ``on_queue(ahead)``: a cluster front holds the streamed run in its queue, ``ahead`` runs
+#: before it (each time that changes, until the run starts).
+OnQueue = Callable[[int], object]
 
 #: Bytes read from a body at a time.
 _CHUNK: Final = 256 * 1024
@@ -323,15 +332,19 @@ class AsyncSandbox:
         *,
         busy_budget: float | None = None,
         on_busy: OnBusy | None = None,
+        on_queue: OnQueue | None = None,
     ) -> LiveRun:
         """A streamed run of ``config`` (servers whose ``extensions()`` has ``"stream"``):
         ``async with sandbox.open_stream(config) as run: async for event in run: ...``, then
-        ``run.answer``. The config is checked here: an invalid one sends nothing."""
+        ``run.answer``. The config is checked here: an invalid one sends nothing.
+
+        ``on_queue(ahead)``: called while a cluster front (``"queue"`` in ``extensions()``,
+        already fetched: no request is added for it) holds the run in its queue."""
         parts = execute_form(config, archive)
         upload = parts[1].value if len(parts) > 1 else b""
         assert isinstance(parts[0].value, str) and isinstance(upload, bytes)
         budget = self.busy_budget if busy_budget is None else busy_budget
-        return LiveRun(self, parts[0].value, upload, budget, on_busy)
+        return LiveRun(self, parts[0].value, upload, budget, on_busy, on_queue)
 
     # --- Transport ---
 
@@ -339,9 +352,15 @@ class AsyncSandbox:
     def _json_cap(self) -> Cap:
         return json_cap(self.max_json)
 
+    @property
+    def _queues(self) -> bool:
+        """Whether the server is known (from the specifications already fetched) to hold runs
+        in a queue: a cluster front, naming the ``queue`` extension."""
+        return self._specs is not None and EXTENSION_QUEUE in self._specs.extensions
+
     def _execute_deadline(self) -> float:
         known = self._specs.execute_timeout if self._specs is not None else None
-        return execute_deadline(self.timeout, known)
+        return execute_deadline(self.timeout, known, queued=self._queues)
 
     def _http(self) -> aiohttp.ClientSession:
         """The session of the running loop, made on first use (aiohttp binds it to a loop)."""
@@ -448,9 +467,12 @@ class LiveRun:
 
     Entering it connects and sends the config and the archive; leaving it before the final
     object closes the socket, which kills the run on the server (nothing is saved). A 503
-    (no free container; nothing ran) is retried while no event has come, as ``execute/``.
+    (no free container; nothing ran) is retried while no event has come, as ``execute/``;
+    nothing else is sent twice (a cluster's 502, "lost; it may have run", above all).
     The deadline is the one of ``execute/``, not counting the time the run waits for stdin
-    (a user typing).
+    (a user typing). On a cluster front, the stream asks for queue events: each
+    ``{"queue": N}`` goes to ``on_queue`` (not yielded) and moves the deadline to a whole
+    budget from then, since the run has not started.
     """
 
     def __init__(
@@ -460,13 +482,18 @@ class LiveRun:
         archive: bytes,
         budget: float,
         on_busy: OnBusy | None,
+        on_queue: OnQueue | None = None,
     ) -> None:
         self._sandbox = sandbox
         self._config = config
         self._archive = archive
         self._budget = budget
         self._on_busy = on_busy
-        self.url = stream_url(sandbox.url)
+        self._on_queue = on_queue
+        #: Asked of cluster fronts only (known from the specifications already fetched): a
+        #: server without the extension never sees the query.
+        self._queue_events = sandbox._queues
+        self.url = stream_url(sandbox.url, queue_events=self._queue_events)
         self._socket: aiohttp.ClientWebSocketResponse[bool] | None = None
         self._answer: dict[str, Any] | None = None
         self._events = 0
@@ -515,9 +542,23 @@ class LiveRun:
             if isinstance(frame, ErrorFrame):
                 await self._refused(frame)
                 continue
+            if isinstance(frame, Queued):
+                self._queued(frame)
+                continue
             self._answer = frame
             await self._close()
         raise StopAsyncIteration
+
+    def _queued(self, frame: Queued) -> None:
+        """The run waits in a cluster's queue: it has not started, so its whole budget is
+        still ahead (the front ends the wait itself, with 503, after its --queue-wait). A
+        position told after the run started (a front's late frame) is stale: ignored, so that
+        no "ahead of you" shows up among the run's output."""
+        if self._events:
+            return
+        self._deadline = max(self._deadline, time.monotonic() + self._limit)
+        if self._on_queue is not None:
+            self._on_queue(frame.ahead)
 
     async def send_stdin(self, text: str) -> bool:
         """Write ``text`` to the run's stdin (add the newline a line needs). False, and
@@ -597,11 +638,11 @@ class LiveRun:
                 "and that no proxy in between drops WebSocket upgrades."
             )
         if frame.status != 503 or self._events:
-            raise error_for_status(frame.status)(answer)
+            raise http_error(answer)  # a cluster's 502 with its advice: never sent again
         await _wait_busy(answer, self._attempt, self._start, self._budget, self._on_busy)
         await self._connect()
 
-    async def _next_frame(self) -> Event | ErrorFrame | dict[str, Any]:
+    async def _next_frame(self) -> Event | Queued | ErrorFrame | dict[str, Any]:
         socket = self._socket
         if socket is None:
             raise SandboxError(
@@ -621,7 +662,9 @@ class LiveRun:
             ) from exc
         if message.type == aiohttp.WSMsgType.TEXT:
             try:
-                return read_frame(message.data, self.url, self._sandbox.url)
+                return read_frame(
+                    message.data, self.url, self._sandbox.url, queue_events=self._queue_events
+                )
             except SandboxError:
                 await self._close()
                 raise

@@ -79,7 +79,9 @@ from ._wire import (
     DEFAULT_TIMEOUT_SETTING,
     ERROR_BODY_CAP,
     Cap,
+    LoadSample,
     Part,
+    WorkerLoad,
     announced_size,
     announced_too_large,
     busy_advice,
@@ -100,6 +102,7 @@ from ._wire import (
     json_cap,
     normalise_url,
     raise_for_status,
+    read_workers,
     resource,
     sent_past_length,
     sent_too_much,
@@ -112,16 +115,26 @@ from ._wire import DEFAULT_MAX_DOWNLOAD as DEFAULT_MAX_DOWNLOAD
 from ._wire import DEFAULT_MAX_JSON as DEFAULT_MAX_JSON
 from ._wire import DEFAULT_TIMEOUT as DEFAULT_TIMEOUT
 from ._wire import OnBusy as OnBusy
-from .protocol import EXECUTE, LIBRARIES, SPECIFICATIONS, USAGES, is_uuid, validate_config
+from .protocol import (
+    EXECUTE,
+    EXTENSION_QUEUE,
+    LIBRARIES,
+    SPECIFICATIONS,
+    USAGES,
+    is_uuid,
+    validate_config,
+)
 
 __all__ = [
     "Cancellation",
     "Inventory",
     "LibrariesDict",
     "Load",
+    "LoadSample",
     "OnBusy",
     "Sandbox",
     "Specs",
+    "WorkerLoad",
     "cancel_scope",
     "scope_cancelled",
     "validate",
@@ -697,13 +710,19 @@ class Sandbox:
         Asked anew on every call: ``usages/`` on servers that tell the load there (3.x, ~2 s
         on the public server), else ``specifications/`` (2.x), whose answer is kept as well.
         """
+        return self.load_sample().load
+
+    def load_sample(self) -> LoadSample:
+        """:meth:`load`, with the load of each worker when the server is a cluster front
+        (``workers`` in its ``usages/``; None elsewhere), from the same one request."""
         fresh = SPECIFICATIONS not in self._cache
         specs = self._category(SPECIFICATIONS)
         if needs_usages(specs):
-            return read_load(specs, self.usages())
+            usages = self.usages()
+            return LoadSample(read_load(specs, usages), read_workers(usages, self.url))
         if not fresh:
             specs = self._cache[SPECIFICATIONS] = self._get_json(SPECIFICATIONS)
-        return read_load(specs, None)
+        return LoadSample(read_load(specs, None))
 
     def inventory(self, *, refresh: bool = False) -> Inventory:
         """What the sandbox has installed (``libraries/``: slow, it starts a container). Fetched
@@ -851,8 +870,13 @@ class Sandbox:
                 raise SandboxCancelled(_CANCELLED)
 
     def _execute_read_timeout(self) -> float:
-        limit = self.specs().execute_timeout if SPECIFICATIONS in self._cache else None
-        return execute_deadline(self.timeout, limit)
+        """The deadline of one ``execute/``: also the queue's wait of a cluster front, when
+        the specifications already fetched say the server is one (no request for it)."""
+        if SPECIFICATIONS not in self._cache:
+            return execute_deadline(self.timeout, None)
+        specs = self.specs()
+        queued = EXTENSION_QUEUE in specs.extensions
+        return execute_deadline(self.timeout, specs.execute_timeout, queued=queued)
 
     # --- Transport ---
 

@@ -80,6 +80,9 @@ CAUSE_OUTPUT: Final = "output"
 EXTENSION_QUEUE: Final = "queue"
 QUEUE_EVENTS_QUERY: Final = "events=queue"
 QUEUE_FIELD: Final = "queue"
+#: How long a front keeps a request in its queue before 503 (``--queue-wait``'s default): a
+#: client allows that much more time for a run on a server that lists the extension.
+DEFAULT_QUEUE_WAIT: Final = 30.0
 #: The ``cluster`` object a front adds to ``specifications/``: ``{"workers": N, "slots": M}``.
 CLUSTER_FIELD: Final = "cluster"
 #: The status and body of a run a cluster lost after it may have started (a worker or Redis

@@ -69,6 +69,9 @@ _STOP_GRACE = 4.0
 _INPUT_POLL = 0.02
 #: Cells this many seconds apart at most are shown as one "busy" line update.
 _BUSY_TEXT = "sandbox busy, waiting… (attempt {attempt}, {elapsed:.0f} s so far)"
+#: The same line while a sandbox cluster holds the run in its queue (its queue events).
+_QUEUED_TEXT = "[sandbox] {ahead} ahead of you in the queue…"
+_NEXT_TEXT = "[sandbox] next in the queue…"
 
 
 class SandboxKernel(Kernel):
@@ -455,7 +458,9 @@ class SandboxKernel(Kernel):
         try:
             if live is None:
                 return await client.execute(cell.config, on_busy=on_busy)
-            async with client.open_stream(cell.config, on_busy=on_busy) as run:
+            async with client.open_stream(
+                cell.config, on_busy=on_busy, on_queue=on_busy.queued
+            ) as run:
                 self._live_run = run
                 async for event in run:
                     on_busy.done()  # the run started: the busy line goes
@@ -710,16 +715,24 @@ def _interrupted_magic(written: str) -> CellError:
 
 
 class _BusyLine:
-    """``on_busy`` of a cell: one updating line while the server answers 503, cleared when
-    the cell runs (the client waits and retries)."""
+    """``on_busy`` of a cell: one updating line while the server answers 503 (the client waits
+    and retries), or while a sandbox cluster holds the run in its queue (``queued``, from its
+    queue events: "3 ahead of you"); cleared when the cell runs."""
 
     def __init__(self, kernel: SandboxKernel, parent: Any) -> None:
         self.kernel, self.display_id = kernel, f"sandbox-busy-{id(parent)}"
         self.shown = False
 
     def __call__(self, attempt: int, wait: float, elapsed: float) -> None:
+        self._show(_BUSY_TEXT.format(attempt=attempt, elapsed=elapsed))
+
+    def queued(self, ahead: int) -> None:
+        """``on_queue`` of a streamed run: ``ahead`` runs wait before this one."""
+        self._show(_QUEUED_TEXT.format(ahead=ahead) if ahead else _NEXT_TEXT)
+
+    def _show(self, text: str) -> None:
         content = {
-            "data": {"text/plain": _BUSY_TEXT.format(attempt=attempt, elapsed=elapsed)},
+            "data": {"text/plain": text},
             "metadata": {},
             "transient": {"display_id": self.display_id},
         }

@@ -185,10 +185,13 @@ def sandbox_usage(
     context: SandboxContext, args: argparse.Namespace, cell: str | None
 ) -> MagicResult:
     try:
-        load = context.load()
+        sample = context.load_sample()
     except SandboxError as error:
         raise _sandbox_error("read the load", error) from None
-    return MagicResult(value=load.fraction, bundles=[render.usage_line(load)])
+    bundles = [render.usage_line(sample.load)]
+    if sample.workers is not None:  # a sandbox cluster: the load of each of its workers
+        bundles.append(render.workers_table(sample.workers))
+    return MagicResult(value=sample.load.fraction, bundles=bundles)
 
 
 # -- the environment's files ---------------------------------------------------------------------

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .. import protocol
 from .._units import format_size as format_size  # the server's modules import it here
 
 _SIZE_RE = re.compile(r"[ \t]*(\d+(?:\.\d+)?)[ \t]*([kmgt]?)i?b?[ \t]*", re.IGNORECASE)
@@ -272,7 +273,7 @@ class ServerSettings:
         metavar="URL",
     )
     queue_wait: float = setting(
-        30.0,
+        protocol.DEFAULT_QUEUE_WAIT,
         "--queue-wait",
         _positive_seconds,
         "a front: how long a request waits in the queue for a free slot before 503 "

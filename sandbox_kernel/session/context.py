@@ -38,7 +38,7 @@ from .._errors import SandboxCancelled, SandboxConfigError, SandboxError
 from .._generations import Inventory, Load, Specs
 from .._units import format_size
 from ..archive import ArchiveError, build_archive
-from ..client import Sandbox, scope_cancelled
+from ..client import LoadSample, Sandbox, scope_cancelled
 from ..protocol import WORKING_DIR
 from ..settings import (
     COMMAND_NAMES,
@@ -276,6 +276,11 @@ class SandboxContext:
     def load(self) -> Load:
         """The load now (never cached)."""
         return self._on_worker(self.connection.side.load)
+
+    def load_sample(self) -> LoadSample:
+        """The load now and, from a cluster front, each worker's (never cached; one request,
+        as :meth:`load`)."""
+        return self._on_worker(self.connection.side.load_sample)
 
     def inventory(self, *, refresh: bool = False) -> Inventory:
         """What the sandbox has installed, fetched once (``refresh`` asks again)."""

@@ -26,6 +26,7 @@ from .._errors import (
 )
 from .._signals import describe_signal, signal_of_status
 from .._units import format_size
+from .._wire import is_cluster_lost
 from ..client import Cancellation, Sandbox
 from ..protocol import STOPPED_NOTE
 from . import records
@@ -508,6 +509,11 @@ def _interrupted() -> CellError:
 
 
 def _unreachable(error: SandboxError, session: Session) -> CellError:
+    kept = f" ({session.environment})" if session.environment else ""
+    if isinstance(error, SandboxHTTPError) and is_cluster_lost(
+        error.status_code, error.response.text
+    ):
+        return _cluster_lost(error, kept)
     if isinstance(error, Sandbox503):
         name = "SandboxBusy"
     elif isinstance(error, SandboxProtocolError):
@@ -516,10 +522,34 @@ def _unreachable(error: SandboxError, session: Session) -> CellError:
         name = f"SandboxHTTP{error.status_code}"
     else:
         name = "SandboxUnreachable"
-    kept = f" ({session.environment})" if session.environment else ""
     advice = [f"The kernel keeps the environment of the last good cell{kept}: the next cell "
               "continues from it."]  # fmt: skip
     return CellError(name, str(error), advice)
+
+
+def _cluster_lost(error: SandboxHTTPError, kept: str) -> CellError:
+    """A cluster front lost the run after it may have started (502): said whole, never run
+    again by the kernel; the environment stays the last one saved."""
+    return CellError(
+        "SandboxClusterLost",
+        _said(error.response.text) or str(error),
+        [
+            "The kernel did not run the cell again: its commands may have run, in part. Check "
+            "what they do (the files they write, anything they change elsewhere) before "
+            "running it again.",
+            f"The kernel keeps the environment of the last good cell{kept}: the next cell "
+            "continues from it, on another worker.",
+        ],
+    )
+
+
+#: Characters of a server's own error text shown at most (a hostile one could send megabytes).
+_SAID_LIMIT = 2000
+
+
+def _said(text: str) -> str:
+    text = text.strip()
+    return text if len(text) <= _SAID_LIMIT else text[:_SAID_LIMIT] + "…"
 
 
 def _lost_environment(uuid: str | None) -> str:

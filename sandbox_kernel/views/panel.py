@@ -2,7 +2,8 @@
 
 Tabs: Overview (which server, the environment and when it expires), Specifications,
 Libraries (the main tools and the categories at a glance, then search as you type), Load (one
-gauge and a chart of the last minutes, refreshed in the background) and Files (the shell's
+gauge and a chart of the last minutes, refreshed in the background; on a sandbox cluster,
+the load of each worker and the total) and Files (the shell's
 directory: show or download a file).
 
 Every request goes through the notebook's :class:`SandboxContext`, in its one worker thread;
@@ -40,6 +41,7 @@ import ipywidgets as widgets
 
 from .._errors import SandboxConnectionError, SandboxError, SandboxTimeout
 from .._generations import CATEGORIES, Inventory, Library, Load, Specs
+from .._wire import LoadSample
 from ..protocol import WORKING_DIR
 from ..session import mime_type
 from ..session.cellscript import LISTED_ENTRIES
@@ -158,7 +160,9 @@ class SandboxPanel:
         self._tasks: set[asyncio.Task[None]] = set()
         self._inventory_task: asyncio.Task[None] | None = None
         self._make_widgets(interval)
-        self.poller: Poller[Load] = Poller(self._sample, self._on_sample, self._on_error, interval)
+        self.poller: Poller[LoadSample] = Poller(
+            self._sample, self._on_sample, self._on_error, interval
+        )
         self._wire()
         self.refresh_environment()
 
@@ -179,6 +183,8 @@ class SandboxPanel:
                                            bar_style="success")  # fmt: skip
         self.load_text = widgets.HTML(value="<i>Measuring the load…</i>")
         self.chart = widgets.HTML()
+        #: A sandbox cluster's load worker by worker; empty for a single server.
+        self.workers = widgets.HTML()
         self.state = widgets.HTML()
         self.interval = widgets.BoundedFloatText(value=interval, min=0.5, max=600.0, step=0.5,
                                                  description="Every (s)")  # fmt: skip
@@ -194,7 +200,7 @@ class SandboxPanel:
             self.overview,
             self.specifications,
             widgets.VBox([self.search, self.category, self.library_list]),
-            widgets.VBox([widgets.HBox([self.gauge, self.load_text]), self.chart,
+            widgets.VBox([widgets.HBox([self.gauge, self.load_text]), self.chart, self.workers,
                           widgets.HBox([self.interval, self.pause]), self.state]),
             widgets.VBox([self.files_heading, self.files, widgets.HBox([self.download, self.show]),
                           self.file_view]),
@@ -331,11 +337,14 @@ class SandboxPanel:
 
     # -- load -----------------------------------------------------------------------------------
 
-    async def _sample(self) -> Load:
-        return await self._in_worker(self.context.load)
+    async def _sample(self) -> LoadSample:
+        return await self._in_worker(self.context.load_sample)
 
-    def _on_sample(self, load: Load, wait: float) -> None:
+    def _on_sample(self, sample: LoadSample, wait: float) -> None:
         self.connected = True
+        load = sample.load
+        workers = sample.workers
+        self.workers.value = "" if workers is None else render.workers_table(workers)["text/html"]
         self.history.append(load)
         while self.history and self.history[0].at < load.at - _HISTORY_SECONDS:
             self.history.popleft()

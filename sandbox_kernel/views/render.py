@@ -30,6 +30,7 @@ from .._generations import (
     Specs,
 )
 from .._units import format_size
+from .._wire import WorkerLoad
 
 Bundle = dict[str, Any]
 UNKNOWN = "unknown"
@@ -430,6 +431,26 @@ def load_figures(load: Load) -> str:
     elif load.memory_used is not None:
         parts.append(f"memory {human_bytes(load.memory_used)} used")
     return " · ".join(parts) or "the server tells no load"
+
+
+#: Workers listed at most in a cluster's load table (the total counts them all).
+WORKER_ROWS = 50
+
+
+def workers_table(workers: Sequence[WorkerLoad]) -> Bundle:
+    """A sandbox cluster's load, worker by worker (its front's ``usages/``): name, busy/slots,
+    cached environments, then the total of all of them: the class's load at a glance."""
+    busy, slots = sum(w.busy for w in workers), sum(w.slots for w in workers)
+    cached = sum(w.cached_environments for w in workers)
+    rows: list[list[object]] = [
+        [w.name, f"{w.busy}/{w.slots}", w.cached_environments] for w in workers[:WORKER_ROWS]
+    ]
+    if len(workers) > WORKER_ROWS:
+        rows.append([f"… {len(workers) - WORKER_ROWS} more", "", ""])
+    count = f"{len(workers)} worker{'s' if len(workers) != 1 else ''}"
+    rows.append([f"total ({count})", f"{busy}/{slots}", cached])
+    caption = f"Sandbox cluster: {count}, {busy}/{slots} slots busy"
+    return table(["worker", "busy/slots", "cached environments"], rows, caption)
 
 
 def usage_line(load: Load) -> Bundle:
