@@ -79,8 +79,18 @@ class Runs(Protocol):
         ...
 
 
-#: What :meth:`Executor.execute` raises when a run is refused or cannot be saved.
-RUN_REFUSALS = (UnpackFailed, EnvironmentNotFound, Overloaded, StorageFull)
+class Refused(Exception):
+    """A run refused with a status and text of its own: a cluster front answers so what a
+    worker refused (its ``error`` event), and 502 for a run the cluster lost."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+#: What :meth:`Runs.execute` raises when a run is refused or cannot be saved.
+RUN_REFUSALS = (UnpackFailed, EnvironmentNotFound, Overloaded, StorageFull, Refused)
 
 
 def refusal_answer(error: Exception) -> tuple[int, str]:
@@ -92,6 +102,8 @@ def refusal_answer(error: Exception) -> tuple[int, str]:
         return 404, f"No environment with UUID '{error}' found"
     if isinstance(error, Overloaded):
         return 503, protocol.OVERLOADED_TEXT
+    if isinstance(error, Refused):
+        return error.status, error.text
     return 507, str(error)
 
 

@@ -61,7 +61,7 @@ done | sort -u
 
 #: The whole inventory, one ``#section`` header before each lister's output. A category added
 #: to the protocol without a lister here fails at import, not with an empty list at run time.
-_INVENTORY = "".join(
+INVENTORY_SCRIPT = "".join(
     f"echo '#{section}'\n{_LISTERS[section]}" for section in (*LIBRARY_CATEGORIES, EXECUTABLES)
 )
 
@@ -105,7 +105,7 @@ class LibraryCache:
         runner = await self.pool.create()
         try:
             environ = self.pool.isolation.base_environ(runner.workdir)
-            outcome = await runner.run(_INVENTORY, environ, _TIMEOUT, _MAX_INVENTORY)
+            outcome = await runner.run(INVENTORY_SCRIPT, environ, _TIMEOUT, _MAX_INVENTORY)
         finally:
             await self.pool.discard(runner)
         if outcome.exit_code not in (0, 1) and not outcome.stdout:

@@ -203,3 +203,18 @@ def counting_proxy(moto_server: MotoServer) -> Iterator[CountingProxy]:
         yield proxy
     finally:
         proxy.close()
+
+
+# Cluster processes (tests/cluster/processes.py): a Redis per module, workers and fronts as real
+# processes on it and on moto; every one stopped and checked at teardown.
+from .processes import cluster_place, processes, start_front, start_worker  # noqa: E402
+from .redis_fixture import redis_acl_server, redis_server  # noqa: E402
+
+__all__ = [  # fixtures, used by name
+    "cluster_place",
+    "processes",
+    "redis_acl_server",
+    "redis_server",
+    "start_front",
+    "start_worker",
+]

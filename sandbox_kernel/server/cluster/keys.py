@@ -177,3 +177,62 @@ def _shown(value: object) -> str:
     """A value for an error message: its repr, cut to 80 characters (it may be hostile)."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+# The cluster-wide storage quota (``--max-storage``, ``--max-storage-inodes``): ``sk:quota`` is
+# a hash {bytes, inodes} of what the bucket holds. A worker reserves a save's new bytes and
+# inodes before publishing it; the sweeper recounts the hash from the bucket's listing (which
+# also repairs it after a Redis restart, when it is missing).
+
+#: KEYS[1] = the quota hash; ARGV = bytes, inodes, max bytes, max inodes. Returns 1 (reserved),
+#: 0 (it would not fit: nothing reserved), or -1 (no count yet: recount first, then retry).
+QUOTA_RESERVE_SCRIPT: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return -1
+end
+local used = tonumber(redis.call('HGET', KEYS[1], 'bytes') or '0')
+local inodes = tonumber(redis.call('HGET', KEYS[1], 'inodes') or '0')
+if used + tonumber(ARGV[1]) > tonumber(ARGV[3])
+   or inodes + tonumber(ARGV[2]) > tonumber(ARGV[4]) then
+  return 0
+end
+redis.call('HINCRBY', KEYS[1], 'bytes', ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'inodes', ARGV[2])
+return 1
+"""
+
+#: KEYS[1] = the quota hash; ARGV = bytes, inodes. Sets the count only if there is none (two
+#: workers recounting at once agree: the first count stays).
+QUOTA_INIT_SCRIPT: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'bytes', ARGV[1], 'inodes', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+QUOTA_RESERVED: Final = 1
+QUOTA_FULL: Final = 0
+QUOTA_UNCOUNTED: Final = -1
+
+
+def reserve_quota(
+    client: redis.Redis, size: int, inodes: int, max_bytes: int, max_inodes: int
+) -> int:
+    """Reserve ``size`` bytes and ``inodes`` in ``sk:quota``: :data:`QUOTA_RESERVED`,
+    :data:`QUOTA_FULL` (nothing reserved) or :data:`QUOTA_UNCOUNTED` (recount, then retry)."""
+    script = client.register_script(QUOTA_RESERVE_SCRIPT)
+    return int(script([QUOTA], [size, inodes, max_bytes, max_inodes]))
+
+
+def release_quota(client: redis.Redis, size: int, inodes: int) -> None:
+    """Give back a reservation whose save failed (never below zero: a recount may have run)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.hincrby(QUOTA, "bytes", -size)
+    pipe.hincrby(QUOTA, "inodes", -inodes)
+    pipe.execute()
+
+
+def init_quota(client: redis.Redis, size: int, inodes: int) -> bool:
+    """Set the count (from a recount) unless another process set one first."""
+    return bool(client.register_script(QUOTA_INIT_SCRIPT)([QUOTA], [size, inodes]))

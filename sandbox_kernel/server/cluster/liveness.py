@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class WorkerState:
-    """What a heartbeat says: ``{"slots", "busy", "jobs", "started"}``."""
+    """What a heartbeat says: ``{"slots", "busy", "jobs", "started", "cached_environments",
+    "isolation"}`` (the last two optional: fronts show them in ``usages/`` and
+    ``specifications/``)."""
 
     name: str
     slots: int
@@ -41,6 +43,10 @@ class WorkerState:
     jobs: tuple[str, ...]
     #: When the worker started (Unix time).
     started: float
+    #: Environments the worker holds in its local cache (``usages/``' ``workers``).
+    cached_environments: int = 0
+    #: The worker's ``Isolation.describe()`` (``specifications/``' ``container.isolation``).
+    isolation: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(
@@ -49,6 +55,8 @@ class WorkerState:
                 "busy": self.busy,
                 "jobs": list(self.jobs),
                 "started": self.started,
+                "cached_environments": self.cached_environments,
+                "isolation": self.isolation,
             }
         )
 
@@ -63,12 +71,19 @@ class WorkerState:
                 busy=value["busy"],
                 jobs=tuple(keys.job_id(job) for job in value["jobs"]),
                 started=float(value["started"]),
+                cached_environments=value.get("cached_environments", 0),
+                isolation=value.get("isolation"),
             )
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             log.warning("ignoring the malformed heartbeat of worker %s: %s", name, error)
             return None
         if type(state.slots) is not int or type(state.busy) is not int or state.slots < 1:
             log.warning("ignoring the heartbeat of worker %s: slots or busy are no counts", name)
+            return None
+        if type(state.cached_environments) is not int or not isinstance(
+            state.isolation, dict | None
+        ):
+            log.warning("ignoring the heartbeat of worker %s: a malformed cache or isolation", name)
             return None
         return state
 
@@ -89,8 +104,13 @@ class Heartbeat:
         interval: float = keys.HEARTBEAT_INTERVAL,
         ttl_ms: int = keys.HEARTBEAT_TTL_MS,
         clock: Callable[[], float] = time.time,
+        isolation: dict[str, Any] | None = None,
     ) -> None:
         self.client = client
+        #: Shown by fronts: the worker's ``Isolation.describe()``, and how many environments
+        #: its local cache holds (the worker updates it; an int is read whole by the thread).
+        self.isolation = isolation
+        self.cached_environments = 0
         self.name = keys.name(name)
         self.key = keys.worker_key(name)
         self.slots = slots
@@ -119,7 +139,15 @@ class Heartbeat:
     def state(self) -> WorkerState:
         with self._lock:
             jobs = tuple(self._jobs)
-        return WorkerState(self.name, self.slots, len(jobs), jobs, self.started)
+        return WorkerState(
+            self.name,
+            self.slots,
+            len(jobs),
+            jobs,
+            self.started,
+            cached_environments=self.cached_environments,
+            isolation=self.isolation,
+        )
 
     def beat(self) -> None:
         """Write one beat now: the key with its TTL, and the name in ``sk:workers``."""
