@@ -4,7 +4,8 @@
 its own bucket (``bucket``), so tests never see each other's objects. ``counting_proxy`` puts
 a real HTTP proxy between the store and moto, counting the requests by method and kind
 (``PUT blob``, ``HEAD blob``, ``GET manifest``...): what a test asserts about uploads is what
-went over the wire.
+went over the wire. It can also hold one request and drop it (``hold_next``): a worker killed
+in the middle of an upload.
 
 Every test runs with dummy AWS credentials and no AWS endpoint or profile of the developer's:
 no test ever talks to a real AWS account.
@@ -139,6 +140,10 @@ class CountingProxy:
     def __init__(self, target_port: int) -> None:
         self.counts: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
+        #: :meth:`hold_next`: the request to hold, and the events of its holding.
+        self._hold: str | None = None
+        self.held = threading.Event()
+        self._released = threading.Event()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -148,8 +153,17 @@ class CountingProxy:
                 pass
 
             def _forward(self) -> None:
+                label = f"{self.command} {_kind(self.path)}"
                 with proxy._lock:
-                    proxy.counts[f"{self.command} {_kind(self.path)}"] += 1
+                    proxy.counts[label] += 1
+                    holding = proxy._hold == label
+                    if holding:
+                        proxy._hold = None
+                if holding:  # before its body is read: the sender blocks mid-upload
+                    proxy.held.set()
+                    proxy._released.wait(120)
+                    self.close_connection = True
+                    return  # dropped: nothing reaches the S3 server, nothing is answered
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 upstream = http.client.HTTPConnection("127.0.0.1", target_port, timeout=30)
@@ -175,6 +189,20 @@ class CountingProxy:
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
 
+    def hold_next(self, what: str) -> None:
+        """Hold the next request of kind ``what`` (``"PUT manifest"``, ``"PUT blob"``...)
+        before reading its body: :attr:`held` is set when it comes, and on :meth:`release`
+        it is dropped unanswered, as if the network died with its sender."""
+        with self._lock:
+            self._hold = what
+            self.held.clear()
+            self._released.clear()
+
+    def release(self) -> None:
+        with self._lock:
+            self._hold = None
+        self._released.set()
+
     def count(self, what: str) -> int:
         with self._lock:
             return self.counts[what]
@@ -184,6 +212,7 @@ class CountingProxy:
             self.counts.clear()
 
     def close(self) -> None:
+        self.release()
         self.server.shutdown()
         self.server.server_close()
 
@@ -207,7 +236,13 @@ def counting_proxy(moto_server: MotoServer) -> Iterator[CountingProxy]:
 
 # Cluster processes (tests/cluster/processes.py): a Redis per module, workers and fronts as real
 # processes on it and on moto; every one stopped and checked at teardown.
-from .processes import cluster_place, processes, start_front, start_worker  # noqa: E402
+from .processes import (  # noqa: E402
+    cluster_place,
+    processes,
+    shared_cluster,
+    start_front,
+    start_worker,
+)
 from .redis_fixture import redis_acl_server, redis_server  # noqa: E402
 
 __all__ = [  # fixtures, used by name
@@ -215,6 +250,7 @@ __all__ = [  # fixtures, used by name
     "processes",
     "redis_acl_server",
     "redis_server",
+    "shared_cluster",
     "start_front",
     "start_worker",
 ]

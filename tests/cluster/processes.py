@@ -19,8 +19,12 @@ Fixtures (registered in ``tests/cluster/conftest.py``):
 
 - ``cluster_place``: the module's Redis (``redis_server``), the session's moto and a fresh
   bucket for this test: where a cluster lives;
-- ``processes``: a :class:`Processes` on that place; ``start_worker`` and ``start_front``
-  are its bound methods.
+- ``processes``: a :class:`Processes` on that place; ``start_worker`` (with
+  ``start_worker.many`` to start several side by side) and ``start_front`` use it;
+- ``shared_cluster``: one cluster per module (2 workers, 1 front) for read-mostly tests.
+
+Every process of a :class:`Processes` gets SIGTERM at once at teardown (a warm shutdown takes
+about a second each), then is waited for.
 """
 
 from __future__ import annotations
@@ -49,6 +53,14 @@ READY_SECONDS = 60.0
 STOP_SECONDS = 15.0
 #: The storage prefix every test cluster uses inside its bucket.
 PREFIX = "cluster"
+#: What the cluster's processes get instead of the developer's AWS settings.
+DUMMY_AWS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
 
 
 @dataclasses.dataclass
@@ -69,7 +81,11 @@ class ClusterPlace:
         return ["--cluster", self.redis.url, "--storage", self.storage_url]
 
     def environment(self) -> dict[str, str]:
-        return {**os.environ, "AWS_ENDPOINT_URL": self.s3_url, "PYTHONUNBUFFERED": "1"}
+        """The test's environment without any AWS setting of the developer's: dummy keys,
+        and the endpoint of the test's S3 server (set here, not by the function-scoped
+        ``_dummy_aws``, so that a module-scoped cluster gets them too)."""
+        kept = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
+        return {**kept, **DUMMY_AWS, "AWS_ENDPOINT_URL": self.s3_url, "PYTHONUNBUFFERED": "1"}
 
     def redis_client(self) -> Any:
         return self.redis.client()
@@ -228,6 +244,15 @@ class Processes:
             self.wait_worker(worker)
         return worker
 
+    def start_workers(
+        self, *names: str, args: tuple[str, ...] = (), workers: int = 2
+    ) -> list[Worker]:
+        """Workers named ``names`` started side by side (each takes 1 to 3 s to be ready)."""
+        started = [self.start_worker(name, *args, workers=workers, wait=False) for name in names]
+        for worker in started:
+            self.wait_worker(worker)
+        return started
+
     def wait_worker(self, worker: Worker, timeout: float = READY_SECONDS) -> None:
         client = self.place.redis_client()
         key = f"sk:worker:{worker.name}"
@@ -281,8 +306,13 @@ class Processes:
         front.fail(f"wrote no info file within {timeout:g} s")
 
     def close(self) -> None:
-        """Stop every process (the newest first); fail if one of theirs is still alive."""
+        """Stop every process, all at once (each warm shutdown takes about a second);
+        fail if one of theirs is still alive."""
         left: list[int] = []
+        for process in reversed(self.started):
+            process.remember_descendants()
+            if process.alive():
+                process.process.send_signal(signal.SIGTERM)
         for process in reversed(self.started):
             process.stop()
             if not wait_until(lambda p=process: not living(p.seen), timeout=5):
@@ -307,6 +337,42 @@ def cluster_place(redis_server: RedisServer, moto_server: Any, bucket: str) -> C
     return ClusterPlace(redis_server, moto_server.url, bucket)
 
 
+@dataclasses.dataclass
+class SharedCluster:
+    """A module's read-mostly cluster (:func:`shared_cluster`)."""
+
+    place: ClusterPlace
+    processes: Processes
+    workers: list[Worker]
+    front: Front
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(
+    redis_server: RedisServer, moto_server: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SharedCluster]:
+    """One cluster for a whole module (about 3 to 10 s to start, paid once): a bucket of its
+    own, workers ``w1`` and ``w2`` of 2 slots each, one front. Its tests must leave it as
+    they found it (no kill, no Redis restart, no worker left busy), and the module must not
+    use ``cluster_place``, whose emptying of the module's Redis would wipe this cluster's
+    keys: destructive tests build their own cluster in another module."""
+    client = redis_server.client()
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    bucket = f"sk-shared-{os.urandom(8).hex()}"
+    moto_server.client().create_bucket(Bucket=bucket)
+    place = ClusterPlace(redis_server, moto_server.url, bucket)
+    started = Processes(place, tmp_path_factory.mktemp("shared-cluster"))
+    try:
+        workers = started.start_workers("w1", "w2")
+        front = started.start_front()
+        yield SharedCluster(place, started, workers, front)
+    finally:
+        started.close()
+
+
 @pytest.fixture
 def processes(cluster_place: ClusterPlace, tmp_path: Path) -> Iterator[Processes]:
     """Cluster processes on ``cluster_place``, all stopped (and checked) at the end."""
@@ -317,10 +383,24 @@ def processes(cluster_place: ClusterPlace, tmp_path: Path) -> Iterator[Processes
         started.close()
 
 
+class WorkerStarter:
+    """``start_worker(name, *worker_args, workers=2)``: a ready worker of the test cluster;
+    ``start_worker.many(*names, args=(...), workers=2)``: several, started side by side."""
+
+    def __init__(self, processes: Processes) -> None:
+        self.processes = processes
+
+    def __call__(self, name: str, *args: str, **options: Any) -> Worker:
+        return self.processes.start_worker(name, *args, **options)
+
+    def many(self, *names: str, args: tuple[str, ...] = (), workers: int = 2) -> list[Worker]:
+        return self.processes.start_workers(*names, args=args, workers=workers)
+
+
 @pytest.fixture
-def start_worker(processes: Processes) -> Callable[..., Worker]:
-    """``start_worker(name, *worker_args, workers=2)``: a ready worker of the test cluster."""
-    return processes.start_worker
+def start_worker(processes: Processes) -> WorkerStarter:
+    """A ready worker of the test cluster (:class:`WorkerStarter`)."""
+    return WorkerStarter(processes)
 
 
 @pytest.fixture

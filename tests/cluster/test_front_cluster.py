@@ -1,6 +1,7 @@
 """A front with real workers: routing, fallback without double runs, the queue, failover,
-a Redis restart, cluster-wide caps, streaming through the front, and a client that goes away
-(design B7, B10).
+a Redis restart and cluster-wide caps (design B7, B10), each on a cluster of its own. Streaming
+through a front and a client that goes away run on the shared cluster of
+``test_front_clients.py``; more failures are in ``test_front_failures.py``.
 
 Everything is a real process: redis-server, moto, ``sandbox-kernel worker`` and ``sandbox-kernel
 serve --cluster``; requests go over HTTP (``requests``, shaped as PremierLangage's clients send
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import json
 import signal
 import time
@@ -26,9 +26,9 @@ from sandbox_kernel import protocol
 
 from ..helpers import wait_until
 from .conftest import CountingProxy
-from .processes import ClusterPlace, Front, Worker
+from .processes import ClusterPlace, Front, Worker, WorkerStarter
 
-StartWorker = Callable[..., Worker]
+StartWorker = WorkerStarter
 StartFront = Callable[..., Front]
 
 
@@ -75,7 +75,7 @@ def test_a_sessions_cells_stay_on_the_worker_holding_its_environment(
     start_worker: StartWorker, start_front: StartFront, counting_proxy: CountingProxy
 ) -> None:
     proxy = ["--s3-endpoint", counting_proxy.url]
-    workers = [start_worker("w1", *proxy), start_worker("w2", *proxy)]
+    workers = start_worker.many("w1", "w2", args=tuple(proxy))
     front = start_front()
     environment = saved(front, ["echo 0 >> log"])
     holder = next(w for w in workers if w.jobs_ran() == 1)
@@ -93,7 +93,7 @@ def test_a_sessions_cells_stay_on_the_worker_holding_its_environment(
 def test_a_busy_preferred_worker_falls_back_elsewhere_without_double_runs(
     start_worker: StartWorker, start_front: StartFront, cluster_place: ClusterPlace
 ) -> None:
-    workers = [start_worker("w1"), start_worker("w2")]
+    workers = start_worker.many("w1", "w2")
     front = start_front()
     environment = saved(front, ["echo start >> log"])
     holder = next(w for w in workers if w.jobs_ran() == 1)
@@ -217,7 +217,7 @@ def test_streamed_runs_that_asked_get_their_place_in_the_queue(
 def test_a_killed_worker_gives_502_and_the_session_goes_on_elsewhere(
     start_worker: StartWorker, start_front: StartFront, cluster_place: ClusterPlace
 ) -> None:
-    workers = [start_worker("w1"), start_worker("w2")]
+    workers = start_worker.many("w1", "w2")
     front = start_front()
     environment = saved(front, ["echo kept >> log"])
     holder = next(w for w in workers if w.jobs_ran() == 1)
@@ -284,7 +284,7 @@ def test_max_storage_counts_saves_on_every_worker(
     start_worker: StartWorker, start_front: StartFront, cluster_place: ClusterPlace
 ) -> None:
     caps = ["--max-storage", "150K"]
-    workers = [start_worker("w1", *caps, workers=1), start_worker("w2", *caps, workers=1)]
+    workers = start_worker.many("w1", "w2", args=tuple(caps), workers=1)
     front = start_front(*caps)
     write = "head -c 60000 /dev/urandom > f; sleep 1"
     both = [
@@ -296,96 +296,3 @@ def test_max_storage_counts_saves_on_every_worker(
     refused = front.post_execute({"commands": [write], "save": True})
     assert refused.status_code == 507, refused.text
     assert "cluster" in refused.text
-
-
-# -- streaming through a front ---------------------------------------------------------------------
-
-
-async def _stream(
-    front: Front, config: dict[str, Any], replies: Callable[[dict[str, Any]], list[str]]
-) -> list[dict[str, Any]]:
-    headers = {"Authorization": f"Bearer {front.token}"}
-    frames = []
-    async with (
-        aiohttp.ClientSession(headers=headers) as http,
-        http.ws_connect(front.url + "execute/stream/") as ws,
-    ):
-        await ws.send_str(json.dumps(config))
-        await ws.send_bytes(b"")
-        async for message in ws:
-            frame = json.loads(message.data)
-            frames.append(frame)
-            for reply in replies(frame):
-                await ws.send_str(reply)
-    return frames
-
-
-def test_streaming_through_a_front(start_worker: StartWorker, start_front: StartFront) -> None:
-    start_worker("w1")
-    front = start_front()
-    script = "for i in 1 2 3; do echo $i; sleep 0.2; echo e$i >&2; done"
-    frames = asyncio.run(_stream(front, {"commands": [script]}, lambda f: []))
-    chunks = [(f["stream"], f["text"]) for f in frames if "stream" in f]
-    assert chunks == [
-        ("stdout", "1\n"), ("stderr", "e1\n"), ("stdout", "2\n"), ("stderr", "e2\n"),
-        ("stdout", "3\n"), ("stderr", "e3\n"),
-    ]  # fmt: skip
-    assert frames[-1]["status"] == 0
-    assert frames[-1]["execution"][0]["stdout"] == "1\n2\n3"
-
-    def answer(frame: dict[str, Any]) -> list[str]:
-        if frame.get("stdin") == "wanted":
-            return [json.dumps({"stdin": "Ada\n"}), json.dumps({"eof": True})]
-        return []
-
-    asked = 'printf "name? "; read name; echo "hello $name"; cat; echo done'
-    frames = asyncio.run(_stream(front, {"commands": [asked]}, answer))
-    wanted = [f for f in frames if f.get("stdin") == "wanted"]
-    assert wanted and wanted[0]["prompt"] == "name? "
-    assert frames[-1]["execution"][0]["stdout"] == "name? hello Ada\ndone"
-
-    def stop(frame: dict[str, Any]) -> list[str]:
-        return [json.dumps({"stop": True})] if frame.get("text") == "started\n" else []
-
-    frames = asyncio.run(
-        _stream(front, {"commands": ["echo started; sleep 20", "echo never"]}, stop)
-    )
-    final = frames[-1]
-    assert final["status"] == 130, final
-    assert protocol.STOPPED_NOTE in final["execution"][0]["stderr"]
-    assert len(final["execution"]) == 1
-
-
-def test_a_client_that_goes_away_kills_its_run_on_the_worker(
-    start_worker: StartWorker, start_front: StartFront
-) -> None:
-    start_worker("w1")
-    front = start_front()
-    environment = saved(front, ["echo start >> f"])
-
-    def busy() -> int:
-        return int(front.get("usages/").json()["container"])
-
-    config = {"commands": ["sleep 30; echo late >> f"], "environment": environment, "save": True}
-    with contextlib.suppress(requests.Timeout):
-        post(front, config, timeout=1.5)
-    gone = time.monotonic()
-    assert wait_until(lambda: busy() == 0, timeout=10)
-    assert time.monotonic() - gone < 3, "the run outlived its client"
-
-    async def streamed_and_dropped() -> None:
-        headers = {"Authorization": f"Bearer {front.token}"}
-        async with aiohttp.ClientSession(headers=headers) as http:
-            ws = await http.ws_connect(front.url + "execute/stream/")
-            await ws.send_str(json.dumps(config))
-            await ws.send_bytes(b"")
-            await asyncio.sleep(1.0)
-            await ws.close()
-
-    asyncio.run(streamed_and_dropped())
-    gone = time.monotonic()
-    assert wait_until(lambda: busy() == 0, timeout=10)
-    assert time.monotonic() - gone < 3
-    time.sleep(1)
-    log = front.post_execute({"commands": ["cat f"], "environment": environment}).json()
-    assert log["execution"][0]["stdout"] == "start"

@@ -24,6 +24,7 @@ from sandbox_kernel.server.cluster.objects import (
     ObjectStoreError,
     blob_name,
     manifest_name,
+    upload_name,
 )
 
 from .conftest import MotoServer, free_port
@@ -94,6 +95,37 @@ def test_a_manifest_larger_than_the_limit_is_not_read(store: ObjectStore) -> Non
     with pytest.raises(ObjectStoreError) as refused:
         store.get_manifest(uuid, limit=1000)
     assert refused.value.kind == "corrupt"
+
+
+def test_an_upload_goes_in_comes_back_capped_and_goes(
+    store: ObjectStore, moto_server: MotoServer, bucket: str
+) -> None:
+    job = uuid_module.uuid4().hex
+    data = os.urandom(700_000)
+    store.put_upload(job, io.BytesIO(data), len(data))
+    key = f"courses/algo/uploads/{job}.tgz"
+    assert moto_server.client().head_object(Bucket=bucket, Key=key)["ContentLength"] == len(data)
+    into = io.BytesIO()
+    assert store.get_upload(job, into, limit=len(data)) == (len(data), _digest(data))
+    assert into.getvalue() == data
+    # An object longer than the job says: reading stops past the limit, never keeps it whole.
+    short = io.BytesIO()
+    size, _ = store.get_upload(job, short, limit=1000)
+    assert size > 1000 and len(short.getvalue()) <= 1000
+    store.delete_upload(job)
+    store.delete_upload(job)  # already gone: fine
+    with pytest.raises(ObjectStoreError) as missing:
+        store.get_upload(job, io.BytesIO(), limit=10)
+    assert missing.value.kind == "refused" and "upload of job" in str(missing.value)
+
+
+@pytest.mark.parametrize("job", ["../envs/x", "ABC", "", "0" * 31, "0" * 32 + "/x"])
+def test_upload_keys_are_only_made_of_a_job_id(job: str, store: ObjectStore) -> None:
+    with pytest.raises(ObjectStoreError) as refused:
+        upload_name(job)
+    assert refused.value.kind == "invalid"
+    with pytest.raises(ObjectStoreError):
+        store.put_upload(job, io.BytesIO(b"x"), 1)
 
 
 def test_prefixes_keep_clusters_apart(moto_server: MotoServer, bucket: str) -> None:

@@ -434,6 +434,61 @@ def test_heartbeat_comes_back_after_redis_restarts(tmp_path: Path) -> None:
             client.close()
 
 
+def test_heartbeat_calls_on_join_at_start_and_after_a_restart(tmp_path: Path) -> None:
+    """``on_join`` (the worker registers its cached environments again) runs when a beat
+    finds the worker new to ``sk:workers``: at start, after a restart, and again at the next
+    beat when it failed; ``every`` runs on its own period."""
+    joins: list[float] = []
+    checks: list[float] = []
+    failing = threading.Event()
+
+    def join() -> None:
+        if failing.is_set():
+            failing.clear()
+            raise ConnectionError("a join that fails once")
+        joins.append(time.monotonic())
+
+    with running_redis(tmp_path) as server:
+        client = parse_redis_url(server.url).client(socket_timeout=0.5)
+        beat = Heartbeat(
+            client, "worker-joins", slots=1, on_join=join, every=(0.5, lambda: checks.append(1))
+        )
+        beat.start()
+        try:
+            assert len(joins) == 1  # the first beat, before start returns
+            time.sleep(1.2)
+            assert len(joins) == 1, "a join on every beat"
+            assert 2 <= len(checks) <= 4, checks
+            failing.set()
+            server.restart()
+            assert wait_for(lambda: len(joins) == 2, 5) is not None, "no join after the restart"
+            assert not failing.is_set()  # the first try failed, the next beat joined
+            client.srem(keys.WORKERS, "worker-joins")  # a front pruned it (missed beats)
+            assert wait_for(lambda: len(joins) == 3, 2) is not None
+        finally:
+            beat.stop()
+            client.close()
+
+
+def test_caps_that_differ_are_named_and_junk_is_refused() -> None:
+    from sandbox_kernel.server.settings import ServerSettings
+
+    front = ServerSettings(max_upload=1024**2, execute_timeout=30.5)
+    mine = jobs.caps_of(ServerSettings())
+    front_name, differences = jobs.differing_caps(mine, jobs.caps_message("f1", front))
+    assert front_name == "'f1'"
+    assert differences == [
+        "--max-upload 268435456 here, 1048576 at the front",
+        "--execute-timeout 60 here, 30.5 at the front",
+    ]
+    assert jobs.differing_caps(mine, jobs.caps_message("f1", ServerSettings()))[1] == []
+    odd = json.dumps({"front": "f", "caps": {"max_upload": True, "max_output": "1", "x": 1}})
+    assert jobs.differing_caps(mine, odd)[1] == []  # not numbers: nothing to compare
+    for junk in (b"not json", b"[]", b'{"front": 3, "caps": {}}', b'{"front": "f"}'):
+        with pytest.raises(jobs.BadEvent):
+            jobs.differing_caps(mine, junk)
+
+
 # -- the job message ---------------------------------------------------------------------------
 
 

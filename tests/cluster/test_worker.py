@@ -12,7 +12,7 @@ import json
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,7 +21,8 @@ from sandbox_kernel.server.cluster import engine, jobs, keys
 from sandbox_kernel.server.settings import ServerSettings
 
 from ..helpers import living, processes_matching, wait_until
-from .processes import ClusterPlace, Processes, Worker
+from .processes import ClusterPlace, Processes, Worker, WorkerStarter
+from .redis_fixture import running_redis
 
 FRONT = "test-front"
 
@@ -101,6 +102,37 @@ def front(cluster_place: ClusterPlace) -> Iterator[FakeFront]:
         fake.close()
 
 
+@pytest.fixture(scope="module")
+def lone_worker(
+    moto_server: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ClusterPlace, Worker]]:
+    """One worker ``w1`` shared by the module's tests that leave it as they found it (idle),
+    on a Redis of its own: ``cluster_place`` empties the module's ``redis_server`` for each
+    of the other tests. Starting a worker costs 1 to 3 s, stopping it about 1.5 s."""
+    with running_redis(tmp_path_factory.mktemp("lone-redis")) as server:
+        bucket = f"sk-lone-{uuid.uuid4().hex[:16]}"
+        moto_server.client().create_bucket(Bucket=bucket)
+        place = ClusterPlace(server, moto_server.url, bucket)
+        started = Processes(place, tmp_path_factory.mktemp("lone-worker"))
+        try:
+            yield place, started.start_worker("w1")
+        finally:
+            started.close()
+
+
+@pytest.fixture
+def lone(lone_worker: tuple[ClusterPlace, Worker]) -> Iterator[tuple[FakeFront, Worker]]:
+    """A front by hand on :func:`lone_worker`'s cluster, reading only this test's events."""
+    place, worker = lone_worker
+    fake = FakeFront(place)
+    newest = fake.client.xrevrange(keys.inbox_key(fake.name), count=1)
+    fake.last = newest[0][0].decode() if newest else "0-0"
+    try:
+        yield fake, worker
+    finally:
+        fake.close()
+
+
 def _heartbeat(front: FakeFront, worker: str) -> dict[str, Any]:
     state: dict[str, Any] = json.loads(front.client.get(keys.worker_key(worker)) or "{}")
     return state
@@ -114,9 +146,9 @@ def runs_of(*workers: Worker) -> int:
 
 
 def test_a_published_job_is_claimed_run_and_answered(
-    start_worker: Callable[..., Worker], front: FakeFront
+    lone: tuple[FakeFront, Worker],
 ) -> None:
-    worker = start_worker("w1")
+    front, worker = lone
     spec = front.job("echo hello from the cluster", "-false", "echo after")
     front.publish(spec)
     answer = front.answer(spec)
@@ -135,9 +167,9 @@ def test_a_published_job_is_claimed_run_and_answered(
 
 
 def test_a_job_on_a_worker_queue_runs_on_that_worker(
-    start_worker: Callable[..., Worker], front: FakeFront
+    start_worker: WorkerStarter, front: FakeFront
 ) -> None:
-    one, two = start_worker("w1"), start_worker("w2")
+    one, two = start_worker.many("w1", "w2")
     specs = [front.job(f"echo {index}") for index in range(4)]
     for spec in specs:
         front.publish(spec, keys.worker_queue("w2"))
@@ -150,10 +182,10 @@ def test_a_job_on_a_worker_queue_runs_on_that_worker(
 
 @pytest.mark.parametrize("copies", ["same-queue", "both-queues", "after-the-run"])
 def test_a_second_copy_of_a_job_is_dropped_never_run(
-    start_worker: Callable[..., Worker], front: FakeFront, copies: str
+    start_worker: WorkerStarter, front: FakeFront, copies: str
 ) -> None:
     """The claim makes a fallback copy or a redelivery safe: one run, one answer."""
-    one, two = start_worker("w1"), start_worker("w2")
+    one, two = start_worker.many("w1", "w2")
     spec = front.job("echo ran", "sleep 0.5")
     text = spec.to_json()
     if copies == "same-queue":
@@ -178,16 +210,19 @@ def test_a_second_copy_of_a_job_is_dropped_never_run(
 
 
 def test_a_job_a_front_gave_up_on_never_runs(
-    start_worker: Callable[..., Worker], front: FakeFront
+    lone: tuple[FakeFront, Worker],
 ) -> None:
-    worker = start_worker("w1")
+    front, worker = lone
+    ran, dropped = worker.jobs_ran(), worker.log_text().count("dropped: claimed before")
     spec = front.job("echo should not run")
     assert keys.give_up(front.client, spec.job)
     front.publish(spec)
-    assert wait_until(lambda: "dropped: claimed before" in worker.log_text(), timeout=10)
+    assert wait_until(
+        lambda: worker.log_text().count("dropped: claimed before") == dropped + 1, timeout=10
+    )
     front.read(0.3)
     assert front.of(spec.job) == []
-    assert worker.jobs_ran() == 0
+    assert worker.jobs_ran() == ran
 
 
 # -- hostile messages ------------------------------------------------------------------------------
@@ -227,9 +262,11 @@ def _hostile_messages(front: FakeFront) -> dict[str, tuple[str, str]]:
 
 
 def test_hostile_job_messages_are_refused_and_nothing_runs(
-    start_worker: Callable[..., Worker], front: FakeFront
+    lone: tuple[FakeFront, Worker],
 ) -> None:
-    worker = start_worker("w1")
+    front, worker = lone
+    ran = worker.jobs_ran()
+    nobody = worker.log_text().count("refused a job message that names no job and front")
     hostile = _hostile_messages(front)
     # A forged upload whose data is there but is not what the reference says.
     forged_job = hostile["forged-upload"][0]
@@ -255,16 +292,17 @@ def test_hostile_job_messages_are_refused_and_nothing_runs(
     front.publish(good)
     assert front.answer(good)["execution"][0]["stdout"] == "still here"
     assert wait_until(lambda: worker.ran(good.job))
-    assert worker.jobs_ran() == 1, worker.log_text()
+    assert worker.jobs_ran() == ran + 1, worker.log_text()
     assert "pwned" not in json.dumps([event.data for event in front.events])
     log = worker.log_text()
-    assert log.count("refused a job message that names no job and front") >= 4, log
+    assert log.count("refused a job message that names no job and front") >= nobody + 4, log
 
 
 def test_a_task_message_with_other_arguments_is_dropped(
-    start_worker: Callable[..., Worker], front: FakeFront
+    lone: tuple[FakeFront, Worker],
 ) -> None:
-    worker = start_worker("w1")
+    front, worker = lone
+    ran, dropped = worker.jobs_ran(), worker.log_text().count("is not one job text")
     spec = front.job("echo pwned")
     front.engine.send_task(
         engine.TASK_NAME,
@@ -280,10 +318,12 @@ def test_a_task_message_with_other_arguments_is_dropped(
         routing_key=keys.SHARED_QUEUE,
         declare=[],
     )
-    assert wait_until(lambda: worker.log_text().count("is not one job text") == 2, timeout=20)
+    assert wait_until(
+        lambda: worker.log_text().count("is not one job text") == dropped + 2, timeout=20
+    )
     front.read(0.3)
     assert front.of(spec.job) == []
-    assert worker.jobs_ran() == 0
+    assert worker.jobs_ran() == ran
 
 
 # -- environments in the bucket --------------------------------------------------------------------
@@ -305,9 +345,9 @@ def _bucket_objects(place: ClusterPlace, folder: str) -> list[str]:
 
 
 def test_a_save_is_published_and_another_worker_materialises_it(
-    start_worker: Callable[..., Worker], front: FakeFront, cluster_place: ClusterPlace
+    start_worker: WorkerStarter, front: FakeFront, cluster_place: ClusterPlace
 ) -> None:
-    one, two = start_worker("w1"), start_worker("w2")
+    one, two = start_worker.many("w1", "w2")
     first = front.job(
         "echo one > a.txt", "mkdir sub", "echo two > sub/b.txt", "ln -s a.txt link", save=True
     )
@@ -339,7 +379,7 @@ def test_a_save_is_published_and_another_worker_materialises_it(
 
 
 def test_an_unknown_or_expired_environment_is_404(
-    start_worker: Callable[..., Worker], front: FakeFront
+    start_worker: WorkerStarter, front: FakeFront
 ) -> None:
     start_worker("w1", "--expiration", "2")
     missing = str(uuid.uuid4())
@@ -371,10 +411,9 @@ def _wait_claimed(front: FakeFront, job: str) -> str:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_cancel_kills_the_running_job(
-    start_worker: Callable[..., Worker], front: FakeFront, stream: bool
-) -> None:
-    worker = start_worker("w1")
+def test_cancel_kills_the_running_job(lone: tuple[FakeFront, Worker], stream: bool) -> None:
+    front, worker = lone
+    cancelled = worker.log_text().count("cancelled by its front")
     marker = _sleep_marker(30)
     spec = front.job(f"sleep {marker}", stream=stream)
     front.publish(spec)
@@ -383,7 +422,9 @@ def test_cancel_kills_the_running_job(
     started = time.monotonic()
     front.control("w1", spec.job, "cancel")
     assert wait_until(lambda: processes_matching(marker) == [], timeout=10)
-    assert wait_until(lambda: "cancelled by its front" in worker.log_text(), timeout=10)
+    assert wait_until(
+        lambda: worker.log_text().count("cancelled by its front") == cancelled + 1, timeout=10
+    )
     print(f"cancel to sandbox gone: {time.monotonic() - started:.2f} s")
     state = json.loads(front.client.get(keys.worker_key("w1")))
     assert state["busy"] == 0 and state["jobs"] == []
@@ -396,9 +437,9 @@ def test_cancel_kills_the_running_job(
 
 
 def test_a_streamed_job_sends_chunks_and_takes_stdin(
-    start_worker: Callable[..., Worker], front: FakeFront
+    lone: tuple[FakeFront, Worker],
 ) -> None:
-    start_worker("w1")
+    front, _ = lone
     spec = front.job(
         "echo first; sleep 0.3; echo second >&2",
         "printf 'name? '; read name; echo hi $name",
@@ -420,9 +461,9 @@ def test_a_streamed_job_sends_chunks_and_takes_stdin(
 
 
 def test_a_streamed_job_takes_eof_and_stop(
-    start_worker: Callable[..., Worker], front: FakeFront
+    lone: tuple[FakeFront, Worker],
 ) -> None:
-    start_worker("w1")
+    front, _ = lone
     eof = front.job("cat; echo done", stream=True)
     front.publish(eof)
     worker = _wait_claimed(front, eof.job)
@@ -440,9 +481,9 @@ def test_a_streamed_job_takes_eof_and_stop(
 
 
 def test_stdin_flooding_a_streamed_job_is_refused_413(
-    start_worker: Callable[..., Worker], front: FakeFront
+    lone: tuple[FakeFront, Worker],
 ) -> None:
-    start_worker("w1")
+    front, _ = lone
     spec = front.job("sleep 30", stream=True)
     front.publish(spec)
     worker = _wait_claimed(front, spec.job)
@@ -456,7 +497,7 @@ def test_stdin_flooding_a_streamed_job_is_refused_413(
 
 
 def test_kill_9_of_a_worker_leaves_no_sandbox_behind(
-    start_worker: Callable[..., Worker], front: FakeFront
+    start_worker: WorkerStarter, front: FakeFront
 ) -> None:
     worker = start_worker("w1", workers=2)
     marker = _sleep_marker(60)
@@ -486,7 +527,7 @@ def _command(pid: int) -> str:
         return "(gone)"
 
 
-def test_sigterm_is_a_warm_shutdown(start_worker: Callable[..., Worker], front: FakeFront) -> None:
+def test_sigterm_is_a_warm_shutdown(start_worker: WorkerStarter, front: FakeFront) -> None:
     worker = start_worker("w1")
     spec = front.job("sleep 1", "echo finished")
     front.publish(spec)
@@ -595,16 +636,15 @@ def _archive(files: dict[str, bytes]) -> bytes:
 
 @pytest.mark.parametrize("place", ["redis", "bucket"])
 def test_an_upload_is_fetched_checked_unpacked_and_deleted(
-    start_worker: Callable[..., Worker],
-    front: FakeFront,
-    cluster_place: ClusterPlace,
+    lone: tuple[FakeFront, Worker],
     place: str,
 ) -> None:
     import hashlib
 
     import boto3
 
-    start_worker("w1")
+    front, _ = lone
+    cluster_place = front.place
     data = _archive({"given.txt": b"from the upload\n"})
     spec = front.job("cat given.txt")
     ref = jobs.UploadRef(place, len(data), hashlib.sha256(data).hexdigest())  # type: ignore[arg-type]
@@ -629,10 +669,10 @@ def test_an_upload_is_fetched_checked_unpacked_and_deleted(
 
 @pytest.mark.parametrize("limit", ["bytes", "inodes"])
 def test_the_storage_quota_holds_across_workers(
-    start_worker: Callable[..., Worker], front: FakeFront, limit: str
+    start_worker: WorkerStarter, front: FakeFront, limit: str
 ) -> None:
     caps = ["--max-storage", "3000"] if limit == "bytes" else ["--max-storage-inodes", "6"]
-    one, two = start_worker("w1", *caps), start_worker("w2", *caps)
+    one, two = start_worker.many("w1", "w2", args=tuple(caps))
     fill = ["head -c 2000 /dev/zero > big"] if limit == "bytes" else ["touch a b c"]
     first = front.job(*fill, save=True)
     front.publish(first, keys.worker_queue("w1"))
@@ -652,7 +692,7 @@ def test_the_storage_quota_holds_across_workers(
 
 
 def test_the_local_cache_evicts_the_least_recently_used(
-    start_worker: Callable[..., Worker], front: FakeFront
+    start_worker: WorkerStarter, front: FakeFront
 ) -> None:
     worker = start_worker("w1", "--cache-size", "5000")
     saved = []

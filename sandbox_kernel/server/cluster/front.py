@@ -80,6 +80,9 @@ log = logging.getLogger(__name__)
 #: How long a job routed to the worker holding its environment waits for that worker's claim
 #: before a copy goes to the shared queue (design B7, step 4).
 AFFINITY_WAIT: Final = 0.1
+#: An unclaimed job waits this long while workers have free slots before it is queued
+#: again (the broker may have lost it: see ``ClusterExecutor._rescue_unclaimed``).
+RESCUE_AFTER: Final = 1.0
 #: How often the queue positions of this front's waiting jobs are read (one pipeline).
 QUEUE_POLL: Final = 0.5
 #: How often the claimed jobs' workers are checked for a heartbeat.
@@ -159,6 +162,10 @@ class _Job:
     ahead: int | None = None
     #: Where its upload waits (deleted at the end).
     upload: jobs.UploadRef | None = None
+    #: The job message, published again if the broker may have lost it (see
+    #: :meth:`ClusterExecutor._rescue_unclaimed`), and when it was last published.
+    message: str | None = None
+    published: float = 0.0
 
     def fail(self, why: str) -> None:
         self.events.put_nowait(ClusterLost(why))
@@ -268,6 +275,9 @@ class ClusterExecutor:
         self.copies = 0
         #: Runs this front waits for (``usages/`` shows the whole cluster's count).
         self.busy = 0
+        #: The live workers the watcher saw last (a worker gone from it may have died
+        #: holding unclaimed jobs).
+        self._workers_seen: set[str] = set()
 
     async def start(self) -> None:
         last = await self._inbox_end()
@@ -307,7 +317,9 @@ class ClusterExecutor:
         finished = False
         forwarder: asyncio.Task[None] | None = None
         try:
-            message = await self._prepare(job, config, upload, streamed=hooks is not None)
+            message = job.message = await self._prepare(
+                job, config, upload, streamed=hooks is not None
+            )
             queue = await self._enqueue(job, config, message)
             answer, forwarder = await self._await_answer(job, message, queue, hooks)
             finished = True
@@ -372,12 +384,7 @@ class ClusterExecutor:
 
     def _put_upload(self, job: str, path: Path, size: int) -> None:
         with open(path, "rb") as body:
-            self.store.client.put_object(
-                Bucket=self.store.location.bucket,
-                Key=self.store.location.key(upload_name(job)),
-                Body=body,
-                ContentLength=size,
-            )
+            self.store.put_upload(job, body, size)
 
     async def _enqueue(self, job: _Job, config: Mapping[str, Any], message: str) -> str:
         """Queue the job and publish it; the queue it went to. Nothing can have run if this
@@ -387,6 +394,7 @@ class ClusterExecutor:
             job.queued = True
             queue = await self._route(config.get("environment"))
             await self._publish(message, queue)
+            job.published = asyncio.get_running_loop().time()
         except Exception as error:
             if isinstance(error, asyncio.CancelledError):
                 raise
@@ -481,6 +489,7 @@ class ClusterExecutor:
         lets one copy run)."""
         try:
             await self._publish(message, keys.SHARED_QUEUE)
+            job.published = asyncio.get_running_loop().time()
             self.copies += 1
         except Exception as error:  # the first copy is still queued: keep waiting for it
             log.warning("could not publish the fallback copy of job %s: %s", job.id, error)
@@ -516,14 +525,9 @@ class ClusterExecutor:
             log.warning("could not clean up after job %s: %s", job.id, error)
         if job.upload is not None and job.upload.place == "bucket":
             try:
-                await asyncio.to_thread(self._delete_upload, job.id)
-            except Exception as error:  # a bucket lifecycle rule is the backstop
+                await asyncio.to_thread(self.store.delete_upload, job.id)
+            except ObjectStoreError as error:  # a bucket lifecycle rule is the backstop
                 log.warning("could not delete the upload of job %s: %s", job.id, error)
-
-    def _delete_upload(self, job: str) -> None:
-        self.store.client.delete_object(
-            Bucket=self.store.location.bucket, Key=self.store.location.key(upload_name(job))
-        )
 
     async def _cancel(self, job: _Job) -> None:
         worker = job.worker
@@ -597,8 +601,34 @@ class ClusterExecutor:
                 continue
             try:
                 await self._check(watched)
+                await self._rescue_unclaimed(watched)
             except redis.exceptions.RedisError as error:
                 self._lose_all(f"Redis failed while checking the workers: {error}")
+
+    async def _rescue_unclaimed(self, watched: list[_Job]) -> None:
+        """Queue again the unclaimed jobs the broker may have lost: when a worker is gone
+        (the broker hands a message to a worker before the worker claims the job, and gives
+        it back only after its visibility timeout, minutes later; a dead machine's blocked
+        pop may even take a message with it), and when a job waited :data:`RESCUE_AFTER`
+        while workers had free slots (one job per free slot, the oldest first). The claim
+        lets one copy run; under a full queue, where jobs wait by right, nothing is sent."""
+        alive = await self.liveness.alive_workers(prune=False)
+        gone = self._workers_seen - set(alive)
+        self._workers_seen = set(alive)
+        now = asyncio.get_running_loop().time()
+        unclaimed = sorted(
+            (job for job in watched if job.worker is None and job.queued and job.message),
+            key=lambda job: job.published,
+        )
+        if not gone:
+            free = sum(max(0, state.slots - state.busy) for state in alive.values())
+            unclaimed = [job for job in unclaimed if now - job.published > RESCUE_AFTER][:free]
+        for job in unclaimed:
+            assert job.message is not None
+            await self._publish_copy(job, job.message)
+        if unclaimed:
+            why = f"worker {', '.join(sorted(gone))} is gone" if gone else "slots are free"
+            log.warning("%s: %d unclaimed jobs queued again", why, len(unclaimed))
 
     async def _check(self, watched: list[_Job]) -> None:
         ids = [job.id for job in watched]
@@ -653,11 +683,6 @@ class ClusterExecutor:
                     job.ahead = rank
                     assert job.on_queue is not None
                     job.on_queue(int(rank))
-
-
-def upload_name(job: str) -> str:
-    """An upload's name under the storage prefix (design B5): ``uploads/<job>.tgz``."""
-    return f"uploads/{keys.job_id(job)}.tgz"
 
 
 def _read_and_hash(path: Path, inline_max: int) -> tuple[bytes | None, str]:
@@ -1034,6 +1059,7 @@ async def assembled_front(settings: ServerSettings) -> AsyncIterator[Served]:
         engine_app = engine.make_engine(settings)
         cleanup.callback(engine_app.close)
         identity = await cluster_id(client, store)
+        await client.set(keys.FRONT_CAPS, jobs.caps_message(name, settings))
         settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         place = Path(tempfile.mkdtemp(prefix=f"front-{name}-", dir=settings.data_dir))
         cleanup.callback(shutil.rmtree, place, True)

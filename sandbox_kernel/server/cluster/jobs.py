@@ -412,3 +412,47 @@ def _cut(value: object) -> str:
     """The repr of a value for a message, at most 80 characters (it may be hostile)."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+# -- the caps fronts and workers must share -------------------------------------------------------
+
+#: The settings a front admits requests by and a worker runs them by (design B8): a front
+#: publishes its own in :data:`~.keys.FRONT_CAPS`, and a worker whose caps differ says so.
+SHARED_CAPS: Final = ("max_upload", "max_output", "max_result", "workdir_quota", "execute_timeout")
+
+
+def caps_of(settings: object) -> dict[str, float]:
+    """The :data:`SHARED_CAPS` of a ``ServerSettings``, by name."""
+    return {name: float(getattr(settings, name)) for name in SHARED_CAPS}
+
+
+def caps_message(front: str, settings: object) -> str:
+    """What a front publishes in :data:`~.keys.FRONT_CAPS`: its name and its caps (JSON)."""
+    return _dumps({"front": front, "caps": caps_of(settings)})
+
+
+def differing_caps(mine: Mapping[str, float], published: str | bytes) -> tuple[str, list[str]]:
+    """The front named in ``published`` (:func:`caps_message`) and, for each cap that differs
+    from ``mine``, ``"--option MINE here, THEIRS at the front"``. Raises :class:`BadEvent` for
+    a value that is not such a message (anyone who reaches Redis can write it)."""
+    try:
+        value = json.loads(published)
+        front, caps = value["front"], value["caps"]
+        if not isinstance(front, str) or not isinstance(caps, dict):
+            raise TypeError("front or caps of the wrong type")
+    except (ValueError, KeyError, TypeError) as error:
+        raise BadEvent(f"not a front's caps: {error}") from None
+    differences = []
+    for name in SHARED_CAPS:
+        theirs = caps.get(name)
+        if not isinstance(theirs, int | float) or isinstance(theirs, bool):
+            continue
+        if float(theirs) != mine[name]:
+            option = "--" + name.replace("_", "-")
+            shown = f"{_number(mine[name])} here, {_number(theirs)} at the front"
+            differences.append(f"{option} {shown}")
+    return _cut(front), differences
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))

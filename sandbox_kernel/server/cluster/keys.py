@@ -63,6 +63,8 @@ QUOTA: Final = PREFIX + "quota"
 SWEEP_LOCK: Final = PREFIX + "sweep-lock"
 #: the cluster's ``server_id`` in ``specifications/`` (``SET NX`` by the first front).
 CLUSTER_ID: Final = PREFIX + "cluster-id"
+#: the caps of the last front started (JSON, ``jobs.caps_message``): workers compare theirs.
+FRONT_CAPS: Final = PREFIX + "front-caps"
 #: the Celery queue every worker consumes.
 SHARED_QUEUE: Final = "sk.shared"
 

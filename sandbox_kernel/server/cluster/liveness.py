@@ -5,7 +5,11 @@ A worker proves it is alive by refreshing ``sk:worker:<name>`` every
 the key vanishes within a second of the worker dying, however it died. :class:`Heartbeat` is
 that refresh, in a thread of its own with a synchronous client: a worker's event loop busy with
 a 50 MB copy must not look dead. The thread is also what registers the worker again after a
-Redis restart (every beat writes the key and the ``sk:workers`` entry).
+Redis restart: every beat writes the key and the ``sk:workers`` entry, and a beat that finds
+the entry gone (a restarted Redis lost it, or a front pruned a worker that missed beats) calls
+``on_join``, with which the worker registers its cached environments' routing hints again
+(``sk:env:<uuid>``), so that fronts keep routing a session's cells to it. ``every`` runs other
+slow checks from the same thread (the worker compares its caps with the fronts').
 
 :class:`Liveness` is the reading side, on ``redis.asyncio`` for fronts: the live workers (for
 ``specifications/`` and ``usages/``), and whether the owner of a claimed job still beats (a
@@ -105,8 +109,17 @@ class Heartbeat:
         ttl_ms: int = keys.HEARTBEAT_TTL_MS,
         clock: Callable[[], float] = time.time,
         isolation: dict[str, Any] | None = None,
+        on_join: Callable[[], None] | None = None,
+        every: tuple[float, Callable[[], None]] | None = None,
     ) -> None:
+        """``on_join``: called (in the thread) after a beat that added the worker to
+        ``sk:workers``, at start and after Redis lost it. ``every``: (seconds, call), a call
+        made that often from the thread. Both are logged, never raised, when they fail."""
         self.client = client
+        self.on_join = on_join
+        self.every = every
+        self._next_check = 0.0
+        self._join_pending = False
         #: Shown by fronts: the worker's ``Isolation.describe()``, and how many environments
         #: its local cache holds (the worker updates it; an int is read whole by the thread).
         self.isolation = isolation
@@ -150,16 +163,33 @@ class Heartbeat:
         )
 
     def beat(self) -> None:
-        """Write one beat now: the key with its TTL, and the name in ``sk:workers``."""
+        """Write one beat now: the key with its TTL, and the name in ``sk:workers``; then
+        ``on_join`` if the name was not there, and ``every``'s call when it is due."""
         pipe = self.client.pipeline(transaction=False)
         pipe.set(self.key, self.state().to_json(), px=self.ttl_ms)
         pipe.sadd(keys.WORKERS, self.name)
-        pipe.execute()
+        _, added = pipe.execute()
         now = time.monotonic()
         if self._last_beat is not None:
             self.longest_gap = max(self.longest_gap, now - self._last_beat)
         self._last_beat = now
         self.beats += 1
+        if (added or self._join_pending) and self.on_join is not None:
+            self._join_pending = not self._call(self.on_join, "registering again")
+        if self.every is not None and now >= self._next_check:
+            self._next_check = now + self.every[0]
+            self._call(self.every[1], "a periodic check")
+
+    def _call(self, call: Callable[[], None], what: str) -> bool:
+        """Whether ``call`` worked (a failed join is tried again at the next beat)."""
+        try:
+            call()
+        except Exception as error:  # the beat goes on
+            log.warning(
+                "worker %s: %s failed: %s: %s", self.name, what, type(error).__name__, error
+            )
+            return False
+        return True
 
     def start(self) -> None:
         """Beat once (so the worker is seen as soon as this returns), then every interval."""

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -495,15 +496,18 @@ def publish(
 
     Only contents the base manifest does not list are considered; of those, blobs of at least
     ``head_from`` bytes are looked up first (another environment, another student's, may have
-    stored them), the rest are simply put. The manifest is put last: once it is stored,
-    every blob it names is. Returns what was done (for logs and tests).
+    stored them), the rest are simply put, while the tree is still being hashed. The manifest
+    is put last: a manifest in the bucket names only stored blobs, so a worker that dies in
+    the middle of a save leaves no environment that cannot be read. Returns what was done
+    (for logs and tests).
     """
-    with ThreadPoolExecutor(threads, thread_name_prefix="sk-blobs") as pool:
-        uploads: list[Future[bool]] = []
+    pool = _pool(threads)
+    uploads: list[Future[bool]] = []
 
-        def upload(entry: File) -> None:
-            uploads.append(pool.submit(_upload, directory, entry, store, head_from))
+    def upload(entry: File) -> None:
+        uploads.append(pool.submit(_upload, directory, entry, store, head_from))
 
+    try:
         built = build(
             directory,
             uuid,
@@ -514,9 +518,29 @@ def publish(
             found=upload,
         )
         outcomes = [future.result() for future in uploads]
+    except BaseException:
+        _settle(uploads)
+        raise
     store.put_manifest(built.manifest.uuid, built.manifest.to_json())
     uploaded = sum(outcomes)
     return Published(built.manifest, built.hashed, uploaded, len(outcomes) - uploaded)
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """The threads that talk to the bucket, kept for the process's life: a save on the hot
+    path of every carried cell must not start threads."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="sk-blobs")
+
+
+def _settle(futures: list[Future[Any]]) -> None:
+    """Wait for uploads already started (their errors are the caller's to report)."""
+    for future in futures:
+        future.cancel()
+    for future in futures:
+        if not future.cancelled():
+            with contextlib.suppress(BaseException):
+                future.result()
 
 
 def _upload(directory: Path, entry: File, store: ObjectStore, head_from: int) -> bool:

@@ -4,10 +4,12 @@ Layout under ``s3://BUCKET/PREFIX`` (design B5)::
 
     PREFIX/blobs/<sha256 hex>   the content of a file, immutable
     PREFIX/envs/<uuid>.json     an environment's manifest (:mod:`.manifests`), immutable
+    PREFIX/uploads/<job>.tgz    a request's archive above the inline size: written by the
+                                front, read and deleted by the worker (:func:`upload_name`)
 
-Keys are only ever made from a sha256 in hex or a uuid, checked here: no caller can make a key
-that escapes its folder of the bucket. Nothing rewrites a key: a blob's key is its content,
-and a manifest's key is a fresh uuid4.
+Keys are only ever made from a sha256 in hex, a uuid or a job id, checked here: no caller can
+make a key that escapes its folder of the bucket. Nothing rewrites a key: a blob's key is its
+content, and a manifest's key is a fresh uuid4.
 
 The client is boto3, called from threads (the server's storage code already runs in
 ``asyncio.to_thread``), configured for every S3 implementation a cluster may use: path-style
@@ -35,6 +37,7 @@ import botocore.config
 import botocore.exceptions
 
 from ...protocol import is_uuid
+from .keys import job_id
 
 if TYPE_CHECKING:
     from types_boto3_s3 import S3Client
@@ -146,6 +149,15 @@ def manifest_name(uuid: str) -> str:
     if not is_uuid(uuid):
         raise ObjectStoreError("invalid", f"{uuid!r} is not an environment uuid")
     return f"envs/{uuid.lower()}.json"
+
+
+def upload_name(job: str) -> str:
+    """``uploads/<job>.tgz``: where an archive above the inline size waits in the bucket
+    (the front writes it, the worker that claimed the job reads and deletes it)."""
+    try:
+        return f"uploads/{job_id(job)}.tgz"
+    except ValueError as error:
+        raise ObjectStoreError("invalid", str(error)) from None
 
 
 def endpoint_from_environment() -> str | None:
@@ -306,6 +318,42 @@ class ObjectStore:
     def list_manifests(self) -> Iterator[StoredObject]:
         """Every stored manifest (its uuid, size and date), whatever its expiry."""
         return (item for item in self._list("envs/") if is_uuid(item.uuid))
+
+    # -- uploads ----------------------------------------------------------------------------------
+
+    def put_upload(self, job: str, body: IO[bytes], size: int) -> None:
+        """Store ``size`` bytes of ``body`` as the archive of ``job`` (:func:`upload_name`)."""
+        key = self.location.key(upload_name(job))
+        with self._translated(f"store the upload of job {job}"):
+            self.client.put_object(
+                Bucket=self.location.bucket, Key=key, Body=body, ContentLength=size
+            )
+
+    def get_upload(self, job: str, into: IO[bytes], *, limit: int) -> tuple[int, str]:
+        """Write the archive of ``job`` into ``into``, never more than ``limit`` bytes; the
+        bytes the object holds (up to ``limit + 1``: more means it is not the one the job
+        names) and the sha256 of what was written. The caller checks both against the job."""
+        key = self.location.key(upload_name(job))
+        hasher, size = hashlib.sha256(), 0
+        with self._translated(f"fetch the upload of job {job}"):
+            answer = self.client.get_object(Bucket=self.location.bucket, Key=key)
+            body = answer["Body"]
+            try:
+                for chunk in body.iter_chunks(CHUNK):
+                    size += len(chunk)
+                    if size > limit:
+                        break
+                    hasher.update(chunk)
+                    into.write(chunk)
+            finally:
+                body.close()
+        return size, hasher.hexdigest()
+
+    def delete_upload(self, job: str) -> None:
+        """Delete the archive of ``job`` (one already gone is fine)."""
+        key = self.location.key(upload_name(job))
+        with self._translated(f"delete the upload of job {job}"):
+            self.client.delete_object(Bucket=self.location.bucket, Key=key)
 
     # -- deleting ---------------------------------------------------------------------------------
 

@@ -37,11 +37,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ...protocol import is_uuid
 from .. import trees
@@ -50,6 +51,9 @@ from ..settings import ServerSettings, format_size
 from ..storage import Snapshot, Storage, StorageFull
 from . import keys, manifests
 from .objects import ObjectStore
+
+#: Parsed manifests kept in memory: a carried cell's save reads its base's (immutable).
+MANIFESTS_KEPT: Final = 64
 
 if TYPE_CHECKING:
     import redis
@@ -102,6 +106,10 @@ class ClusterStorage(Storage):
         self._saving = threading.local()
         #: Blobs fetched from the bucket since start (tests and logs).
         self.downloaded = 0
+        #: The last manifests kept or read, newest last (:data:`MANIFESTS_KEPT`).
+        self._recent: collections.OrderedDict[str, manifests.Manifest] = collections.OrderedDict()
+        #: How many environments are cached; None: to count again.
+        self._count: int | None = None
 
     def open(self, sandbox_uid: int) -> None:
         super().open(sandbox_uid)
@@ -199,6 +207,25 @@ class ClusterStorage(Storage):
         except Exception as error:  # only a routing hint: the run goes on
             log.warning("could not register environment %s in Redis: %s", uuid, error)
 
+    def register_cached(self) -> int:
+        """Register again every environment held here (``sk:env:<uuid>``, until it expires):
+        after a Redis restart lost the routing hints, the heartbeat calls this so that the
+        fronts keep sending a session's cells where its environment is. Returns how many."""
+        held: list[tuple[str, float]] = []
+        for manifest in self.manifests.glob("*.json"):
+            uuid = manifest.stem
+            expire = _expire_of(self.environments / f"{uuid}.json")
+            if expire is not None and self.directory(uuid) is not None:
+                held.append((uuid, expire))
+        if held:
+            pipe = self.link.redis.pipeline(transaction=False)
+            for uuid, expire in held:
+                pipe.sadd(keys.env_key(uuid), self.link.worker)
+                pipe.expireat(keys.env_key(uuid), int(expire) + 1)
+            pipe.execute()
+            log.info("registered %d cached environments in Redis again", len(held))
+        return len(held)
+
     # -- materialising ----------------------------------------------------------------------------
 
     def make_local(self, uuid: str) -> Path:
@@ -265,14 +292,29 @@ class ClusterStorage(Storage):
 
     def _keep_manifest(self, manifest: manifests.Manifest) -> None:
         self._write_json_bytes(self.manifests / f"{manifest.uuid}.json", manifest.to_json())
+        self._count = None
+        self._remember(manifest)
 
     def _local_manifest(self, uuid: str) -> manifests.Manifest | None:
+        with self._cluster_lock:
+            known = self._recent.get(uuid)
+        if known is not None:
+            return known
         try:
             data = (self.manifests / f"{uuid}.json").read_bytes()
-            return manifests.Manifest.parse(data, self.limits, uuid=uuid)
+            manifest = manifests.Manifest.parse(data, self.limits, uuid=uuid)
         except (OSError, ValueError) as error:
             log.warning("no usable local manifest for %s (%s): hashing every file", uuid, error)
             return None
+        self._remember(manifest)
+        return manifest
+
+    def _remember(self, manifest: manifests.Manifest) -> None:
+        with self._cluster_lock:
+            self._recent[manifest.uuid] = manifest
+            self._recent.move_to_end(manifest.uuid)
+            while len(self._recent) > MANIFESTS_KEPT:
+                self._recent.popitem(last=False)
 
     def _write_json_bytes(self, path: Path, data: bytes) -> None:
         temporary = self.staging / f"{path.name}.{os.urandom(4).hex()}.tmp"
@@ -284,8 +326,13 @@ class ClusterStorage(Storage):
             os.utime(self.manifests / f"{uuid}.json")
 
     def cached_environments(self) -> int:
-        """How many environments this worker holds (the heartbeat and ``usages/`` show it)."""
-        return sum(1 for _ in self.manifests.glob("*.json"))
+        """How many environments this worker holds (the heartbeat and ``usages/`` show it):
+        counted again only after a change, since every job asks."""
+        count = self._count
+        if count is None:
+            count = sum(1 for _ in self.manifests.glob("*.json"))
+            self._count = count
+        return count
 
     def evict(self) -> int:
         """Remove least recently used environments no run uses until the local cache holds
@@ -321,6 +368,9 @@ class ClusterStorage(Storage):
             doomed = self._detach(uuid)
         self._delete(doomed)
         (self.manifests / f"{uuid}.json").unlink(missing_ok=True)
+        self._count = None
+        with self._cluster_lock:
+            self._recent.pop(uuid, None)
         with contextlib.suppress(Exception):
             self.link.redis.srem(keys.env_key(uuid), self.link.worker)
 
@@ -340,6 +390,16 @@ class ClusterStorage(Storage):
         for manifest in self.manifests.glob("*.json"):
             if self.directory(manifest.stem) is None and self._pinned[manifest.stem] == 0:
                 manifest.unlink(missing_ok=True)
+                self._count = None
                 with contextlib.suppress(Exception):
                     self.link.redis.srem(keys.env_key(manifest.stem), self.link.worker)
         return removed
+
+
+def _expire_of(description: Path) -> float | None:
+    """The ``expire`` of a local environment's description, None if it cannot be read."""
+    try:
+        value = json.loads(description.read_text())["expire"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, int | float) else None

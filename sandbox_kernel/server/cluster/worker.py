@@ -66,11 +66,12 @@ log = logging.getLogger("sandbox_kernel.worker")
 CONTROL_BLOCK_MS: Final = 1000
 #: How long the events of a finished job may take to reach Redis before they are dropped.
 OUTBOX_FLUSH_SECONDS: Final = 10.0
+#: How often the heartbeat thread compares this worker's caps with the fronts'.
+CAPS_CHECK_SECONDS: Final = 2.0
 #: How long the loop's parts (isolation probe, runner pool) may take to start.
 START_SECONDS: Final = 120.0
 #: A refused message longer than this is not even parsed to find whom to answer.
 _REFUSAL_PARSE_LIMIT: Final = 4 * (jobs.DEFAULT_MAX_CONFIG_BYTES + jobs.ENVELOPE_BYTES)
-_UPLOAD_CHUNK: Final = 256 * 1024
 
 _SERVER_FAILED: Final = "The worker failed while running the request; see its log."
 
@@ -121,7 +122,15 @@ class ClusterWorker:
         self.target = target
         self.store = store
         self.redis = target.client(socket_timeout=10)
-        self.heartbeat = Heartbeat(target.client(socket_timeout=0.5), name, settings.workers)
+        self.heartbeat = Heartbeat(
+            target.client(socket_timeout=0.5),
+            name,
+            settings.workers,
+            on_join=self._register_cached,
+            every=(CAPS_CHECK_SECONDS, self._check_caps),
+        )
+        #: The fronts' caps last compared with ours (a change is compared again).
+        self._front_caps: bytes | None = None
         self.engine = make_engine(settings)
         self.engine.task(name=TASK_NAME, ignore_result=True, typing=False)(self._task)
         self.loop = LoopThread(self)
@@ -174,6 +183,37 @@ class ClusterWorker:
             self.loop.stop()
         return 0
 
+    def _register_cached(self) -> None:
+        """The heartbeat found this worker new to Redis (at start, or Redis restarted and
+        lost every key): the environments it holds are routing hints again."""
+        storage = self.loop.storage
+        if storage is not None:
+            storage.register_cached()
+
+    def _check_caps(self) -> None:
+        """Warn when the caps the fronts admit requests by (:data:`~.keys.FRONT_CAPS`)
+        differ from this worker's: a request a front accepts could be refused here, or one
+        refused by a single server pass here. Logged once per value the key takes."""
+        published = self.heartbeat.client.get(keys.FRONT_CAPS)
+        if not isinstance(published, bytes) or published == self._front_caps:
+            return
+        self._front_caps = published
+        try:
+            front, differences = jobs.differing_caps(jobs.caps_of(self.settings), published)
+        except jobs.BadEvent as error:
+            log.warning("worker %s: %s ignored: %s", self.name, keys.FRONT_CAPS, error)
+            return
+        if differences:
+            log.warning(
+                "worker %s runs with other caps than front %s: %s. Start every worker with the "
+                "caps of the fronts (the same --max-upload, --max-output, --max-result, "
+                "--workdir-quota and --execute-timeout), or requests the front admits are "
+                "run by other rules here.",
+                self.name,
+                front,
+                "; ".join(differences),
+            )
+
     def _celery_argv(self) -> list[str]:
         queues = f"{keys.SHARED_QUEUE},{keys.worker_queue(self.name)}"
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
@@ -213,6 +253,8 @@ class LoopThread:
         self.ready = threading.Event()
         self.failure: BaseException | None = None
         self.jobs: Jobs | None = None
+        #: The worker's storage, once the loop's parts started.
+        self.storage: ClusterStorage | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._main, name="sk-worker-loop", daemon=True)
@@ -263,6 +305,7 @@ class LoopThread:
         try:
             async with assembled_parts(worker.settings, storage_type=storage_type) as parts:
                 assert isinstance(parts.storage, ClusterStorage)
+                self.storage = parts.storage
                 worker.heartbeat.isolation = parts.isolation.describe()
                 worker.heartbeat.cached_environments = parts.storage.cached_environments()
                 async with Jobs(worker, parts, parts.storage) as self.jobs:
@@ -367,16 +410,14 @@ class Jobs:
         self.running[spec.job] = job
         try:
             outbox.put(jobs.claimed(spec.job, self.name))
-            answer = await self._answer(job)
-            heartbeat.cached_environments = self.storage.cached_environments()
-            outbox.put(answer)
+            outbox.put(await self._answer(job))
         except asyncio.CancelledError:
             log.info("job %s cancelled by its front: killed, nothing saved", spec.job)
         finally:
             self.running.pop(spec.job, None)
             heartbeat.job_finished(spec.job)
+            await asyncio.shield(self._finish(job))  # the answer goes out first
             heartbeat.cached_environments = self.storage.cached_environments()
-            await asyncio.shield(self._finish(job))
 
     async def _finish(self, job: RunningJob) -> None:
         await job.outbox.close()
@@ -482,28 +523,15 @@ class Jobs:
     def _download_upload(self, spec: jobs.JobSpec, path: Path) -> None:
         ref = spec.upload
         assert ref is not None
-        store = self.worker.store
-        key = store.location.key(upload_name(spec.job))
         try:
-            answer = store.client.get_object(Bucket=store.location.bucket, Key=key)
-        except Exception as error:
+            with open(path, "wb") as into:
+                size, digest = self.worker.store.get_upload(spec.job, into, limit=ref.size)
+        except ObjectStoreError as error:
             raise BadUpload(
                 f"The uploaded archive of this request cannot be read from the bucket ({error}):"
                 " nothing was run. Send the request again."
             ) from None
-        hasher, size = hashlib.sha256(), 0
-        body = answer["Body"]
-        try:
-            with open(path, "wb") as into:
-                for chunk in body.iter_chunks(_UPLOAD_CHUNK):
-                    size += len(chunk)
-                    if size > ref.size:
-                        break
-                    hasher.update(chunk)
-                    into.write(chunk)
-        finally:
-            body.close()
-        _check_upload(ref, size, hasher.hexdigest())
+        _check_upload(ref, size, digest)
 
     async def _delete_upload(self, spec: jobs.JobSpec) -> None:
         assert spec.upload is not None
@@ -511,11 +539,7 @@ class Jobs:
             if spec.upload.place == "redis":
                 await self.client.delete(keys.upload_key(spec.job))
             else:
-                store = self.worker.store
-                key = store.location.key(upload_name(spec.job))
-                await asyncio.to_thread(
-                    store.client.delete_object, Bucket=store.location.bucket, Key=key
-                )
+                await asyncio.to_thread(self.worker.store.delete_upload, spec.job)
         except Exception as error:  # it expires (Redis) or the lifecycle rule takes it
             log.debug("job %s: its upload was not deleted: %s", spec.job, error)
 
@@ -640,11 +664,6 @@ class Outbox:
 
 class BadUpload(Exception):
     """A job's upload that is missing or not what its reference says (HTTP 400)."""
-
-
-def upload_name(job: str) -> str:
-    """``uploads/<job>.tgz``: where an archive above the inline size waits in the bucket."""
-    return f"uploads/{keys.job_id(job)}.tgz"
 
 
 def _check_upload(ref: jobs.UploadRef, size: int, digest: str) -> None:
