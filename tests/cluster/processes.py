@@ -204,6 +204,17 @@ class Front(ClusterProcess):
         return self.http.post(self.url + "execute/", files=files, timeout=120, **options)
 
 
+def saved(front: Front, commands: list[str], environment: str | None = None) -> str:
+    """Run ``commands`` with ``save`` through ``front``; the new environment's uuid."""
+    config: dict[str, Any] = {"commands": commands, "save": True}
+    if environment:
+        config["environment"] = environment
+    answer = front.post_execute(config)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] == 0, answer.text
+    return str(answer.json()["environment"])
+
+
 class Processes:
     """Starts workers and fronts on one :class:`ClusterPlace`; :meth:`close` stops them all
     and checks that nothing they started survives."""

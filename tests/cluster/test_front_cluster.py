@@ -26,21 +26,10 @@ from sandbox_kernel import protocol
 
 from ..helpers import wait_until
 from .conftest import CountingProxy
-from .processes import ClusterPlace, Front, Worker, WorkerStarter
+from .processes import ClusterPlace, Front, Worker, WorkerStarter, saved
 
 StartWorker = WorkerStarter
 StartFront = Callable[..., Front]
-
-
-def saved(front: Front, commands: list[str], environment: str | None = None) -> str:
-    """Run ``commands`` with ``save``; the new environment's uuid."""
-    config: dict[str, Any] = {"commands": commands, "save": True}
-    if environment:
-        config["environment"] = environment
-    answer = front.post_execute(config)
-    assert answer.status_code == 200, answer.text
-    assert answer.json()["status"] == 0, answer.text
-    return str(answer.json()["environment"])
 
 
 def post(front: Front, config: dict[str, Any], timeout: float) -> requests.Response:

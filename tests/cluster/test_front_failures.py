@@ -29,17 +29,7 @@ from sandbox_kernel.server.cluster import keys
 
 from ..helpers import wait_until
 from .conftest import CountingProxy
-from .processes import ClusterPlace, Front, Processes, Worker
-
-
-def saved(front: Front, commands: list[str], environment: str | None = None) -> str:
-    config: dict[str, Any] = {"commands": commands, "save": True}
-    if environment:
-        config["environment"] = environment
-    answer = front.post_execute(config)
-    assert answer.status_code == 200, answer.text
-    assert answer.json()["status"] == 0, answer.text
-    return str(answer.json()["environment"])
+from .processes import ClusterPlace, Front, Processes, Worker, saved
 
 
 def in_background(call: Callable[[], Any]) -> concurrent.futures.Future[Any]:
