@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import requests
 
 from sandbox_kernel import protocol
 from sandbox_kernel.server.cluster import keys
@@ -342,3 +343,30 @@ def test_jobs_a_killed_worker_took_before_claiming_them_run_elsewhere(
     assert took < 15, f"answered {took:.1f} s after the kill (--queue-wait is 20 s)"
     assert rescuer.jobs_ran() == 1
     assert "unclaimed jobs queued again" in front.log_text()
+
+
+# -- a front killed -------------------------------------------------------------------------------
+
+
+def test_a_killed_front_loses_only_its_requests_and_the_next_front_serves_the_session(
+    processes: Processes,
+) -> None:
+    """Fronts hold no state: with one killed (``kill -9``) in the middle of a run, its client
+    loses that answer, and the session goes on through another front from its last saved
+    environment, as a load balancer would send it."""
+    processes.start_workers("w1", "w2")
+    doomed, spare = processes.start_front(), processes.start_front()
+    environment = saved(doomed, ["echo 1 >> log"])
+    running = in_background(
+        lambda: doomed.post_execute(
+            {"commands": ["sleep 2; echo 2 >> log"], "environment": environment, "save": True}
+        )
+    )
+    time.sleep(0.5)
+    doomed.kill(signal.SIGKILL)
+    with pytest.raises(requests.ConnectionError):
+        running.result(timeout=30)
+    assert spare.get(f"files/{environment}/log/").content == b"1\n"
+    after = saved(spare, ["echo 3 >> log"], environment)
+    assert spare.get(f"files/{after}/log/").content == b"1\n3\n"
+    assert spare.get("specifications/").json()["cluster"] == {"workers": 2, "slots": 4}
