@@ -206,7 +206,10 @@ def test_after_a_redis_restart_workers_register_their_environments_again(
     print(f"\nrouting hint registered again {registered:.2f} s after Redis was back")
     assert registered < 5
     assert 0 < ttl <= 86400 + 1  # ... and it expires with the environment again
-    assert "registered 1 cached environments in Redis again" in holder.log_text()
+    # The log line comes after the hint is written.
+    assert wait_until(
+        lambda: "registered 1 cached environments in Redis again" in holder.log_text()
+    )
     # The front is back too: a cell that carries no environment, until one answers.
     assert wait_until(
         lambda: front.post_execute({"commands": ["true"]}).status_code == 200, timeout=20
@@ -342,7 +345,7 @@ def test_jobs_a_killed_worker_took_before_claiming_them_run_elsewhere(
     assert answer.json()["execution"][0]["stdout"] == "once"
     assert took < 15, f"answered {took:.1f} s after the kill (--queue-wait is 20 s)"
     assert rescuer.jobs_ran() == 1
-    assert "unclaimed jobs queued again" in front.log_text()
+    assert wait_until(lambda: "unclaimed jobs queued again" in front.log_text())
 
 
 # -- a front killed -------------------------------------------------------------------------------

@@ -660,8 +660,7 @@ def test_an_upload_is_fetched_checked_unpacked_and_deleted(
     if place == "redis":
         assert wait_until(lambda: not front.client.exists(keys.upload_key(spec.job)))
     else:
-        assert wait_until(lambda: "uploads" not in str(_bucket_objects(cluster_place, "uploads")))
-        assert _bucket_objects(cluster_place, "uploads") == []
+        assert wait_until(lambda: _bucket_objects(cluster_place, "uploads") == [])
 
 
 # -- the cluster-wide quota and the local cache ----------------------------------------------------
