@@ -295,7 +295,8 @@ def test_the_sweep_removes_expired_environments_and_unused_blobs(
     cluster_place: ClusterPlace, tmp_path: Path
 ) -> None:
     kept = published(cluster_place, tmp_path)
-    expired = published(cluster_place, tmp_path, expire_in=-1)
+    expired = published(cluster_place, tmp_path, expire_in=-4000)  # past the 1 h grace
+    just_expired = published(cluster_place, tmp_path, expire_in=-1)
     store = store_of(cluster_place)
     store.put_blob("a" * 64, b"orphan", 6)  # no manifest names it
     sweeper = _sweeper(cluster_place, grace=3600)
@@ -303,6 +304,9 @@ def test_the_sweep_removes_expired_environments_and_unused_blobs(
     assert report.expired == 1
     assert report.blobs_deleted == 0  # within the grace: a save may be on its way
     assert store.get_manifest(expired) is None and store.get_manifest(kept) is not None
+    # Expired within the grace: kept (a save over it may reuse its blobs), but unreadable.
+    assert store.get_manifest(just_expired) is not None
+    assert manifests.read_manifest(store, just_expired) is None
     report = _sweeper(cluster_place, grace=0).sweep_locked(now=time.time() + 1)
     assert report.blobs_deleted == 1
     assert not store.has_blob("a" * 64)

@@ -231,10 +231,14 @@ def event_cap(max_output: int, max_result: int) -> int:
     return max_output + 6 * max_result + 64 * 1024
 
 
-def encode_event(event: Event, *, control: bool = False) -> dict[str, str]:
-    """The fields of an ``XADD``. Refuses (:class:`BadEvent`) what the other side would."""
+def encode_event(
+    event: Event, *, control: bool = False, max_bytes: int = DEFAULT_MAX_EVENT_BYTES
+) -> dict[str, str]:
+    """The fields of an ``XADD``. Refuses (:class:`BadEvent`) what the other side would; a
+    worker passes ``max_bytes=event_cap(max_output, max_result)``, the cap its fronts read
+    with, so that a legal large final is never refused."""
     fields = {"job": event.job, "kind": event.kind, "data": _dumps(event.data)}
-    decode_event(fields, control=control)
+    decode_event(fields, control=control, max_bytes=max_bytes)
     return fields
 
 

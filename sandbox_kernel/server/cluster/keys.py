@@ -65,8 +65,20 @@ SWEEP_LOCK: Final = PREFIX + "sweep-lock"
 CLUSTER_ID: Final = PREFIX + "cluster-id"
 #: the caps of the last front started (JSON, ``jobs.caps_message``): workers compare theirs.
 FRONT_CAPS: Final = PREFIX + "front-caps"
+#: hash name -> Unix time: when each worker (every heartbeat) or front last showed it was
+#: alive. The sweeper deletes the keys of names gone for :data:`DEAD_NAME_SECONDS`.
+SEEN: Final = PREFIX + "seen"
 #: the Celery queue every worker consumes.
 SHARED_QUEUE: Final = "sk.shared"
+#: A name not seen for this long is dead: its queue, control stream and inbox are deleted
+#: (a job routed to a dead worker's queue fell back to the shared one long before).
+DEAD_NAME_SECONDS: Final = 600
+#: A worker's control stream expires this long after its last heartbeat.
+CONTROL_TTL_S: Final = DEAD_NAME_SECONDS
+#: kombu's Redis transport keeps a queue's priorities in lists named ``<queue>`` and
+#: ``<queue>\x06\x16<step>`` (steps 3, 6, 9 by default).
+_PRIORITY_SEPARATOR: Final = "\x06\x16"
+_PRIORITY_STEPS: Final = (3, 6, 9)
 
 
 def job_id(text: object) -> str:
@@ -116,6 +128,18 @@ def inbox_key(front: str) -> str:
 def control_key(worker: str) -> str:
     """``sk:control:<worker>``: stdin, eof, stop and cancel for the jobs a worker runs."""
     return f"{PREFIX}control:{name(worker)}"
+
+
+def keys_of_name(owner: str) -> list[str]:
+    """Every key a worker or front named ``owner`` leaves behind when it dies: its Celery
+    queue (with kombu's priority lists), its control stream and its inbox."""
+    queue = worker_queue(owner)
+    return [
+        queue,
+        *(f"{queue}{_PRIORITY_SEPARATOR}{step}" for step in _PRIORITY_STEPS),
+        control_key(owner),
+        inbox_key(owner),
+    ]
 
 
 def upload_key(job: str) -> str:
@@ -182,31 +206,55 @@ def _shown(value: object) -> str:
 
 
 # The cluster-wide storage quota (``--max-storage``, ``--max-storage-inodes``): ``sk:quota`` is
-# a hash {bytes, inodes} of what the bucket holds. A worker reserves a save's new bytes and
-# inodes before publishing it; the sweeper recounts the hash from the bucket's listing (which
-# also repairs it after a Redis restart, when it is missing).
+# a hash of what the bucket holds (``bytes``, ``inodes``: set by the sweeper's recount) and of
+# the reservations of the saves in progress (``reserved_bytes``, ``reserved_inodes``). A worker
+# reserves a save's new bytes and inodes before publishing it, commits them (reserved -> held)
+# once published, or releases them if the save failed. The recount sets only the held fields:
+# a save in progress keeps its reservation whatever the sweeper does. Every decrement is
+# clamped at zero: a recount or a Redis restart in between never leaves a negative count.
 
 #: KEYS[1] = the quota hash; ARGV = bytes, inodes, max bytes, max inodes. Returns 1 (reserved),
 #: 0 (it would not fit: nothing reserved), or -1 (no count yet: recount first, then retry).
 QUOTA_RESERVE_SCRIPT: Final = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'bytes') == 0 then
   return -1
 end
-local used = tonumber(redis.call('HGET', KEYS[1], 'bytes') or '0')
-local inodes = tonumber(redis.call('HGET', KEYS[1], 'inodes') or '0')
+local function field(name)
+  return tonumber(redis.call('HGET', KEYS[1], name) or '0') or 0
+end
+local used = field('bytes') + field('reserved_bytes')
+local inodes = field('inodes') + field('reserved_inodes')
 if used + tonumber(ARGV[1]) > tonumber(ARGV[3])
    or inodes + tonumber(ARGV[2]) > tonumber(ARGV[4]) then
   return 0
 end
-redis.call('HINCRBY', KEYS[1], 'bytes', ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'inodes', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'reserved_bytes', ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'reserved_inodes', ARGV[2])
+return 1
+"""
+
+#: KEYS[1] = the quota hash; ARGV = bytes, inodes, commit (1: the save is published, its
+#: reservation becomes held; 0: it failed, the reservation is given back). Never below zero.
+QUOTA_SETTLE_SCRIPT: Final = """
+local function lower(name, amount)
+  local now = tonumber(redis.call('HGET', KEYS[1], name) or '0') or 0
+  local left = now - amount
+  if left < 0 then left = 0 end
+  redis.call('HSET', KEYS[1], name, left)
+end
+lower('reserved_bytes', tonumber(ARGV[1]))
+lower('reserved_inodes', tonumber(ARGV[2]))
+if ARGV[3] == '1' and redis.call('HEXISTS', KEYS[1], 'bytes') == 1 then
+  redis.call('HINCRBY', KEYS[1], 'bytes', ARGV[1])
+  redis.call('HINCRBY', KEYS[1], 'inodes', ARGV[2])
+end
 return 1
 """
 
 #: KEYS[1] = the quota hash; ARGV = bytes, inodes. Sets the count only if there is none (two
 #: workers recounting at once agree: the first count stays).
 QUOTA_INIT_SCRIPT: Final = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
+if redis.call('HEXISTS', KEYS[1], 'bytes') == 0 then
   redis.call('HSET', KEYS[1], 'bytes', ARGV[1], 'inodes', ARGV[2])
   return 1
 end
@@ -228,11 +276,31 @@ def reserve_quota(
 
 
 def release_quota(client: redis.Redis, size: int, inodes: int) -> None:
-    """Give back a reservation whose save failed (never below zero: a recount may have run)."""
-    pipe = client.pipeline(transaction=False)
-    pipe.hincrby(QUOTA, "bytes", -size)
-    pipe.hincrby(QUOTA, "inodes", -inodes)
-    pipe.execute()
+    """Give back a reservation whose save failed (never below zero: a recount or a Redis
+    restart may have run meanwhile)."""
+    client.register_script(QUOTA_SETTLE_SCRIPT)([QUOTA], [size, inodes, 0])
+
+
+def commit_quota(client: redis.Redis, size: int, inodes: int) -> None:
+    """A reservation whose save is published: now held by the bucket until the recount."""
+    client.register_script(QUOTA_SETTLE_SCRIPT)([QUOTA], [size, inodes, 1])
+
+
+def quota_used(client: redis.Redis) -> tuple[int, int]:
+    """Bytes and inodes the bucket holds or saves in progress reserved (for messages)."""
+    raw = client.hmget(QUOTA, ["bytes", "inodes", "reserved_bytes", "reserved_inodes"])
+    held, held_inodes, reserved, reserved_inodes = (_count(value) for value in raw)
+    return held + reserved, held_inodes + reserved_inodes
+
+
+def _count(value: object) -> int:
+    """A count read from Redis: junk or a negative number counts as nothing."""
+    if not isinstance(value, bytes | str | int):
+        return 0
+    try:
+        return max(0, int(value))
+    except ValueError:
+        return 0
 
 
 def init_quota(client: redis.Redis, size: int, inodes: int) -> bool:

@@ -5,11 +5,13 @@ A worker proves it is alive by refreshing ``sk:worker:<name>`` every
 the key vanishes within a second of the worker dying, however it died. :class:`Heartbeat` is
 that refresh, in a thread of its own with a synchronous client: a worker's event loop busy with
 a 50 MB copy must not look dead. The thread is also what registers the worker again after a
-Redis restart: every beat writes the key and the ``sk:workers`` entry, and a beat that finds
+Redis restart: every beat writes the key, the ``sk:workers`` entry and the ``sk:seen`` time
+(and refreshes the TTL of the worker's control stream), and a beat that finds
 the entry gone (a restarted Redis lost it, or a front pruned a worker that missed beats) calls
 ``on_join``, with which the worker registers its cached environments' routing hints again
 (``sk:env:<uuid>``), so that fronts keep routing a session's cells to it. ``every`` runs other
-slow checks from the same thread (the worker compares its caps with the fronts').
+slow checks (the worker compares its caps with the fronts'). Both run in a side thread of
+their own, never in the beating one.
 
 :class:`Liveness` is the reading side, on ``redis.asyncio`` for fronts: the live workers (for
 ``specifications/`` and ``usages/``), and whether the owner of a claimed job still beats (a
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -78,16 +81,24 @@ class WorkerState:
                 cached_environments=value.get("cached_environments", 0),
                 isolation=value.get("isolation"),
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            log.warning("ignoring the malformed heartbeat of worker %s: %s", name, error)
+        except Exception as error:  # anyone with Redis access may write it: never raise
+            # (RecursionError for deep nesting, OverflowError for a huge "started", ...)
+            log.warning(
+                "ignoring the malformed heartbeat of worker %s: %s: %s",
+                name,
+                type(error).__name__,
+                str(error)[:200],
+            )
             return None
         if type(state.slots) is not int or type(state.busy) is not int or state.slots < 1:
             log.warning("ignoring the heartbeat of worker %s: slots or busy are no counts", name)
             return None
-        if type(state.cached_environments) is not int or not isinstance(
-            state.isolation, dict | None
+        if (
+            type(state.cached_environments) is not int
+            or not isinstance(state.isolation, dict | None)
+            or not math.isfinite(state.started)
         ):
-            log.warning("ignoring the heartbeat of worker %s: a malformed cache or isolation", name)
+            log.warning("ignoring the heartbeat of worker %s: a malformed cache or start", name)
             return None
         return state
 
@@ -112,14 +123,19 @@ class Heartbeat:
         on_join: Callable[[], None] | None = None,
         every: tuple[float, Callable[[], None]] | None = None,
     ) -> None:
-        """``on_join``: called (in the thread) after a beat that added the worker to
-        ``sk:workers``, at start and after Redis lost it. ``every``: (seconds, call), a call
-        made that often from the thread. Both are logged, never raised, when they fail."""
+        """``on_join``: called after a beat that added the worker to ``sk:workers``, at
+        start and after Redis lost it. ``every``: (seconds, call), a call made that often.
+        Both run in a side thread, never the beating one (a slow registration must not hold
+        a beat back), and are logged, never raised, when they fail; a failed ``on_join`` is
+        tried again."""
         self.client = client
         self.on_join = on_join
         self.every = every
         self._next_check = 0.0
-        self._join_pending = False
+        #: Set by a beat that joined: the side thread runs ``on_join``.
+        self._join_wanted = threading.Event()
+        self._wake = threading.Event()
+        self._side: threading.Thread | None = None
         #: Shown by fronts: the worker's ``Isolation.describe()``, and how many environments
         #: its local cache holds (the worker updates it; an int is read whole by the thread).
         self.isolation = isolation
@@ -163,19 +179,43 @@ class Heartbeat:
         )
 
     def beat(self) -> None:
-        """Write one beat now: the key with its TTL, and the name in ``sk:workers``; then
-        ``on_join`` if the name was not there, and ``every``'s call when it is due."""
+        """Write one beat now: the key with its TTL, the name in ``sk:workers`` and its time
+        in ``sk:seen``, and a fresh TTL on the worker's control stream; then wake the side
+        thread for ``on_join`` if the name was not there. Nothing slow runs here: a beat
+        waits for nothing but Redis."""
         pipe = self.client.pipeline(transaction=False)
         pipe.set(self.key, self.state().to_json(), px=self.ttl_ms)
         pipe.sadd(keys.WORKERS, self.name)
-        _, added = pipe.execute()
+        pipe.hset(keys.SEEN, self.name, f"{time.time():.3f}")
+        pipe.expire(keys.control_key(self.name), keys.CONTROL_TTL_S)
+        _, added, *_ = pipe.execute()
         now = time.monotonic()
         if self._last_beat is not None:
             self.longest_gap = max(self.longest_gap, now - self._last_beat)
         self._last_beat = now
         self.beats += 1
-        if (added or self._join_pending) and self.on_join is not None:
-            self._join_pending = not self._call(self.on_join, "registering again")
+        if added and self.on_join is not None:
+            self._join_wanted.set()
+            self._wake.set()
+            if self._side is None:  # the first beat, or beating without start(): here
+                self._side_work()
+
+    def _side_run(self) -> None:
+        """The side thread: ``on_join`` when a beat asks, ``every`` when due."""
+        while not self._stopping.is_set():
+            self._side_work()
+            pause = 3600.0 if self.every is None else self._next_check - time.monotonic()
+            if self._join_wanted.is_set():  # it failed: again within a second
+                pause = min(pause, 1.0)
+            self._wake.wait(max(0.01, pause))
+            self._wake.clear()
+
+    def _side_work(self) -> None:
+        if self._join_wanted.is_set() and self.on_join is not None:
+            self._join_wanted.clear()
+            if not self._call(self.on_join, "registering again"):
+                self._join_wanted.set()  # tried again within a second
+        now = time.monotonic()
         if self.every is not None and now >= self._next_check:
             self._next_check = now + self.every[0]
             self._call(self.every[1], "a periodic check")
@@ -193,18 +233,27 @@ class Heartbeat:
 
     def start(self) -> None:
         """Beat once (so the worker is seen as soon as this returns), then every interval."""
-        self.beat()
-        self._thread = threading.Thread(
-            target=self._run, name=f"heartbeat-{self.name}", daemon=True
-        )
-        self._thread.start()
+        try:
+            self.beat()  # no side thread yet: its on_join runs here, in the caller's thread
+        finally:  # even when Redis is away: the threads retry
+            self._side = threading.Thread(
+                target=self._side_run, name=f"heartbeat-side-{self.name}", daemon=True
+            )
+            self._side.start()
+            self._thread = threading.Thread(
+                target=self._run, name=f"heartbeat-{self.name}", daemon=True
+            )
+            self._thread.start()
 
     def stop(self, *, clean: bool = True) -> None:
         """Stop beating. ``clean`` deletes the key, so fronts see the worker gone at once;
         without it the key lives out its TTL, as after a ``kill -9``."""
         self._stopping.set()
-        if self._thread is not None:
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+        if self._side is not None and self._side is not threading.current_thread():
+            self._side.join(5)  # a registration under way may take a while: not for ever
         if clean:
             try:
                 self.client.delete(self.key)

@@ -125,7 +125,11 @@ class ClusterStorage(Storage):
         """Save locally, then publish (blobs, then manifest); only then is the uuid returned.
         If publishing fails, the local copy is removed and the reservation given back."""
         self._saving.reserved = (0, 0)
-        uuid, expire = super().save(workdir, snapshot)
+        try:
+            uuid, expire = super().save(workdir, snapshot)
+        except BaseException:  # failed after _check_room reserved: give the room back
+            self._release(self._saving.reserved)
+            raise
         reserved: tuple[int, int] = self._saving.reserved
         directory = self.environments / uuid
         base = self._local_manifest(snapshot.base.name) if snapshot.base is not None else None
@@ -140,9 +144,12 @@ class ClusterStorage(Storage):
             )
         except BaseException:
             self._forget(uuid)
-            with contextlib.suppress(Exception):
-                keys.release_quota(self.link.redis, *reserved)
+            self._release(reserved)
             raise
+        try:
+            keys.commit_quota(self.link.redis, *reserved)
+        except Exception as error:  # the sweeper's recount counts it anyway
+            log.warning("environment %s: its quota reservation was not settled: %s", uuid, error)
         self._keep_manifest(published.manifest)
         self._register(uuid, expire)
         log.debug(
@@ -154,6 +161,15 @@ class ClusterStorage(Storage):
         )
         self.evict()
         return uuid, expire
+
+    def _release(self, reserved: tuple[int, int]) -> None:
+        """Give back a failed save's reservation (a lost one ends at the next recount)."""
+        if reserved == (0, 0):
+            return
+        try:
+            keys.release_quota(self.link.redis, *reserved)
+        except Exception as error:
+            log.warning("a failed save's quota reservation was not given back: %s", error)
 
     def _check_room(self, new: trees.Usage) -> None:
         """The cluster-wide quota: reserve the save's new bytes and inodes in ``sk:quota``
@@ -178,8 +194,7 @@ class ClusterStorage(Storage):
 
     def _full(self, size: int, inodes: int) -> StorageFull:
         settings = self.settings
-        raw = self.link.redis.hmget(keys.QUOTA, ["bytes", "inodes"])
-        used, used_inodes = (int(value or 0) for value in raw)
+        used, used_inodes = keys.quota_used(self.link.redis)
         if used + size > settings.max_storage:
             return StorageFull(
                 f"Saving this environment needs {format_size(size)} more, and the cluster "

@@ -4,19 +4,27 @@ Every front runs :meth:`Sweeper.sweep` every ``--sweep-interval`` (in a thread);
 does the work, under ``SET sk:sweep-lock NX PX``. A sweep:
 
 1. lists ``envs/`` and reads each manifest once (they are immutable: kept in memory by uuid);
-   those past their ``expire`` are deleted (every reader already treats them as absent), and
-   so are objects there that are no manifest at all, once older than the grace;
-2. marks the blobs the remaining manifests name and deletes the others, but only those older
-   than :data:`GRACE_SECONDS`: a save uploads its blobs before its manifest, and the grace
-   keeps a save in progress whole;
+   those expired more than :data:`GRACE_SECONDS` ago are deleted (every reader already treats
+   an expired manifest as absent), and so are objects there that are no manifest at all, once
+   older than the grace;
+2. marks the blobs the remaining manifests name, **expired ones included**, lists ``envs/``
+   again after listing the blobs (a manifest published meanwhile marks its blobs too), and
+   deletes the other blobs older than the grace. A save uploads only the blobs its base lacks
+   in the bucket, so it may reuse the blobs of an environment that expires while it runs; the
+   grace (longer than any run) keeps them until the new manifest names them, and a new save's
+   own blobs, uploaded before its manifest, are younger than the grace;
 3. deletes uploads (``uploads/``) older than the grace, left by fronts that died mid-run (a
    bucket lifecycle rule does the same, where the storage has them);
 4. recounts ``sk:quota`` from what remains: ``bytes`` = the blobs' and manifests' sizes,
-   ``inodes`` = the number of blobs and manifests. This also restores the count after a
-   Redis restart, until which workers cannot reserve room for a save.
+   ``inodes`` = the number of blobs and manifests (the reservations of saves in progress are
+   separate fields, which the recount leaves alone). This also restores the count after a
+   Redis restart, until which workers cannot reserve room for a save;
+5. deletes the Redis keys of workers and fronts gone for :data:`~.keys.DEAD_NAME_SECONDS`
+   (their ``sk:seen`` time): a worker's queue ``sk.w.<name>`` and control stream, a front's
+   inbox, and the name in ``sk:workers`` and ``sk:seen``.
 
 Deleting is safe against readers: a manifest is deleted only once expired, and a blob only
-once no live manifest names it.
+once no manifest, live or expired less than the grace ago, names it.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import redis.exceptions
 
@@ -74,6 +82,8 @@ class SweepReport:
     junk: int = 0
     blobs_deleted: int = 0
     uploads_deleted: int = 0
+    #: Names gone for DEAD_NAME_SECONDS whose keys were deleted.
+    names_forgotten: int = 0
     bytes: int = 0
     inodes: int = 0
 
@@ -139,18 +149,23 @@ class Sweeper:
                     doomed.append(item.name)
                     report.junk += 1
                     continue
-            elif summary.expire <= now:
+            elif summary.expire <= now - self.grace:
                 doomed.append(item.name)
                 report.expired += 1
                 self._summaries.pop(item.uuid, None)
                 continue
-            else:
+            else:  # live, or expired so recently that a save in progress may reuse its blobs
                 live |= summary.digests
             kept_bytes += item.size
             kept_inodes += 1
         self.store.delete(doomed)
+        blobs = list(self.store.list_blobs())
+        seen = {item.uuid for item in listed}
+        for item in self.store.list_manifests():  # published while the blobs were listed
+            if item.uuid not in seen and (summary := self._summary(item)) is not None:
+                live |= summary.digests
         unused: list[str] = []
-        for blob in self.store.list_blobs():
+        for blob in blobs:
             if blob.digest not in live and self._old(blob, now):
                 unused.append(blob.name)
             else:
@@ -163,6 +178,7 @@ class Sweeper:
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(keys.QUOTA, mapping={"bytes": kept_bytes, "inodes": kept_inodes})
         pipe.execute()
+        report.names_forgotten = self.forget_dead_names(now)
         if report.expired or report.junk or report.blobs_deleted or report.uploads_deleted:
             log.info(
                 "swept the bucket: %d expired environments, %d damaged manifests, %d unused "
@@ -175,6 +191,39 @@ class Sweeper:
                 kept_inodes,
             )
         return report
+
+    def forget_dead_names(self, now: float) -> int:
+        """Delete the keys of the names not seen for :data:`~.keys.DEAD_NAME_SECONDS` (their
+        queue, control stream and inbox): a worker or front started under a new name each
+        time would otherwise leave them for ever. Returns how many names went."""
+        seen: dict[Any, Any] = self.client.hgetall(keys.SEEN)
+        dead: list[str] = []
+        for raw_name, raw_time in seen.items():
+            owner = _text(raw_name)
+            try:
+                last = float(_text(raw_time))
+            except ValueError:
+                last = 0.0
+            if last < now - keys.DEAD_NAME_SECONDS:
+                if keys.NAME_RE.fullmatch(owner):
+                    dead.append(owner)
+                else:  # junk: only the entry goes
+                    self.client.hdel(keys.SEEN, raw_name)
+        forgotten = [owner for owner in dead if not self.client.exists(keys.worker_key(owner))]
+        for owner in forgotten:  # (a name that beats has a clock far off: not dead)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.delete(*keys.keys_of_name(owner))
+            pipe.srem(keys.WORKERS, owner)
+            pipe.hdel(keys.SEEN, owner)
+            pipe.execute()
+        if forgotten:
+            log.info(
+                "forgot %d names gone for %d s: %s",
+                len(forgotten),
+                keys.DEAD_NAME_SECONDS,
+                ", ".join(forgotten),
+            )
+        return len(forgotten)
 
     def _summary(self, item: StoredObject) -> _Summary | None:
         """The manifest's expiry and blobs (read once), or None if it is no manifest."""
@@ -218,3 +267,7 @@ class Sweeper:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

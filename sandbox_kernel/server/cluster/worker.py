@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
@@ -35,9 +36,12 @@ import json
 import logging
 import os
 import re
+import secrets
+import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -70,6 +74,10 @@ OUTBOX_FLUSH_SECONDS: Final = 10.0
 CAPS_CHECK_SECONDS: Final = 2.0
 #: How long the loop's parts (isolation probe, runner pool) may take to start.
 START_SECONDS: Final = 120.0
+#: The exit status of a worker whose event loop died (M5): it must be restarted.
+LOOP_DIED_STATUS: Final = 3
+#: How long Celery may take to stop after the loop died before the process exits anyway.
+LOOP_DEATH_EXIT_SECONDS: Final = 30.0
 #: A refused message longer than this is not even parsed to find whom to answer.
 _REFUSAL_PARSE_LIMIT: Final = 4 * (jobs.DEFAULT_MAX_CONFIG_BYTES + jobs.ENVELOPE_BYTES)
 
@@ -106,9 +114,11 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def default_name() -> str:
-    """``<hostname>-<pid>``, reduced to the characters a name may hold."""
+    """``<hostname>-<pid>-<6 random hex digits>``, reduced to the characters a name may hold.
+    The random part keeps two workers apart even when hostname and pid are the same (two
+    containers are both pid 1, and often share a hostname)."""
     host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip(".-_")[:80] or "worker"
-    return f"{host}-{os.getpid()}"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 class ClusterWorker:
@@ -134,6 +144,8 @@ class ClusterWorker:
         self.engine = make_engine(settings)
         self.engine.task(name=TASK_NAME, ignore_result=True, typing=False)(self._task)
         self.loop = LoopThread(self)
+        #: Set when the loop died under Celery: the worker stops and exits non-zero.
+        self.loop_died = threading.Event()
 
     @classmethod
     def connect(cls, settings: ServerSettings) -> ClusterWorker:
@@ -181,7 +193,32 @@ class ClusterWorker:
         finally:
             self.heartbeat.stop(clean=True)
             self.loop.stop()
-        return 0
+        return LOOP_DIED_STATUS if self.loop_died.is_set() else 0
+
+    def on_loop_death(self, error: BaseException | None) -> None:
+        """The loop's thread ended while Celery still takes jobs (called from that thread):
+        no job can run any more, and every job taken would be dropped. Stop beating at once
+        (fronts fail this worker's jobs with 502 within a poll, and stop routing to it),
+        then stop Celery with a warm shutdown (its threads waiting on the dead loop were
+        released when the loop cancelled their jobs); if Celery does not stop within
+        :data:`LOOP_DEATH_EXIT_SECONDS`, the process exits anyway. The exit status is
+        :data:`LOOP_DIED_STATUS`, for the service manager to restart the worker."""
+        self.loop_died.set()
+        log.critical(
+            "worker %s: its event loop died (%s); it stops taking jobs and exits with status "
+            "%d. Restart it (a service manager does); see the error above.",
+            self.name,
+            "no error" if error is None else f"{type(error).__name__}: {error}",
+            LOOP_DIED_STATUS,
+        )
+        try:
+            self.heartbeat.stop(clean=True)
+        except Exception as failure:  # the key expires within its TTL anyway
+            log.warning("worker %s: its heartbeat did not stop cleanly: %s", self.name, failure)
+        exit_timer = threading.Timer(LOOP_DEATH_EXIT_SECONDS, _exit_now)
+        exit_timer.daemon = True
+        exit_timer.start()
+        os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown, in the main thread
 
     def _register_cached(self) -> None:
         """The heartbeat found this worker new to Redis (at start, or Redis restarted and
@@ -194,7 +231,7 @@ class ClusterWorker:
         """Warn when the caps the fronts admit requests by (:data:`~.keys.FRONT_CAPS`)
         differ from this worker's: a request a front accepts could be refused here, or one
         refused by a single server pass here. Logged once per value the key takes."""
-        published = self.heartbeat.client.get(keys.FRONT_CAPS)
+        published = self.redis.get(keys.FRONT_CAPS)
         if not isinstance(published, bytes) or published == self._front_caps:
             return
         self._front_caps = published
@@ -257,6 +294,8 @@ class LoopThread:
         self.storage: ClusterStorage | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
+        #: Whether stop() ended the loop (else its end is a death: :meth:`on_loop_death`).
+        self._stop_requested = False
         self._thread = threading.Thread(target=self._main, name="sk-worker-loop", daemon=True)
 
     def start(self) -> bool:
@@ -274,22 +313,40 @@ class LoopThread:
         return True
 
     def call(self, message: str) -> None:
-        """Run one job message on the loop and wait for its end (from a Celery thread)."""
+        """Run one job message on the loop and wait for its end (from a Celery thread).
+        A message that comes when the loop is dead is dropped unclaimed (its front answers
+        503 after its queue wait: nothing ran), and logged."""
         assert self._loop is not None and self.jobs is not None
-        future = asyncio.run_coroutine_threadsafe(self.jobs.handle(message), self._loop)
-        future.result()
+        try:
+            future = asyncio.run_coroutine_threadsafe(self.jobs.handle(message), self._loop)
+            future.result()
+        except (RuntimeError, concurrent.futures.CancelledError) as error:
+            if self._thread.is_alive() and not self._loop.is_closed():
+                raise
+            log.error("a job message dropped unclaimed: the worker's loop is dead (%s)", error)
 
     def stop(self) -> None:
+        self._stop_requested = True
         if self._loop is not None and self._stopping is not None:
-            self._loop.call_soon_threadsafe(self._stopping.set)
-        self._thread.join(30)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to stop
+                self._loop.call_soon_threadsafe(self._stopping.set)
+        if self._thread is not threading.current_thread():
+            self._thread.join(30)
 
     def _main(self) -> None:
+        error: BaseException | None = None
         try:
             asyncio.run(self._serve())
-        except BaseException as error:
-            self.failure = self.failure or error
-            self.ready.set()
+        except BaseException as failure:
+            error = failure
+            self.failure = self.failure or failure
+            if not self.ready.is_set():
+                self.ready.set()
+                return
+            log.error("worker %s: the event loop failed", self.worker.name, exc_info=failure)
+        if self.ready.is_set() and not self._stop_requested:
+            self.worker.on_loop_death(error)
+        self.ready.set()
 
     async def _serve(self) -> None:
         from .. import assembled_parts
@@ -360,6 +417,8 @@ class Jobs:
         )
         self.running: dict[str, RunningJob] = {}
         self._background: list[asyncio.Task[None]] = []
+        #: The largest event sent: a legal final holds --max-output and --max-result.
+        self.max_event = jobs.event_cap(self.settings.max_output, self.settings.max_result)
 
     async def __aenter__(self) -> Jobs:
         loop = asyncio.get_running_loop()
@@ -405,7 +464,7 @@ class Jobs:
     async def _claimed(self, spec: jobs.JobSpec) -> None:
         heartbeat = self.worker.heartbeat
         heartbeat.job_started(spec.job)
-        outbox = Outbox(self.client, spec.front, spec.job)
+        outbox = Outbox(self.client, spec.front, spec.job, self.max_event)
         job = RunningJob(spec, outbox, asyncio.current_task())
         self.running[spec.job] = job
         try:
@@ -437,7 +496,7 @@ class Jobs:
                 upload_dir = await asyncio.to_thread(self.storage.new_staging)
                 upload = await self._fetch_upload(spec, upload_dir / "upload.tgz")
             if isinstance(base, str):
-                await asyncio.to_thread(self.storage.make_local, base)
+                await self._make_local(base)
                 pinned = True
             hooks = None
             if spec.stream:
@@ -483,6 +542,26 @@ class Jobs:
             if upload_dir is not None:
                 await asyncio.shield(asyncio.to_thread(_remove_quietly, upload_dir))
 
+    async def _make_local(self, base: str) -> None:
+        """The base environment made local and pinned. The fetch runs in a thread that a
+        cancel cannot stop: if the job is cancelled meanwhile, the pin the fetch ends with
+        is taken back when it ends, so a cancel never leaves an environment pinned (never
+        evicted) for ever."""
+        fetch = asyncio.ensure_future(asyncio.to_thread(self.storage.make_local, base))
+        try:
+            await asyncio.shield(fetch)
+        except asyncio.CancelledError:
+            fetch.add_done_callback(self._unpin_fetched(base))
+            raise
+
+    def _unpin_fetched(self, base: str) -> Callable[[asyncio.Future[Path]], None]:
+        def unpin(fetch: asyncio.Future[Path]) -> None:
+            if not fetch.cancelled() and fetch.exception() is None:
+                self.storage.unpin(base)
+                log.info("environment %s unpinned: its job was cancelled during its fetch", base)
+
+        return unpin
+
     async def _refuse(self, message: str, error: jobs.BadJob) -> None:
         """Answer a refused message 400 if it names a job and a front; nothing runs."""
         job, front = _job_and_front(message)
@@ -494,7 +573,7 @@ class Jobs:
                 log.info("job %s dropped: claimed before (a copy or a redelivery)", job)
                 return
             log.warning("job %s refused: %s", job, error)
-            outbox = Outbox(self.client, front, job)
+            outbox = Outbox(self.client, front, job, self.max_event)
             outbox.put(jobs.error(job, 400, str(error)))
             await outbox.close()
         except Exception as failure:
@@ -616,8 +695,15 @@ class Jobs:
 class Outbox:
     """The events of one job to its front's inbox, in order (one sender task per job)."""
 
-    def __init__(self, client: redis.asyncio.Redis, front: str, job: str) -> None:
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        front: str,
+        job: str,
+        max_bytes: int = jobs.DEFAULT_MAX_EVENT_BYTES,
+    ) -> None:
         self.client = client
+        self.max_bytes = max_bytes
         self.inbox = keys.inbox_key(front)
         self.job = job
         self._queue: asyncio.Queue[jobs.Event | None] = asyncio.Queue()
@@ -645,7 +731,7 @@ class Outbox:
     async def _send_all(self) -> None:
         while (event := await self._queue.get()) is not None:
             try:
-                fields = jobs.encode_event(event)
+                fields = jobs.encode_event(event, max_bytes=self.max_bytes)
             except jobs.BadEvent as error:
                 log.error("job %s: an event could not be encoded: %s", self.job, error)
                 fields = jobs.encode_event(jobs.error(self.job, 500, _SERVER_FAILED))
@@ -694,6 +780,13 @@ def _job_and_front(message: str) -> tuple[str | None, str | None]:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _exit_now() -> None:
+    """The last resort when Celery does not stop after the loop died."""
+    log.critical("the worker did not stop in time after its loop died: exiting now")
+    logging.shutdown()
+    os._exit(LOOP_DIED_STATUS)
 
 
 def _remove_quietly(path: Path) -> None:
