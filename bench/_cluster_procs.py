@@ -1,5 +1,6 @@
-"""The processes of ``bench_cluster.py``: a private Redis, moto's S3 server, cluster workers and
-fronts, and a single ``sandbox-kernel serve``, all on loopback, all stopped at the end.
+"""The processes of ``bench_cluster.py``: a private Redis, an S3 server (moto in server mode, or
+s3rver from npm), cluster workers and fronts, and a single ``sandbox-kernel serve``, all on
+loopback, all stopped at the end.
 
 Every process is started in its own session (a Ctrl-C meant for the bench reaches only the
 bench, which then stops them in order) and with ``PR_SET_PDEATHSIG`` (SIGTERM if the bench is
@@ -8,14 +9,19 @@ then kills whatever they left below them (sandboxes included) and removes the sc
 directory: a run leaves no process and no file behind, whether it ends well, fails or is
 interrupted.
 
-A missing prerequisite (``redis-server``, moto, boto3, redis-py) stops the bench with a message
-naming how to install it.
+A missing prerequisite (``redis-server``, moto or s3rver, boto3, redis-py) stops the bench with
+a message naming how to install it.
+
+Both S3 servers log one line per request (moto through werkzeug, s3rver through koa-logger):
+that is how the bench counts the S3 requests of a cell. The count is checked at start-up on the
+bucket probe; when a server's log does not show it, the counts are reported as unavailable.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -42,6 +48,18 @@ READY_SECONDS = 60.0
 #: A warm shutdown lets running jobs finish: a few seconds at most in this bench.
 STOP_SECONDS = 15.0
 MOTO_INSTALL = "pip install 'moto[s3]>=5' flask flask-cors (or pip install -e '.[test]')"
+S3RVER_VERSION = "3.7.1"
+#: ``--no-save``: npm writes no package.json nor lock file into bench/, only node_modules/
+#: (which .gitignore lists).
+S3RVER_INSTALL = (
+    f"npm install --prefix bench --no-save s3rver@{S3RVER_VERSION} "
+    "(or set S3RVER to its executable)"
+)
+NODE_INSTALL = "apt-get install -y nodejs (s3rver runs on Node.js)"
+#: The S3 servers the bench can start.
+S3_SERVERS = ("moto", "s3rver")
+#: The keys s3rver checks SigV4 signatures against (fixed); moto accepts any.
+S3RVER_KEY = "S3RVER"
 CLUSTER_INSTALL = "pip install -e '.[cluster]' (celery[redis], boto3, redis)"
 REDIS_INSTALL = "apt-get install -y redis-server (the Debian package; .ci/run installs it)"
 #: The storage prefix inside the bench's bucket.
@@ -58,23 +76,64 @@ class StartFailed(RuntimeError):
     """A process did not come up: the text has its log's tail."""
 
 
-def require_prerequisites() -> str:
-    """The path of ``redis-server``, after checking that the Python parts are importable."""
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """What the bench runs besides Python modules: found before anything starts."""
+
+    redis: str
+    #: The s3rver executable, when the bench runs s3rver (None with moto).
+    s3rver: str | None
+
+
+def require_prerequisites(s3: str) -> Programs:
+    """The programs the bench needs, after checking that the Python parts are importable;
+    ``s3`` is one of :data:`S3_SERVERS`."""
     program = shutil.which("redis-server")
     if program is None:
         raise Missing(f"redis-server is not installed: {REDIS_INSTALL}")
-    for module, install in (
-        ("redis", CLUSTER_INSTALL),
-        ("boto3", CLUSTER_INSTALL),
-        ("celery", CLUSTER_INSTALL),
-        ("moto.server", MOTO_INSTALL),
-        ("flask", MOTO_INSTALL),
-    ):
+    modules = [("redis", CLUSTER_INSTALL), ("boto3", CLUSTER_INSTALL), ("celery", CLUSTER_INSTALL)]
+    if s3 == "moto":
+        modules += [("moto.server", MOTO_INSTALL), ("flask", MOTO_INSTALL)]
+    for module, install in modules:
         try:
             __import__(module)
         except ImportError as error:
             raise Missing(f"{error.name} is not installed: {install}") from None
+    return Programs(redis=program, s3rver=find_s3rver() if s3 == "s3rver" else None)
+
+
+def find_s3rver() -> str:
+    """s3rver's executable: ``$S3RVER``, else ``node_modules/.bin/s3rver`` under ``bench/`` or
+    the repository (``npm install --prefix``), else ``s3rver`` on the PATH; and Node.js."""
+    program = _s3rver_program()
+    if shutil.which("node") is None:
+        raise Missing(f"node is not installed: {NODE_INSTALL}")
     return program
+
+
+def _s3rver_program() -> str:
+    configured = os.environ.get("S3RVER")
+    if configured:
+        if not (Path(configured).is_file() and os.access(configured, os.X_OK)):
+            raise Missing(f"S3RVER={configured} is not an executable file: {S3RVER_INSTALL}")
+        return configured
+    bench = Path(__file__).resolve().parent
+    for base in (bench, bench.parent):
+        candidate = base / "node_modules" / ".bin" / "s3rver"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("s3rver")
+    if found is None:
+        raise Missing(f"s3rver is not installed: {S3RVER_INSTALL}")
+    return found
+
+
+def s3rver_version(program: str) -> str:
+    """The version in s3rver's ``package.json`` (``.bin/s3rver`` links to its ``bin/``)."""
+    package = Path(program).resolve().parent.parent / "package.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return str(json.loads(package.read_text())["version"])
+    return "(version unknown)"
 
 
 def free_port() -> int:
@@ -208,14 +267,22 @@ class Server(Process):
 class Place:
     """The scratch directory and every process of one bench run; :meth:`close` undoes all."""
 
-    def __init__(self) -> None:
+    def __init__(self, s3: str = "moto") -> None:
+        if s3 not in S3_SERVERS:
+            raise ValueError(f"unknown S3 server {s3!r}: one of {', '.join(S3_SERVERS)}")
         self.root = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
         self.started: list[Process] = []
         self.redis_port = 0
         self.redis_password = secrets.token_urlsafe(16)
+        #: Which S3 server (:data:`S3_SERVERS`), its URL, and its name and version once started.
+        self.s3 = s3
         self.s3_url = ""
+        self.s3_label = ""
+        #: Whether the S3 server's log shows its requests (see :meth:`s3_requests_since`).
+        self.s3_counting = False
         self.bucket = f"bench-{secrets.token_hex(6)}"
-        self.env = _child_environment(self.root)
+        self.s3_key = S3RVER_KEY if s3 == "s3rver" else "bench"
+        self.env = _child_environment(self.root, self.s3_key)
 
     # -- the shared parts -----------------------------------------------------------------------
 
@@ -278,12 +345,26 @@ class Place:
             socket_timeout=5,
         )
 
+    def start_s3(self, programs: Programs) -> Process:
+        """The S3 server chosen at construction, with the bench's bucket; then whether its
+        log counts requests (the bucket's probe must be in it)."""
+        if self.s3 == "s3rver":
+            assert programs.s3rver is not None, "require_prerequisites('s3rver') finds it"
+            process = self.start_s3rver(programs.s3rver)
+        else:
+            process = self.start_moto()
+        self.s3_counting = self._log_shows_requests()
+        return process
+
     def start_moto(self) -> Process:
         """``python -m moto.server`` (S3 in server mode) and the bench's bucket."""
+        import moto
+
         port = free_port()
         self.s3_url = f"http://127.0.0.1:{port}"
+        self.s3_label = f"moto {moto.__version__} (server mode)"
         argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-        process = self._start(Process("moto_server", argv, self._log("moto"), self.env))
+        process = self._start(Process("moto_server", argv, self._log("s3"), self.env))
         deadline = time.monotonic() + READY_SECONDS
         while time.monotonic() < deadline:
             if not process.alive():
@@ -294,29 +375,68 @@ class Place:
                 contextlib.suppress(OSError, urllib.error.URLError),
                 urllib.request.urlopen(f"{self.s3_url}/moto-api/", timeout=1),
             ):
-                self._create_bucket()
+                self.s3_client().create_bucket(Bucket=self.bucket)
                 return process
             time.sleep(0.05)
         raise process.fail(f"did not answer on {self.s3_url} within {READY_SECONDS:g} s")
 
-    def _create_bucket(self) -> None:
-        self.s3_client().create_bucket(Bucket=self.bucket)
+    def start_s3rver(self, program: str) -> Process:
+        """``s3rver`` on a port it picks (``-p 0``, read back from its first line), objects
+        under the scratch directory, the bench's bucket made at start-up. ``FORCE_COLOR``:
+        s3rver cuts 16 characters of colour codes off each koa-logger line, so without
+        colours the method would be cut off instead."""
+        self.s3_label = f"s3rver {s3rver_version(program)}"
+        argv = [program, "-d", str(self.root / "s3rver-data"), "-a", "127.0.0.1", "-p", "0"]
+        argv += ["--configure-bucket", self.bucket]
+        env = dict(self.env, FORCE_COLOR="1")
+        process = self._start(Process("s3rver", argv, self._log("s3"), env))
+        deadline = time.monotonic() + READY_SECONDS
+        while time.monotonic() < deadline:
+            if not process.alive():
+                raise process.fail(
+                    f"exited with status {process.popen.returncode} ({S3RVER_INSTALL})"
+                )
+            listening = _S3RVER_LISTENING.search(self._log("s3").read_text(errors="replace"))
+            if listening is not None:
+                self.s3_url = f"http://127.0.0.1:{listening.group(1)}"
+                with contextlib.suppress(Exception):  # botocore's errors, until it is ready
+                    self.s3_client().head_bucket(Bucket=self.bucket)
+                    return process
+            time.sleep(0.05)
+        raise process.fail(f"did not serve its bucket within {READY_SECONDS:g} s")
+
+    def _log_shows_requests(self, patience: float = 2.0) -> bool:
+        """Whether the S3 server's log has shown the bucket's probe (a server logs a request
+        just after answering it)."""
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline:
+            if self._s3_requests_in(self._read_s3_log(0)):
+                return True
+            time.sleep(0.05)
+        return False
 
     def s3_client(self) -> Any:
-        """A plain boto3 client of the bench's S3 server (dummy keys)."""
+        """A boto3 client of the bench's S3 server, set up as the cluster's own (path-style
+        addresses, checksums only where required: s3rver refuses botocore's default trailers)."""
         import boto3
+        from botocore.config import Config
 
         return boto3.client(
             "s3",
             endpoint_url=self.s3_url,
             region_name="us-east-1",
-            aws_access_key_id="bench",
-            aws_secret_access_key="bench",
+            aws_access_key_id=self.s3_key,
+            aws_secret_access_key=self.s3_key,
+            config=Config(
+                s3={"addressing_style": "path"},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
         )
 
     def s3_log_offset(self) -> int:
-        """Where moto's request log ends now (see :meth:`s3_requests_since`)."""
-        return self._log("moto").stat().st_size
+        """Where the S3 server's log ends now (see :meth:`s3_requests_since`)."""
+        return self._log("s3").stat().st_size
 
     def worker_log_offsets(self) -> dict[Path, int]:
         """Where each worker's log ends now (see :meth:`task_seconds_since`)."""
@@ -342,15 +462,24 @@ class Place:
                 parts.append(file.read().decode(errors="replace"))
         return "\n".join(parts)
 
-    def s3_requests_since(self, offset: int) -> collections.Counter[str]:
-        """The requests moto logged since ``offset``, as ``"PUT blob"``, ``"GET manifest"``..."""
-        with open(self._log("moto"), "rb") as log:
+    def s3_requests_since(self, offset: int) -> collections.Counter[str] | None:
+        """The requests the S3 server logged since ``offset``, as ``"PUT blob"``,
+        ``"GET manifest"``...; None when its log does not show requests (checked at start)."""
+        if not self.s3_counting:
+            return None
+        return self._s3_requests_in(self._read_s3_log(offset))
+
+    def _read_s3_log(self, offset: int) -> str:
+        with open(self._log("s3"), "rb") as log:
             log.seek(offset)
-            text = log.read().decode(errors="replace")
+            return _ANSI_CODE.sub("", log.read().decode(errors="replace"))
+
+    def _s3_requests_in(self, text: str) -> collections.Counter[str]:
+        pattern = _S3RVER_REQUEST_LINE if self.s3 == "s3rver" else _MOTO_REQUEST_LINE
         counts: collections.Counter[str] = collections.Counter()
-        for match in _REQUEST_LINE.finditer(text):
+        for match in pattern.finditer(text):
             method, path = match.groups()
-            counts[f"{method} {_object_kind(path)}"] += 1
+            counts[f"{method} {_object_kind(path, self.bucket)}"] += 1
         return counts
 
     # -- sandbox-kernel processes ---------------------------------------------------------------
@@ -452,7 +581,13 @@ class Place:
 
 
 #: A request line of moto's log (werkzeug's): ``"PUT /bucket/prefix/blobs/... HTTP/1.1" 200``.
-_REQUEST_LINE = re.compile(r'"([A-Z]+) (\S+) HTTP/[0-9.]+" \d{3}')
+_MOTO_REQUEST_LINE = re.compile(r'"([A-Z]+) (\S+) HTTP/[0-9.]+" \d{3}')
+#: A request line of s3rver's log (koa-logger's, through winston), colour codes removed:
+#: ``info: PUT /bucket/prefix/blobs/... 200 3ms 0b``.
+_S3RVER_REQUEST_LINE = re.compile(r"^info: ([A-Z]+) (\S+) \d{3} ", re.MULTILINE)
+#: s3rver's first line, with the port it bound (``-p 0``).
+_S3RVER_LISTENING = re.compile(r"S3rver listening on [0-9.]+:([0-9]+)")
+_ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 #: Celery's line for a finished job (``celery.app.trace``, level INFO).
@@ -467,27 +602,29 @@ _WORKER_EVENTS = {
 }
 
 
-def _object_kind(path: str) -> str:
+def _object_kind(path: str, bucket: str) -> str:
     if "/blobs/" in path:
         return "blob"
     if "/envs/" in path:
         return "manifest"
     if "/uploads/" in path:
         return "upload"
-    return "list" if "?" in path else "other"
+    if "?" in path:
+        return "list"
+    return "bucket" if path.rstrip("/") == f"/{bucket}" else "other"
 
 
 def _sandbox_kernel(command: str) -> list[str]:
     return [sys.executable, "-m", "sandbox_kernel.cli", command]
 
 
-def _child_environment(root: Path) -> dict[str, str]:
-    """The bench's environment minus the developer's AWS settings, plus dummy keys: nothing
-    the bench starts can reach a real AWS account."""
+def _child_environment(root: Path, key: str) -> dict[str, str]:
+    """The bench's environment minus the developer's AWS settings, plus the S3 server's dummy
+    keys (``key`` as both): nothing the bench starts can reach a real AWS account."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
     env.update(
-        AWS_ACCESS_KEY_ID="bench",
-        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_ACCESS_KEY_ID=key,
+        AWS_SECRET_ACCESS_KEY=key,
         AWS_DEFAULT_REGION="us-east-1",
         AWS_CONFIG_FILE=str(root / "no-aws-config"),
         AWS_SHARED_CREDENTIALS_FILE=str(root / "no-aws-credentials"),

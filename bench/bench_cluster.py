@@ -3,16 +3,21 @@
     python bench/bench_cluster.py                 # full run (2 to 3 minutes)
     python bench/bench_cluster.py --quick         # smoke mode (CI): small sizes, under a minute
     python bench/bench_cluster.py --json out.json # the figures as JSON too
+    python bench/bench_cluster.py --s3 s3rver     # s3rver (npm) as the S3 server, not moto
 
-One run starts, on loopback: a private ``redis-server`` (password, no persistence), moto's S3
-server with a bucket, cluster workers of 2 slots (``sandbox-kernel worker``), one front
+One run starts, on loopback: a private ``redis-server`` (password, no persistence), an S3
+server with a bucket (``--s3 moto``, the default: ``moto_server``; ``--s3 s3rver``: s3rver from
+npm, found as ``$S3RVER``, ``node_modules/.bin/s3rver`` under ``bench/`` or the repository, or
+on the PATH), cluster workers of 2 slots (``sandbox-kernel worker``), one front
 (``sandbox-kernel serve --cluster``), and a single ``sandbox-kernel serve --workers 2`` beside
 them. It measures:
 
 1. latency: a trivial ``true`` (no save) and a carried cell (``echo x >> f``, saved, from the
-   previous cell's environment) on the single server and on the front, strictly alternated so
-   that the machine's noise falls on both; the difference of the trivial cells is the engine
-   hop, the rest of the carried cell's difference is the storage save;
+   previous cell's environment), each kind in phases of its own (blocks of 50 rounds taking
+   turns, each after warm-up rounds that are not counted, so that no cell is measured right
+   after the other kind's), on the single server and on the front, strictly alternated so that
+   the machine's noise falls on both; the difference of the trivial cells is the engine hop,
+   the rest of the carried cell's difference is the storage save;
 2. throughput: N ``sleep 0.2`` cells at once through the front with 1 worker, then 3 workers;
 3. ``kill -9`` of a worker under load: sessions of cells appending to a file, each cell from the
    previous environment; one worker killed midway. The time from the kill to each affected
@@ -62,6 +67,19 @@ LOST_TEXT = "the cluster lost this request; it may have run"
 DOCUMENTED = frozenset({502, 503})
 #: A request's own deadline: the queue wait (30 s) plus the time budget (60 s), and some.
 REQUEST_SECONDS = 120.0
+#: Latency rounds run before each phase and not counted: after the first switch, the newest
+#: workers' runners, the connections and the caches settle; after the others, what the other
+#: kind of cell left behind (a save's aftermath on the worker slows the next cell on 2 cores).
+WARM_ROUNDS = 10
+#: The latency phases alternate kinds in blocks of this many rounds (trivial, carried,
+#: trivial...), so that the machine's drift over the run falls on both kinds alike.
+BLOCK_ROUNDS = 50
+#: The pause before each latency request (``--settle``). None by default: measured on this
+#: machine, a pause of 25 to 100 ms made every cell 3 to 5 ms slower (idle cores wake up
+#: slowly) without making the figures steadier.
+SETTLE_SECONDS = 0.0
+#: The pause before each latency phase: what came before (a burst, the warm-up) is over.
+QUIET_SECONDS = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,20 +261,17 @@ def met(ok: bool) -> str:
 
 
 async def latency(
-    single: Target, front: Target, samples: int, place: procs.Place | None
+    single: Target, front: Target, samples: int, place: procs.Place | None, settle: float
 ) -> dict[str, Any]:
-    """Trivial cells, then carried cells, single and front strictly alternated (the order flips
-    every round, so neither always goes second). With a cluster, the S3 requests of each kind
-    of cell are counted in moto's log, and a PUT is timed from here for scale."""
+    """Trivial cells and carried cells in phases of their own (blocks of
+    :data:`BLOCK_ROUNDS`, each after uncounted warm-up rounds), single and front strictly
+    alternated (the order flips every round, so neither always goes second). With a cluster,
+    the S3 requests of each kind of cell are counted in the S3 server's log, and a PUT is
+    timed from here for scale."""
     times: dict[str, dict[str, list[float]]] = {}
-    s3: dict[str, dict[str, float]] = {}
-    tasks: dict[str, float] = {}
+    s3: dict[str, collections.Counter[str]] | None = {}
+    tasks: dict[str, list[float]] = {"trivial": [], "carried": []}
     uuids: dict[str, str | None] = {}
-    for target in (single, front):  # warm the connections and the first environment
-        for _ in range(3):
-            await _checked(execute(target, cell(["true"], save=False)), target)
-        first = await _checked(execute(target, cell(["echo 1 > f"])), target)
-        uuids[target.name] = first.environment
 
     def trivial(target: Target) -> Any:
         return cell(["true"], save=False)
@@ -264,31 +279,64 @@ async def latency(
     def carried(target: Target) -> Any:
         return cell(["echo x >> f"], uuids[target.name])
 
-    for kind, config_of in (("trivial", trivial), ("carried", carried)):
-        times[kind] = {single.name: [], front.name: []}
-        offset = place.s3_log_offset() if place else 0
-        task_offsets = place.worker_log_offsets() if place else {}
-        for round_index in range(samples):
-            order = (single, front) if round_index % 2 == 0 else (front, single)
-            for target in order:
-                answer = await _checked(execute(target, config_of(target)), target)
-                times[kind][target.name].append(answer.seconds)
-                uuids[target.name] = answer.environment or uuids[target.name]
-        if place is not None:
-            await asyncio.sleep(0.2)  # moto logs a request just after answering it
-            counts = place.s3_requests_since(offset)
-            s3[kind] = {what: count / samples for what, count in sorted(counts.items())}
-            tasks[kind] = percentile(place.task_seconds_since(task_offsets), 0.5)
+    blocks = [min(BLOCK_ROUNDS, samples - start) for start in range(0, samples, BLOCK_ROUNDS)]
+    for rounds in blocks:
+        for kind, config_of in (("trivial", trivial), ("carried", carried)):
+            if kind == "carried" and not uuids:
+                for target in (single, front):
+                    first = await _checked(execute(target, cell(["echo 1 > f"])), target)
+                    uuids[target.name] = first.environment
+            await _rounds((single, front), config_of, WARM_ROUNDS, settle, uuids)
+            await asyncio.sleep(QUIET_SECONDS)
+            offset = place.s3_log_offset() if place else 0
+            task_offsets = place.worker_log_offsets() if place else {}
+            measured = await _rounds((single, front), config_of, rounds, settle, uuids)
+            for name, seconds in measured.items():
+                times.setdefault(kind, {}).setdefault(name, []).extend(seconds)
+            if place is not None:
+                await asyncio.sleep(0.2)  # an S3 server logs a request just after answering it
+                counts = place.s3_requests_since(offset)
+                if counts is None or s3 is None:
+                    s3 = None  # its log does not show requests
+                else:
+                    s3[kind] = s3.get(kind, collections.Counter()) + counts
+                tasks[kind] += place.task_seconds_since(task_offsets)
     figures = _latency_figures(single.name, front.name, times["trivial"], times["carried"])
-    figures["s3_requests_per_front_cell"] = s3
-    figures.update({f"{kind}_task_median": seconds for kind, seconds in tasks.items()})
+    per_cell = None
+    if s3 is not None:
+        per_cell = {
+            kind: {what: count / samples for what, count in sorted(counts.items())}
+            for kind, counts in s3.items()
+        }
+    figures.update(settle=settle, blocks=len(blocks), s3_requests_per_front_cell=per_cell)
     if place is not None:
+        figures.update({f"{kind}_task_median": percentile(tasks[kind], 0.5) for kind in tasks})
         figures["s3_put_median"] = await asyncio.to_thread(_time_puts, place, 30)
     return figures
 
 
+async def _rounds(
+    targets: tuple[Target, Target],
+    config_of: Callable[[Target], Any],
+    rounds: int,
+    settle: float,
+    uuids: dict[str, str | None],
+) -> dict[str, list[float]]:
+    """``rounds`` requests to each target, alternated, the order flipped every round, each
+    after ``settle`` seconds of pause; each target's times."""
+    times: dict[str, list[float]] = {target.name: [] for target in targets}
+    for round_index in range(rounds):
+        order = targets if round_index % 2 == 0 else targets[::-1]
+        for target in order:
+            await asyncio.sleep(settle)
+            answer = await _checked(execute(target, config_of(target)), target)
+            times[target.name].append(answer.seconds)
+            uuids[target.name] = answer.environment or uuids.get(target.name)
+    return times
+
+
 def _time_puts(place: procs.Place, count: int) -> float:
-    """The median of ``count`` 100-byte PUTs to moto from this process (boto3)."""
+    """The median of ``count`` 100-byte PUTs to the S3 server from this process (boto3)."""
     client = place.s3_client()
     seconds = []
     for index in range(count):
@@ -311,15 +359,18 @@ def _latency_figures(
         for stat, fraction in (("median", 0.5), ("p90", 0.9))
     }
     hop = figure["trivial_front_median"] - figure["trivial_single_median"]
+    hop_p90 = figure["trivial_front_p90"] - figure["trivial_single_p90"]
     save_single = figure["carried_single_median"] - figure["trivial_single_median"]
     save_front = figure["carried_front_median"] - figure["trivial_front_median"]
     figure.update(
         samples=len(trivial[single]),
         engine_hop=hop,
+        engine_hop_p90=hop_p90,
         save_single=save_single,
         save_front=save_front,
         storage_extra=save_front - save_single,
         carried_ratio=figure["carried_front_median"] / figure["carried_single_median"],
+        carried_ratio_p90=figure["carried_front_p90"] / figure["carried_single_p90"],
     )
     return figure
 
@@ -680,17 +731,17 @@ class Cluster:
 
 
 def start_cluster(place: procs.Place, no_cluster: bool) -> Cluster:
-    """Redis, moto, one worker, the front and the single server (the 2 more workers come after
-    the 1-worker throughput)."""
+    """Redis, the S3 server, one worker, the front and the single server (the 2 more workers
+    come after the 1-worker throughput)."""
     if no_cluster:
         single = place.start_single("single", 2)
         stand_in = place.start_single("stand-in", 6)
         single.wait_ready()
         stand_in.wait_ready()
         return Cluster(None, single, stand_in, {}, small=single)
-    program = procs.require_prerequisites()
-    place.start_redis(program)
-    place.start_moto()
+    programs = procs.require_prerequisites(place.s3)
+    place.start_redis(programs.redis)
+    place.start_s3(programs)
     single = place.start_single("single", 2)
     workers = {"w1": place.start_worker("w1")}
     front = place.start_front("front")
@@ -789,7 +840,7 @@ def _left_after(process: procs.Process, seconds: float = 5.0) -> int:
     return len(process.survivors())
 
 
-async def measure(cluster: Cluster, sizes: Sizes) -> dict[str, Any]:
+async def measure(cluster: Cluster, sizes: Sizes, settle: float) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=1000, limit_per_host=0)
     timeout = aiohttp.ClientTimeout(total=REQUEST_SECONDS)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
@@ -805,7 +856,9 @@ async def measure(cluster: Cluster, sizes: Sizes) -> dict[str, Any]:
         _say("throughput, 3 workers x 2 slots ...")
         results["throughput_3x2"] = await burst(front, sizes.throughput_cells)
         _say(f"latency, {sizes.latency_samples} rounds, single and front alternated ...")
-        results["latency"] = await latency(single, front, sizes.latency_samples, cluster.place)
+        results["latency"] = await latency(
+            single, front, sizes.latency_samples, cluster.place, settle
+        )
         place = cluster.place
         names = list(cluster.workers)
         _say(f"class rush, {sizes.students} students over {sizes.rush_seconds:g} s ...")
@@ -852,9 +905,9 @@ def report(results: dict[str, Any], quick: bool, no_cluster: bool) -> list[str]:
     what = "a second single server of 6 slots (--no-cluster)" if no_cluster else "3 workers x 2"
     print(
         f"machine: {os.cpu_count()} cores; mode: {'quick' if quick else 'full'}; "
-        f"S3: {_moto_version()} (server mode); cluster: {what}\n"
+        f"S3: {results['s3_server']}; cluster: {what}\n"
     )
-    _print_table(*_latency_table(results["latency"]))
+    _print_table(*_latency_table(results["latency"], results["s3_server"]))
     _print_table(*_throughput_table(results["throughput_1x2"], results["throughput_3x2"], wrong))
     _print_table(*_kill_table(results["kill"], wrong))
     _print_table(*_rush_table(results["rush"], wrong))
@@ -872,20 +925,26 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
     print()
 
 
-def _latency_table(figure: dict[str, Any]) -> Table:
-    header = [f"latency ({figure['samples']} rounds, alternated)", "single (2 slots)", "front"]
-    header += ["difference", "target"]
-    hop, ratio = figure["engine_hop"], figure["carried_ratio"]
+def _latency_table(figure: dict[str, Any], s3_server: str) -> Table:
+    rounds = f"{figure['samples']} rounds alternated, in {figure['blocks']} blocks of each kind"
+    if figure["settle"]:
+        rounds += f", {figure['settle'] * 1000:g} ms apart"
+    header = [f"latency ({rounds})", "single (2 slots)", "front", "difference", "target"]
     rows = []
-    for kind, label, difference, target in (
-        ("trivial", "trivial `true`, not saved", f"{hop * 1000:+.1f} ms (engine hop)", "<= +5 ms"),
-        ("carried", "carried `echo x >> f`, saved", f"{ratio:.2f}x", "<= 2x"),
+    for kind, label, target in (
+        ("trivial", "trivial `true`, not saved", "<= +5 ms"),
+        ("carried", "carried `echo x >> f`, saved", "<= 2x"),
     ):
-        verdict = met(hop <= 0.005 if kind == "trivial" else ratio <= 2)
-        single, front = figure[f"{kind}_single_median"], figure[f"{kind}_front_median"]
-        rows.append([f"{label}: median", ms(single), ms(front), difference, f"{target}: {verdict}"])
-        single, front = figure[f"{kind}_single_p90"], figure[f"{kind}_front_p90"]
-        rows.append([f"{label}: p90", ms(single), ms(front), "", ""])
+        for stat, suffix in (("median", ""), ("p90", "_p90")):
+            if kind == "trivial":
+                hop = figure[f"engine_hop{suffix}"]
+                difference, ok = f"{hop * 1000:+.1f} ms (engine hop)", hop <= 0.005
+            else:
+                ratio = figure[f"carried_ratio{suffix}"]
+                difference, ok = f"{ratio:.2f}x", ratio <= 2
+            single, front = figure[f"{kind}_single_{stat}"], figure[f"{kind}_front_{stat}"]
+            verdict = f"{target}: {met(ok)}" if stat == "median" else ""
+            rows.append([f"{label}: {stat}", ms(single), ms(front), difference, verdict])
     storage = f"{figure['storage_extra'] * 1000:+.1f} ms (storage)"
     saves = [ms(figure["save_single"]), ms(figure["save_front"])]
     rows.append(["the save (carried - trivial), medians", *saves, storage, ""])
@@ -896,13 +955,25 @@ def _latency_table(figure: dict[str, Any]) -> Table:
         rows[-1] += [f"{(task_carried - task_trivial) * 1000:+.1f} ms (save on the worker)", ""]
         outside = figure["trivial_front_median"] - task_trivial
         rows.append(["front trivial minus its task time (HTTP, engine)", "", ms(outside), "", ""])
-    for kind, counts in figure["s3_requests_per_front_cell"].items():
-        requests = ", ".join(f"{count:.2g} {what}" for what, count in counts.items()) or "none"
-        rows.append([f"S3 requests per front {kind} cell", "", requests, "", ""])
-    if "s3_put_median" in figure:
-        put = ms(figure["s3_put_median"])
-        rows.append(["one 100 B PUT to moto from the bench (boto3), median", "", put, "", ""])
+    if "s3_put_median" in figure:  # a cluster ran
+        rows += _s3_rows(figure, s3_server)
     return header, rows
+
+
+def _s3_rows(figure: dict[str, Any], s3_server: str) -> list[list[str]]:
+    """The S3 requests of a front's cell (n/a when the server's log does not show them), and
+    one PUT's time."""
+    counted = figure["s3_requests_per_front_cell"]
+    rows = []
+    for kind in ("trivial", "carried"):
+        requests = "n/a (the S3 server's log shows no requests)"
+        if counted is not None:
+            found = counted.get(kind, {})
+            requests = ", ".join(f"{count:.2g} {what}" for what, count in found.items()) or "none"
+        rows.append([f"S3 requests per front {kind} cell", "", requests, "", ""])
+    put = ms(figure["s3_put_median"])
+    rows.append([f"one 100 B PUT to {s3_server} from the bench (boto3), median", "", put, "", ""])
+    return rows
 
 
 def _throughput_table(small: dict[str, Any], large: dict[str, Any], wrong: list[str]) -> Table:
@@ -1029,15 +1100,6 @@ def _gap(gaps: dict[str, float]) -> str:
     return f"{gaps[name]:.2f} s ({name})"
 
 
-def _moto_version() -> str:
-    try:
-        import moto
-
-        return f"moto {moto.__version__}"
-    except ImportError:
-        return "moto (not installed)"
-
-
 # -- main ------------------------------------------------------------------------------------------
 
 
@@ -1071,15 +1133,30 @@ def main() -> int:
         "--no-cluster", action="store_true", help="drivers against single servers only"
     )
     parser.add_argument("--logs", type=Path, metavar="DIR", help="keep the processes' logs in DIR")
+    parser.add_argument(
+        "--s3",
+        choices=procs.S3_SERVERS,
+        default="moto",
+        help="the S3 server: moto_server (default, CI's) or s3rver from npm (faster per object)",
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=SETTLE_SECONDS * 1000,
+        metavar="MS",
+        help=f"pause before each latency request (default {SETTLE_SECONDS * 1000:g} ms)",
+    )
     args = parser.parse_args()
     sizes = Sizes.of(args.quick)
     _stop_on_signals()
-    place = procs.Place()
+    place = procs.Place(args.s3)
     results: dict[str, Any] | None = None
     try:
         _say(f"starting the processes in {place.root} ...")
         cluster = start_cluster(place, args.no_cluster)
-        results = asyncio.run(measure(cluster, sizes))
+        results = asyncio.run(measure(cluster, sizes, args.settle / 1000))
+        results["s3"] = "none" if args.no_cluster else args.s3
+        results["s3_server"] = "none (--no-cluster)" if args.no_cluster else place.s3_label
     except (procs.Missing, procs.StartFailed, BenchError) as error:
         print(f"bench_cluster: {error}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ workers' heartbeats, ``environments/`` and ``files/`` from the bucket's manifest
 from __future__ import annotations
 
 import asyncio
+import codecs
 import collections
 import concurrent.futures
 import contextlib
@@ -90,6 +91,16 @@ LIVENESS_POLL: Final = 0.25
 #: ``XREAD BLOCK`` on the inbox, in ms, and events taken per read.
 INBOX_BLOCK_MS: Final = 1000
 INBOX_BATCH: Final = 512
+#: A claimed run's answer is awaited at most ``--queue-wait`` + ``--execute-timeout`` + this
+#: (unpacking, saving): past it, the request fails 502 whatever happened to its events.
+ANSWER_MARGIN: Final = 30.0
+#: A front's inbox expires this long after the front stopped refreshing it (a killed front's
+#: inbox goes away), refreshed every :data:`INBOX_REFRESH` by the liveness watcher.
+INBOX_TTL_S: Final = 3600
+INBOX_REFRESH: Final = 60.0
+#: ``socket_timeout`` of the front's Redis client: above the inbox's blocking read.
+FRONT_SOCKET_TIMEOUT: Final = INBOX_BLOCK_MS / 1000 + 5
+FRONT_HEALTH_CHECK: Final = 15
 #: A pause before reading the inbox again after Redis failed (the client reconnects then).
 REDIS_RETRY_PAUSE: Final = 0.2
 #: stdin a streamed run may relay in all (the worker's run refuses more than 1 MiB waiting
@@ -97,6 +108,9 @@ REDIS_RETRY_PAUSE: Final = 0.2
 #: what one client can put there), and the size of one relayed piece.
 RELAY_STDIN_MAX: Final = 16 * MAX_STDIN_WAITING
 RELAY_PIECE: Final = 64 * 1024
+#: Control entries a streamed run may have waiting for Redis (stdin pieces, merged up to
+#: :data:`RELAY_PIECE` each): a flood of tiny frames is refused 413 beyond.
+RELAY_QUEUE_MAX: Final = 256
 #: Manifests kept parsed in memory (they are immutable; expiry is checked at each use).
 MANIFEST_CACHE: Final = 256
 #: Environment archives kept on the front's disk for ``environments/``.
@@ -156,6 +170,10 @@ class _Job:
     relay: RelayControl | None = None
     #: In ``sk:waiting`` (ZADD done): from then on the watcher looks after it.
     queued: bool = False
+    #: The run got its answer or its failure (a 502 included): the watcher leaves it alone.
+    #: Unlike ``queued``, it says nothing of whether the job must still be given up or
+    #: cancelled: the cleanup always tries both.
+    answered: bool = False
     #: The worker that claimed it.
     worker: str | None = None
     #: What the front last told about the queue.
@@ -166,8 +184,27 @@ class _Job:
     #: :meth:`ClusterExecutor._rescue_unclaimed`), and when it was last published.
     message: str | None = None
     published: float = 0.0
+    #: The task handing the client's stdin, eof and stop to the worker (a streamed run only),
+    #: started once by :meth:`attach`, cancelled when ``execute`` ends.
+    forwarder: asyncio.Task[None] | None = None
+    #: When the owner was first seen not beating (``loop.time()``): failed at the next poll
+    #: only if no final came meanwhile (a worker's clean shutdown deletes its key just after
+    #: sending the last finals).
+    silent_since: float | None = None
+
+    def attach(self, worker: str, client: redis.asyncio.Redis) -> None:
+        """``worker`` claimed the job: remember it, and start relaying the client's controls
+        to it. Every place that learns the owner calls this (the ``claimed`` event, the
+        watcher, a lost give-up), so whichever comes first starts the forwarder, once."""
+        if self.worker is None:
+            self.worker = worker
+        if self.relay is not None and self.forwarder is None:
+            self.forwarder = asyncio.get_running_loop().create_task(
+                self.relay.forward(client, self, self.worker), name=f"forward-{self.id}"
+            )
 
     def fail(self, why: str) -> None:
+        self.answered = True
         self.events.put_nowait(ClusterLost(why))
 
 
@@ -186,18 +223,28 @@ class RelayControl:
     """A streamed run's controls on a front (:class:`~..live.LiveControl`): the client's
     stdin, end of file and stop go to the control stream of the worker that claimed the job,
     held in order until the claim arrives; the worker's ``stream`` and ``stdin`` events come
-    back through ``send`` as the single server's frames."""
+    back through ``send`` as the single server's frames.
+
+    A client can send frames much faster than Redis takes them, so what waits is bounded:
+    consecutive stdin pieces are merged up to :data:`RELAY_PIECE` bytes, end of file and
+    stop are sent once each, and at most :data:`RELAY_QUEUE_MAX` entries wait (413 beyond).
+    """
 
     def __init__(self, send: Callable[[dict[str, Any]], None]) -> None:
         self.send = send
         self.hooks: RunHooks = _RelayHooks(
             on_output=self._on_output, on_command=_no_command, relay=self
         )
-        #: Controls to send: kind, data, and the stdin bytes they carry.
-        self.outgoing: asyncio.Queue[tuple[str, dict[str, Any], int]] = asyncio.Queue()
+        #: Controls to send, in order: kind, data, and the stdin bytes they carry.
+        self.outgoing: collections.deque[tuple[str, dict[str, Any], int]] = collections.deque()
+        self._ready = asyncio.Event()
         #: stdin bytes not yet handed to Redis, and relayed in all.
         self.held = 0
         self.relayed = 0
+        #: Bytes of a UTF-8 sequence cut by the end of a piece wait here for the rest.
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._eof_sent = False
+        self._stop_sent = False
 
     def _on_output(self, stream: str, chunk: str) -> None:
         self.send({"stream": stream, "text": chunk})
@@ -215,32 +262,99 @@ class RelayControl:
                 "through the cluster's front: the run was stopped. Give large inputs as files "
                 "in the environment archive instead.",
             )
+        pieces = split_utf8(self._decoder.decode(data), RELAY_PIECE)
+        if self._entries_after(pieces) > RELAY_QUEUE_MAX:
+            return (
+                413,
+                f"More than {RELAY_QUEUE_MAX} stdin messages waited to be relayed to this "
+                "run's worker: the run was stopped. Send input in fewer, larger pieces, or "
+                "when the run asks for it.",
+            )
         self.held += len(data)
         self.relayed += len(data)
-        for start in range(0, len(data), RELAY_PIECE):
-            piece = data[start : start + RELAY_PIECE]
-            text_ = piece.decode("utf-8", "replace")
-            self.outgoing.put_nowait(("stdin", {"text": text_}, len(piece)))
+        for piece in pieces:
+            self._put_stdin(piece)
         return None
 
+    def _entries_after(self, pieces: list[str]) -> int:
+        """How many entries would wait once ``pieces`` are added (the first may merge)."""
+        if not pieces:
+            return len(self.outgoing)
+        merges = self._mergeable(pieces[0])
+        return len(self.outgoing) + len(pieces) - (1 if merges else 0)
+
+    def _mergeable(self, piece: str) -> bool:
+        if not self.outgoing or self.outgoing[-1][0] != "stdin":
+            return False
+        last = self.outgoing[-1][1]["text"]
+        return len(last.encode()) + len(piece.encode()) <= RELAY_PIECE
+
+    def _put_stdin(self, piece: str) -> None:
+        size = len(piece.encode())
+        if self._mergeable(piece):
+            _, data, held = self.outgoing.pop()
+            self.outgoing.append(("stdin", {"text": data["text"] + piece}, held + size))
+        else:
+            self.outgoing.append(("stdin", {"text": piece}, size))
+        self._ready.set()
+
     def end_stdin(self) -> None:
-        self.outgoing.put_nowait(("eof", {}, 0))
+        if self._eof_sent:
+            return
+        self._eof_sent = True
+        rest = self._decoder.decode(b"", final=True)  # a cut sequence: U+FFFD, as one server
+        if rest:
+            self._put_stdin(rest)
+        self.outgoing.append(("eof", {}, 0))
+        self._ready.set()
 
     def stop(self) -> None:
-        self.outgoing.put_nowait(("stop", {}, 0))
+        if self._stop_sent:
+            return
+        self._stop_sent = True
+        self.outgoing.append(("stop", {}, 0))
+        self._ready.set()
 
     async def watch(self) -> None:
         """The worker's run watches its stdin; its ``stdin`` events arrive with the others."""
         await asyncio.Event().wait()
 
-    async def forward(self, client: redis.asyncio.Redis, job: str, worker: str) -> None:
-        """Hand the held and future controls to ``worker``, in order (until cancelled)."""
+    async def _next(self) -> tuple[str, dict[str, Any], int]:
+        while not self.outgoing:
+            self._ready.clear()
+            await self._ready.wait()
+        return self.outgoing.popleft()
+
+    async def forward(self, client: redis.asyncio.Redis, job: _Job, worker: str) -> None:
+        """Hand the held and future controls to ``worker``, in order (until cancelled). A
+        control Redis refuses cannot reach the run: the job fails (502, it may have run)."""
         stream = keys.control_key(worker)
         while True:
-            kind, data, size = await self.outgoing.get()
-            fields = jobs.encode_event(jobs.Event(job, kind, data), control=True)
-            await client.xadd(stream, fields, maxlen=keys.CONTROL_MAXLEN, approximate=True)  # type: ignore[arg-type]
+            kind, data, size = await self._next()
+            fields = jobs.encode_event(jobs.Event(job.id, kind, data), control=True)
+            try:
+                await client.xadd(stream, fields, maxlen=keys.CONTROL_MAXLEN, approximate=True)  # type: ignore[arg-type]
+            except redis.exceptions.RedisError as error:
+                log.warning("job %s: could not relay %s to %s: %s", job.id, kind, worker, error)
+                if not job.answered:
+                    job.fail(f"Redis failed while relaying the client's {kind}: {error}")
+                return
             self.held -= size
+
+
+def split_utf8(text_: str, limit: int) -> list[str]:
+    """``text_`` in pieces of at most ``limit`` bytes of UTF-8 each, cut between characters
+    (a piece never ends inside a character's byte sequence)."""
+    pieces: list[str] = []
+    encoded = text_.encode("utf-8", "surrogatepass")
+    start = 0
+    while start < len(encoded):
+        end = min(start + limit, len(encoded))
+        while end < len(encoded) and end > start and (encoded[end] & 0xC0) == 0x80:
+            end -= 1  # a continuation byte: the character began before the cut
+        pieces.append(encoded[start:end].decode("utf-8", "surrogatepass"))
+        start = end
+    return pieces
 
 
 class ClusterExecutor:
@@ -278,6 +392,8 @@ class ClusterExecutor:
         #: The live workers the watcher saw last (a worker gone from it may have died
         #: holding unclaimed jobs).
         self._workers_seen: set[str] = set()
+        self._free_slots = 0
+        self._rescuing: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         last = await self._inbox_end()
@@ -289,6 +405,8 @@ class ClusterExecutor:
         ]
 
     async def close(self) -> None:
+        if self._rescuing is not None:
+            self._tasks.append(self._rescuing)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -315,28 +433,26 @@ class ClusterExecutor:
         self.jobs[job.id] = job
         self.busy = len(self.jobs)
         finished = False
-        forwarder: asyncio.Task[None] | None = None
         try:
             message = job.message = await self._prepare(
                 job, config, upload, streamed=hooks is not None
             )
             queue = await self._enqueue(job, config, message)
-            answer, forwarder = await self._await_answer(job, message, queue, hooks)
+            answer = await self._await_answer(job, message, queue, hooks)
             finished = True
             return answer
-        except ClusterRefusal as refused:
-            finished = not isinstance(refused, ClusterLost)
-            if isinstance(refused, ClusterLost):
-                log.warning("job %s answered 502: %s", job.id, refused.why)
+        except ClusterLost as lost:
+            log.warning("job %s answered 502: %s", job.id, lost.why)
             raise
-        except (Overloaded, UnpackFailed, EnvironmentNotFound, StorageFull):
+        except (ClusterRefusal, Overloaded, UnpackFailed, EnvironmentNotFound, StorageFull):
             finished = True
             raise
         finally:
+            job.answered = True
             self.jobs.pop(job.id, None)
             self.busy = len(self.jobs)
-            if forwarder is not None:
-                forwarder.cancel()
+            if job.forwarder is not None:
+                job.forwarder.cancel()
             cleanup = asyncio.get_running_loop().create_task(self._cleanup(job, finished))
             self._cleanups.add(cleanup)
             cleanup.add_done_callback(self._cleanups.discard)
@@ -387,29 +503,33 @@ class ClusterExecutor:
             self.store.put_upload(job, body, size)
 
     async def _enqueue(self, job: _Job, config: Mapping[str, Any], message: str) -> str:
-        """Queue the job and publish it; the queue it went to. Nothing can have run if this
-        fails: answered 503 (a retry is right)."""
+        """Queue the job and publish it; the queue it went to. A failure before the publish
+        answers 503 (nothing can run a message never sent); one of the publish itself, 503
+        if the front's give-up wins, else 502."""
+        publishing = False
         try:
+            job.queued = True  # before the ZADD: if its answer is lost, the cleanup ZREMs
             await self.client.zadd(keys.WAITING, {job.id: int(time.time() * 1000)})
-            job.queued = True
             queue = await self._route(config.get("environment"))
+            publishing = True
             await self._publish(message, queue)
             job.published = asyncio.get_running_loop().time()
         except Exception as error:
             if isinstance(error, asyncio.CancelledError):
                 raise
             log.warning("could not queue job %s: %s: %s", job.id, type(error).__name__, error)
-            await self._unqueue(job)
+            await self._unqueue(job, publishing)
             raise
         return queue
 
-    async def _unqueue(self, job: _Job) -> None:
-        """After a failed publish: a 503 if the front can prove nothing runs, else 502."""
+    async def _unqueue(self, job: _Job, publishing: bool) -> None:
+        """After a failed queueing: a 503 if the front can prove nothing runs, else 502."""
+        if not publishing:
+            raise Overloaded()  # the message never left: the cleanup takes the ZADD back
         try:
-            won = not job.queued or await keys.give_up_async(self.client, job.id)
+            won = await keys.give_up_async(self.client, job.id)
         except redis.exceptions.RedisError:
             won = False
-        job.queued = False
         if won:
             raise Overloaded()
         raise ClusterLost("the job could not be published, and Redis cannot be asked")
@@ -441,18 +561,22 @@ class ClusterExecutor:
 
     async def _await_answer(
         self, job: _Job, message: str, queue: str, hooks: RunHooks | None
-    ) -> tuple[dict[str, Any], asyncio.Task[None] | None]:
+    ) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self.settings.queue_wait
         copy_at = loop.time() + AFFINITY_WAIT if queue != keys.SHARED_QUEUE else None
-        forwarder: asyncio.Task[None] | None = None
+        # However the claim's worker or its events went missing, the request ends by then.
+        budget = self.settings.queue_wait + self.settings.execute_timeout + ANSWER_MARGIN
+        lost_at = loop.time() + budget
         while True:
-            timeout = None
-            if job.worker is None:
-                timeout = max(0.0, min(give_up_at, copy_at or give_up_at) - loop.time())
+            wake = lost_at if job.worker is not None else min(give_up_at, copy_at or give_up_at)
             try:
-                item = await asyncio.wait_for(job.events.get(), timeout)
+                item = await asyncio.wait_for(job.events.get(), max(0.0, wake - loop.time()))
             except asyncio.TimeoutError:
+                if job.worker is not None:
+                    raise ClusterLost(
+                        f"no answer from worker {job.worker} for job {job.id} within {budget:g} s"
+                    ) from None
                 if copy_at is not None:
                     copy_at = None
                     await self._publish_copy(job, message)
@@ -460,20 +584,12 @@ class ClusterExecutor:
                     await self._give_up(job)
                 continue
             if isinstance(item, BaseException):
-                if forwarder is not None:
-                    forwarder.cancel()
                 raise item
-            if item.kind == "claimed" and job.worker is None:
-                job.worker = item.data["worker"]
-                if job.relay is not None:
-                    forwarder = loop.create_task(
-                        job.relay.forward(self.client, job.id, item.data["worker"])
-                    )
+            if item.kind == "claimed":
+                job.attach(item.data["worker"], self.client)
             elif item.kind == "final":
-                return item.data, forwarder
+                return item.data
             elif item.kind == "error":
-                if forwarder is not None:
-                    forwarder.cancel()
                 raise worker_refusal(item.data["status"], item.data["text"])
             else:
                 self._relay(job, hooks, item)
@@ -509,15 +625,15 @@ class ClusterExecutor:
             raise Overloaded()
         if owner is None or owner in keys.FRONT_OWNERS:
             raise ClusterLost(f"the claim of job {job.id} is gone")
-        job.worker = job.worker or owner  # claimed just now: its event is on the way
+        job.attach(owner, self.client)  # claimed just now: its event is on the way
 
     async def _cleanup(self, job: _Job, finished: bool) -> None:
-        """After the run: a job nobody answered is claimed by the front (so no worker runs
-        it) or cancelled on its worker; its queue entry and upload go."""
+        """After the run: a job nobody answered (cancelled, or 502) is claimed by the front
+        (so no worker runs it) or cancelled on its worker; its queue entry and upload go."""
         try:
-            if not finished and job.queued:
-                await self._cancel(job)
             if job.queued:
+                if not finished:
+                    await self._cancel(job)
                 await self.client.zrem(keys.WAITING, job.id)
             if job.upload is not None and job.upload.place == "redis":
                 await self.client.delete(keys.upload_key(job.id))
@@ -530,11 +646,11 @@ class ClusterExecutor:
                 log.warning("could not delete the upload of job %s: %s", job.id, error)
 
     async def _cancel(self, job: _Job) -> None:
-        worker = job.worker
-        if worker is None:
-            if await keys.give_up_async(self.client, job.id, keys.OWNER_CANCELLED):
-                return
-            worker = await self.liveness.owner(job.id)
+        """The front claims the job (no worker will start it), else tells its owner to kill
+        the run (a dead owner's control stream is read by nobody: harmless)."""
+        if await keys.give_up_async(self.client, job.id, keys.OWNER_CANCELLED):
+            return
+        worker = await self.liveness.owner(job.id) or job.worker
         if worker is None or worker in keys.FRONT_OWNERS:
             return
         fields = jobs.encode_event(jobs.Event(job.id, "cancel", {}), control=True)
@@ -554,7 +670,9 @@ class ClusterExecutor:
         return _text(last[0][0]) if last else "0-0"
 
     async def _read_inbox(self, last: str) -> None:
-        """The one reader of this front's inbox: each event to its run's queue."""
+        """The one reader of this front's inbox: each event to its run's queue; what was
+        read is trimmed away. Nothing but a cancel stops it: an error fails the runs that
+        may have lost their events, is logged, and the reading goes on."""
         while True:
             try:
                 answer: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] = cast(
@@ -563,72 +681,116 @@ class ClusterExecutor:
                         {self.inbox: last}, count=INBOX_BATCH, block=INBOX_BLOCK_MS
                     ),
                 )
-            except redis.exceptions.RedisError as error:
-                self._lose_all(f"Redis failed while reading the inbox: {error}")
+            except Exception as error:
+                self._lose_all(f"reading the inbox failed: {type(error).__name__}: {error}")
+                if not isinstance(error, redis.exceptions.RedisError):
+                    log.exception("the inbox reader of front %s failed", self.name)
                 await asyncio.sleep(REDIS_RETRY_PAUSE)
                 continue
             for _stream, entries in answer or []:
                 for entry_id, fields in entries:
                     last = _text(entry_id)
                     self._dispatch(fields)
+            if answer:
+                await self._trim_inbox(last)
+
+    async def _trim_inbox(self, last: str) -> None:
+        """Drop the inbox's entries before ``last``, all read (the last stays: ``XTRIM
+        MINID`` keeps it, and a worker's next ``XADD`` gets a greater id anyway)."""
+        try:
+            await self.client.xtrim(self.inbox, minid=last, approximate=False)
+        except redis.exceptions.RedisError as error:  # the next batch trims them
+            log.warning("could not trim the inbox %s: %s", self.inbox, error)
 
     def _dispatch(self, fields: Mapping[bytes, bytes]) -> None:
         try:
             event = jobs.decode_event(fields, max_bytes=self.max_event)
         except jobs.BadEvent as error:
+            job = self.jobs.get(_event_job(fields) or "")
             log.warning("ignoring an event on %s: %s", self.inbox, error)
+            if job is not None and not job.answered:  # its answer may be this very event
+                job.fail(f"an event of job {job.id} was refused: {error}")
+            return
+        except Exception as error:
+            log.exception("an event on %s could not be read: %s", self.inbox, error)
             return
         job = self.jobs.get(event.job)
-        if job is not None:
-            job.events.put_nowait(event)
+        if job is None:
+            return
+        if event.kind in ("final", "error"):
+            job.answered = True  # the watcher leaves it alone from now on
+        job.events.put_nowait(event)
 
     def _lose_all(self, why: str) -> None:
         """Redis failed: every queued run may have run, and its events may be lost."""
-        lost = [job for job in self.jobs.values() if job.queued]
+        lost = [job for job in self.jobs.values() if job.queued and not job.answered]
         if lost:
             log.warning("%s: %d runs answered 502", why, len(lost))
         for job in lost:
-            job.queued = False  # answered: the watcher leaves it alone
             job.fail(why)
 
     async def _watch_liveness(self) -> None:
         """Every :data:`LIVENESS_POLL`: a claimed job whose worker stopped beating, or a
-        queued job Redis no longer knows (restarted), is lost."""
+        queued job Redis no longer knows (restarted), is lost; the inbox's TTL is refreshed.
+        Nothing but a cancel stops it (an error is logged, its runs fail, it goes on)."""
+        refresh_at = 0.0
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(LIVENESS_POLL)
-            watched = [job for job in self.jobs.values() if job.queued]
-            if not watched:
-                continue
+            watched = [
+                job
+                for job in self.jobs.values()
+                if job.queued and job.published and not job.answered
+            ]
             try:
-                await self._check(watched)
-                await self._rescue_unclaimed(watched)
-            except redis.exceptions.RedisError as error:
-                self._lose_all(f"Redis failed while checking the workers: {error}")
+                if loop.time() >= refresh_at:
+                    await self.client.expire(self.inbox, INBOX_TTL_S)
+                    refresh_at = loop.time() + INBOX_REFRESH
+                if watched:
+                    await self._check(watched)
+                    self._rescue_unclaimed(await self._gone_workers(), watched)
+            except Exception as error:
+                if not isinstance(error, redis.exceptions.RedisError):
+                    log.exception("the liveness watcher of front %s failed", self.name)
+                self._lose_all(f"checking the workers failed: {type(error).__name__}: {error}")
 
-    async def _rescue_unclaimed(self, watched: list[_Job]) -> None:
+    async def _gone_workers(self) -> set[str]:
+        """The workers seen alive at the last poll that are gone now; and how many slots
+        are free (None when some worker went)."""
+        alive = await self.liveness.alive_workers(prune=False)
+        gone = self._workers_seen - set(alive)
+        self._workers_seen = set(alive)
+        self._free_slots = sum(max(0, state.slots - state.busy) for state in alive.values())
+        return gone
+
+    def _rescue_unclaimed(self, gone: set[str], watched: list[_Job]) -> None:
         """Queue again the unclaimed jobs the broker may have lost: when a worker is gone
         (the broker hands a message to a worker before the worker claims the job, and gives
         it back only after its visibility timeout, minutes later; a dead machine's blocked
         pop may even take a message with it), and when a job waited :data:`RESCUE_AFTER`
         while workers had free slots (one job per free slot, the oldest first). The claim
-        lets one copy run; under a full queue, where jobs wait by right, nothing is sent."""
-        alive = await self.liveness.alive_workers(prune=False)
-        gone = self._workers_seen - set(alive)
-        self._workers_seen = set(alive)
+        lets one copy run; under a full queue, where jobs wait by right, nothing is sent.
+        The copies go in a task of their own, so the watcher never waits for a publish."""
+        if self._rescuing is not None and not self._rescuing.done():
+            return  # the last rescue still publishes: its jobs would be sent twice
         now = asyncio.get_running_loop().time()
         unclaimed = sorted(
-            (job for job in watched if job.worker is None and job.queued and job.message),
+            (job for job in watched if job.worker is None and job.message),
             key=lambda job: job.published,
         )
         if not gone:
-            free = sum(max(0, state.slots - state.busy) for state in alive.values())
-            unclaimed = [job for job in unclaimed if now - job.published > RESCUE_AFTER][:free]
+            unclaimed = [job for job in unclaimed if now - job.published > RESCUE_AFTER]
+            unclaimed = unclaimed[: self._free_slots]
+        if not unclaimed:
+            return
+        why = f"worker {', '.join(sorted(gone))} is gone" if gone else "slots are free"
+        log.warning("%s: %d unclaimed jobs queued again", why, len(unclaimed))
+        self._rescuing = asyncio.get_running_loop().create_task(self._publish_copies(unclaimed))
+
+    async def _publish_copies(self, unclaimed: list[_Job]) -> None:
         for job in unclaimed:
-            assert job.message is not None
-            await self._publish_copy(job, job.message)
-        if unclaimed:
-            why = f"worker {', '.join(sorted(gone))} is gone" if gone else "slots are free"
-            log.warning("%s: %d unclaimed jobs queued again", why, len(unclaimed))
+            if job.message is not None and job.worker is None and not job.answered:
+                await self._publish_copy(job, job.message)
 
     async def _check(self, watched: list[_Job]) -> None:
         ids = [job.id for job in watched]
@@ -640,8 +802,7 @@ class ClusterExecutor:
         for job, score, claim in zip(watched, scores, claims, strict=True):
             if claim is not None:
                 owners[job.id] = _text(claim)
-            elif score is None:
-                job.queued = False
+            elif score is None and not job.answered:
                 job.fail(f"Redis lost job {job.id} (restarted?)")
         workers = sorted({w for w in owners.values() if w not in keys.FRONT_OWNERS})
         if not workers:
@@ -652,13 +813,17 @@ class ClusterExecutor:
         beating = dict(zip(workers, map(bool, await pipe.execute()), strict=True))
         for job in watched:
             owner = owners.get(job.id)
-            if owner is None or owner in keys.FRONT_OWNERS or not job.queued:
+            if owner is None or owner in keys.FRONT_OWNERS or job.answered:
                 continue
-            if not beating.get(owner, False):
-                job.queued = False
+            if beating.get(owner, False):
+                job.silent_since = None
+                job.attach(owner, self.client)  # its claimed event may be late
+            elif job.silent_since is None:
+                # A worker shutting down cleanly deletes its key right after its last
+                # finals: give them one more poll to arrive.
+                job.silent_since = asyncio.get_running_loop().time()
+            else:
                 job.fail(f"worker {owner} of job {job.id} stopped beating")
-            elif job.worker is None:
-                job.worker = owner  # its claimed event may be late: watch it anyway
 
     async def _read_queue(self) -> None:
         """Every :data:`QUEUE_POLL`: each waiting run's place, to the clients that asked."""
@@ -701,6 +866,17 @@ def _read_and_hash(path: Path, inline_max: int) -> tuple[bytes | None, str]:
 
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _event_job(fields: Mapping[bytes, bytes]) -> str | None:
+    """The job an inbox entry names, if it names a valid one (even if the rest is refused)."""
+    raw = fields.get(b"job")
+    if raw is None:
+        return None
+    try:
+        return keys.job_id(_text(raw))
+    except ValueError:
+        return None
 
 
 # -- the cluster's GET endpoints ------------------------------------------------------------------
@@ -848,7 +1024,7 @@ class FrontApp(ProtocolApp):
                 data = await asyncio.to_thread(self.cluster.store.get_manifest, uuid)
                 if data is None:
                     return None
-                manifest = Manifest.parse(data, self.limits, uuid=uuid)
+                manifest = await asyncio.to_thread(Manifest.parse, data, self.limits, uuid=uuid)
             except ManifestError as error:
                 log.warning("the manifest of %s in the bucket is refused: %s", uuid, error)
                 return None
@@ -1000,8 +1176,8 @@ def _bucket_failed(error: ObjectStoreError) -> web.Response:
     if error.kind == "corrupt":
         log.error("%s", error)
         return text(500, "The environment's stored content is damaged; see the front's log.")
-    log.warning("the bucket failed: %s", error)
-    return text(502, f"The cluster's storage failed: {error}. Retry in a few seconds.")
+    log.warning("the bucket failed: %s", error)  # endpoint, bucket and key: for the log only
+    return text(502, "The cluster's storage failed; retry in a few seconds. See the front's log.")
 
 
 # -- the cluster id and the assembly --------------------------------------------------------------
@@ -1034,11 +1210,13 @@ async def cluster_id(client: redis.asyncio.Redis, store: ObjectStore) -> str:
 
 
 def front_name(settings: ServerSettings) -> str:
-    """``--name``, else ``<hostname>-<pid>`` cut to a valid name."""
+    """``--name``, else ``<hostname>-<pid>-<random>`` cut to a valid name: two fronts (in
+    two containers, where pids repeat) never share an inbox."""
     if settings.name:
         return keys.name(settings.name)
     host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())
-    return keys.name(f"{host.strip('.-_') or 'front'}"[:80] + f"-{os.getpid()}")
+    suffix = f"-{os.getpid()}-{os.urandom(3).hex()}"
+    return keys.name(f"{host.strip('.-_') or 'front'}"[:80] + suffix)
 
 
 @contextlib.asynccontextmanager
@@ -1051,7 +1229,9 @@ async def assembled_front(settings: ServerSettings) -> AsyncIterator[Served]:
     target = parse_redis_url(settings.cluster)
     name = front_name(settings)
     async with contextlib.AsyncExitStack() as cleanup:
-        client = target.async_client()
+        client = target.async_client(  # a hung Redis fails a read instead of hanging it
+            socket_timeout=FRONT_SOCKET_TIMEOUT, health_check_interval=FRONT_HEALTH_CHECK
+        )
         cleanup.push_async_callback(client.aclose)
         await check_async(target, client)
         store = ObjectStore.from_url(settings.storage, endpoint=settings.s3_endpoint)
