@@ -373,3 +373,39 @@ def test_a_killed_front_loses_only_its_requests_and_the_next_front_serves_the_se
     after = saved(spare, ["echo 3 >> log"], environment)
     assert spare.get(f"files/{after}/log/").content == b"1\n3\n"
     assert spare.get("specifications/").json()["cluster"] == {"workers": 2, "slots": 4}
+
+
+# -- uploads waiting in the queue -----------------------------------------------------------------
+
+
+def test_an_upload_waiting_in_the_queue_holds_no_staging_place_on_the_front(
+    processes: Processes, cluster_place: ClusterPlace
+) -> None:
+    """A front stages an upload only until it is stored for the worker (Redis or the bucket):
+    a request waiting in the queue keeps no file and no staging place on the front, so
+    uploads waiting for busy workers cannot fill the front's disk or shut others out."""
+    import io
+    import tarfile
+
+    processes.start_worker("only", workers=1)
+    front = processes.start_front()
+    staging = next((processes.root / "front-1").glob("front-*")) / "staging"
+    busy = in_background(lambda: front.post_execute({"commands": ["sleep 4"]}))
+    client = cluster_place.redis_client()
+    assert wait_until(lambda: json.loads(client.get("sk:worker:only") or "{}").get("busy") == 1)
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        data = b"from the upload\n"
+        member = tarfile.TarInfo("given.txt")
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+    waiting = in_background(
+        lambda: front.post_execute({"commands": ["cat given.txt"]}, archive.getvalue())
+    )
+    assert wait_until(lambda: client.zcard(keys.WAITING) >= 1)
+    assert wait_until(lambda: list(staging.iterdir()) == []), list(staging.iterdir())
+    assert not waiting.done()  # still in the queue behind the sleep
+    answer = waiting.result(timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["execution"][0]["stdout"] == "from the upload"
+    assert busy.result(timeout=60).status_code == 200

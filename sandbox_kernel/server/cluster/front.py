@@ -46,7 +46,7 @@ import tarfile
 import tempfile
 import time
 import uuid as uuid_module
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -62,6 +62,7 @@ from ..live import MAX_STDIN_WAITING, Refusal, RunHooks, stdin_flood
 from ..storage import StorageFull
 from ..sysinfo import EXTENSIONS, UsageSampler, specifications
 from ..unpacker import UnpackFailed
+from ..uploads import StagingPlaces, Upload
 from . import engine, jobs, keys
 from .liveness import Liveness, WorkerState
 from .manifests import File, Folder, HardLink, Limits, Manifest, ManifestError, Symlink
@@ -113,6 +114,9 @@ RELAY_PIECE: Final = 64 * 1024
 RELAY_QUEUE_MAX: Final = 256
 #: Manifests kept parsed in memory (they are immutable; expiry is checked at each use).
 MANIFEST_CACHE: Final = 256
+#: ... and at most this many entries in all (a manifest of 100,000 entries takes about 30 MB
+#: parsed): a cache bounded by count alone could hold gigabytes.
+MANIFEST_CACHE_ENTRIES: Final = 500_000
 #: Environment archives kept on the front's disk for ``environments/``.
 ARCHIVE_CACHE: Final = 8
 #: The live workers' view is reused this long by ``specifications/`` and ``usages/``.
@@ -385,6 +389,9 @@ class ClusterExecutor:
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="publish")
         self._tasks: list[asyncio.Task[None]] = []
         self._cleanups: set[asyncio.Task[None]] = set()
+        #: Called with a request's staged archive once it is stored for the worker: the
+        #: front's staging place and disk are given back before the run waits in the queue.
+        self.on_stored: Callable[[Path], Awaitable[None]] | None = None
         #: Fallback copies sent to the shared queue (for logs and tests).
         self.copies = 0
         #: Runs this front waits for (``usages/`` shows the whole cluster's count).
@@ -466,6 +473,8 @@ class ClusterExecutor:
         """The job message, its upload stored where the worker will find it."""
         if upload is not None:
             job.upload = await self._store_upload(job.id, upload)
+            if self.on_stored is not None:  # the worker reads it from Redis or the bucket now
+                await self.on_stored(upload)
         spec = jobs.JobSpec(
             job=job.id,
             front=self.name,
@@ -915,6 +924,20 @@ def weakest_isolation(states: list[WorkerState]) -> dict[str, Any] | None:
     return weakest
 
 
+class _StagedUpload(Upload):
+    """An upload a front tracks by its archive's path, so that the executor can give its
+    staging place back once the archive is stored for the worker (:meth:`FrontApp.stored`)."""
+
+    def __init__(self, places: StagingPlaces, staging: Path, registry: dict[Path, Upload]) -> None:
+        super().__init__(places, staging)
+        self.registry = registry
+        registry[staging / "upload.tgz"] = self
+
+    async def discard(self) -> None:
+        self.registry.pop(self.staging / "upload.tgz", None)
+        await super().discard()
+
+
 class FrontApp(ProtocolApp):
     """A front's HTTP application: :class:`ProtocolApp` with the cluster's GET endpoints."""
 
@@ -933,11 +956,27 @@ class FrontApp(ProtocolApp):
         self.sampler = sampler
         self.cache = cache
         self.staging_places.limit = max(self.staging_places.limit, MIN_STAGING_PLACES)
+        #: The staged uploads of requests in progress, by archive path (see :meth:`stored`).
+        self._staged: dict[Path, Upload] = {}
+        executor.on_stored = self.stored
         self.limits = Limits(entries=settings.workdir_inodes, bytes=settings.workdir_quota)
         self._manifests: collections.OrderedDict[str, Manifest] = collections.OrderedDict()
+        self._cached_entries = 0
         self._view: tuple[float, list[WorkerState]] = (0.0, [])
         self._libraries: asyncio.Task[dict[str, Any]] | None = None
         self._archives: dict[str, asyncio.Task[Path | None]] = {}
+
+    def new_upload(self) -> Upload:
+        staged = super().new_upload()
+        return _StagedUpload(staged.places, staged.staging, self._staged)
+
+    async def stored(self, archive: Path) -> None:
+        """A request's archive went to Redis or the bucket: its staging place and file are
+        given back at once, not after the queue wait and the run (a front stages uploads
+        while they wait in the queue, not while they run)."""
+        upload = self._staged.pop(archive, None)
+        if upload is not None:
+            await upload.discard()
 
     # -- specifications/ and usages/ ---------------------------------------------------------------
 
@@ -1029,8 +1068,13 @@ class FrontApp(ProtocolApp):
                 log.warning("the manifest of %s in the bucket is refused: %s", uuid, error)
                 return None
             self._manifests[uuid] = manifest
-            while len(self._manifests) > MANIFEST_CACHE:
-                self._manifests.popitem(last=False)
+            self._cached_entries += len(manifest.entries)
+            while len(self._manifests) > 1 and (
+                len(self._manifests) > MANIFEST_CACHE
+                or self._cached_entries > MANIFEST_CACHE_ENTRIES
+            ):
+                _, dropped = self._manifests.popitem(last=False)
+                self._cached_entries -= len(dropped.entries)
         self._manifests.move_to_end(uuid)
         return None if manifest.expired() else manifest
 
@@ -1127,7 +1171,7 @@ def file_entry(manifest: Manifest, path: str) -> File | None:
     parts = [part for part in path.split("/") if part not in ("", ".")]
     if path.startswith("/") or not parts or ".." in parts or "\0" in path:
         return None
-    entries = {entry.path: entry for entry in manifest.entries}
+    entries = manifest.by_path
     for depth in range(1, len(parts)):
         if not isinstance(entries.get("/".join(parts[:depth])), Folder):
             return None

@@ -153,6 +153,11 @@ class Manifest:
     def digests(self) -> set[str]:
         return {entry.digest for entry in self.entries if isinstance(entry, File)}
 
+    @functools.cached_property
+    def by_path(self) -> dict[str, Entry]:
+        """Every entry by its path, made once (a front looks files up in cached manifests)."""
+        return {entry.path: entry for entry in self.entries}
+
     def expired(self, now: float | None = None) -> bool:
         """Past its ``expire``: every reader treats it as absent (the server's rule)."""
         return self.expire <= (time.time() if now is None else now)
