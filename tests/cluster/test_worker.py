@@ -426,8 +426,12 @@ def test_cancel_kills_the_running_job(lone: tuple[FakeFront, Worker], stream: bo
         lambda: worker.log_text().count("cancelled by its front") == cancelled + 1, timeout=10
     )
     print(f"cancel to sandbox gone: {time.monotonic() - started:.2f} s")
-    state = json.loads(front.client.get(keys.worker_key("w1")))
-    assert state["busy"] == 0 and state["jobs"] == []
+
+    def idle() -> bool:  # the heartbeat thread writes the state every 0.25 s
+        state = json.loads(front.client.get(keys.worker_key("w1")) or "{}")
+        return bool(state.get("busy") == 0 and state.get("jobs") == [])
+
+    assert wait_until(idle)
     front.read(0.3)
     assert [event.kind for event in front.of(spec.job)] == ["claimed"]
     # The slot is free again.
