@@ -245,6 +245,29 @@ def test_stdin_waiting_for_the_claim_is_refused_413_past_its_bound(
     run(cluster_place, body)
 
 
+async def relayed_stdin(
+    executor: ClusterExecutor, worker: PlayedWorker, relay: Any
+) -> tuple[list[str], Callable[[], Awaitable[None]]]:
+    """Run ``cat`` with ``relay``'s stdin (already ended), claimed by the played worker: the
+    stdin texts that reached its control stream, and how to finish the run."""
+    run_ = asyncio.ensure_future(executor.execute({"commands": ["cat"]}, None, relay.hooks))
+    job = await worker.next_job()
+    await worker.claim(job)
+    await worker.send(jobs.claimed(job, WORKER))
+
+    async def arrived() -> bool:
+        return any(kind == "eof" for kind, _ in await worker.controls())
+
+    await wait_for(arrived, "the end of file on the control stream")
+    texts = [data["text"] for kind, data in await worker.controls() if kind == "stdin"]
+
+    async def finish() -> None:
+        await worker.send(jobs.final(job, {"status": 0, "execution": []}))
+        await run_
+
+    return texts, finish
+
+
 @pytest.mark.parametrize(
     "frames",
     [
@@ -259,21 +282,11 @@ def test_stdin_is_cut_between_characters(cluster_place: ClusterPlace, frames: li
         for frame in frames:
             assert relay.give_stdin(frame.encode()) is None
         relay.end_stdin()
-        run_ = asyncio.ensure_future(executor.execute({"commands": ["cat"]}, None, relay.hooks))
-        job = await worker.next_job()
-        await worker.claim(job)
-        await worker.send(jobs.claimed(job, WORKER))
-
-        async def arrived() -> bool:
-            return any(kind == "eof" for kind, _ in await worker.controls())
-
-        await wait_for(arrived, "the end of file on the control stream")
-        texts = [data["text"] for kind, data in await worker.controls() if kind == "stdin"]
+        texts, finish = await relayed_stdin(executor, worker, relay)
         assert "".join(texts) == "".join(frames)
         assert "\ufffd" not in "".join(texts)
         assert all(len(text.encode()) <= front.RELAY_PIECE for text in texts)
-        await worker.send(jobs.final(job, {"status": 0, "execution": []}))
-        await run_
+        await finish()
 
     run(cluster_place, body)
 
@@ -285,19 +298,9 @@ def test_a_character_cut_between_two_frames_arrives_whole(cluster_place: Cluster
         assert relay.give_stdin(b"price " + euro[:1]) is None
         assert relay.give_stdin(euro[1:] + b"5\n") is None
         relay.end_stdin()
-        run_ = asyncio.ensure_future(executor.execute({"commands": ["cat"]}, None, relay.hooks))
-        job = await worker.next_job()
-        await worker.claim(job)
-        await worker.send(jobs.claimed(job, WORKER))
-
-        async def arrived() -> bool:
-            return any(kind == "eof" for kind, _ in await worker.controls())
-
-        await wait_for(arrived, "the end of file on the control stream")
-        texts = [data["text"] for kind, data in await worker.controls() if kind == "stdin"]
+        texts, finish = await relayed_stdin(executor, worker, relay)
         assert "".join(texts) == "price €5\n"
-        await worker.send(jobs.final(job, {"status": 0, "execution": []}))
-        await run_
+        await finish()
 
     run(cluster_place, body)
 
