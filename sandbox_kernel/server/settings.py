@@ -284,7 +284,7 @@ class ServerSettings:
     name: str | None = setting(
         None,
         "--name",
-        help="this front's or worker's name in the cluster (default: HOSTNAME-PID)",
+        help="this front's or worker's name in the cluster (default: HOSTNAME-PID-RANDOM)",
         group="cluster",
     )
     cache_size: int | None = setting(
