@@ -168,6 +168,29 @@ def test_stdin_reaches_a_worker_whose_claimed_event_never_came(
     run(cluster_place, body, queue_wait=1.0 if learnt_by == "give_up" else 30.0)
 
 
+def test_a_claim_the_watcher_saw_during_the_queue_wait_outlives_the_queue_wait(
+    cluster_place: ClusterPlace,
+) -> None:
+    """The watcher learns the owner while the front still waits for the queue wait's end:
+    when that time comes the run is a worker's, not lost (a 502 there was CI's flake)."""
+
+    async def body(executor: ClusterExecutor, worker: PlayedWorker) -> None:
+        run_ = asyncio.ensure_future(executor.execute({"commands": ["true"]}, None))
+        job = await worker.next_job()
+        await worker.claim(job)
+
+        async def seen() -> bool:
+            return job in executor.jobs and executor.jobs[job].worker == WORKER
+
+        await wait_for(seen, "the watcher attaching the claim's worker")
+        await asyncio.sleep(executor.settings.queue_wait + 0.5)
+        assert not run_.done(), "the run ended at the queue wait although a worker claimed it"
+        await worker.send(jobs.final(job, {"status": 0, "execution": []}))
+        assert (await run_)["status"] == 0
+
+    run(cluster_place, body, queue_wait=1.0)
+
+
 def test_a_client_gone_mid_run_leaves_no_forwarder_and_cancels_the_run(
     cluster_place: ClusterPlace,
 ) -> None:

@@ -582,10 +582,12 @@ class ClusterExecutor:
             try:
                 item = await asyncio.wait_for(job.events.get(), max(0.0, wake - loop.time()))
             except asyncio.TimeoutError:
-                if job.worker is not None:
+                if loop.time() >= lost_at:
                     raise ClusterLost(
                         f"no answer from worker {job.worker} for job {job.id} within {budget:g} s"
                     ) from None
+                if job.worker is not None:
+                    continue  # the watcher saw a claim during the queue wait: await its answer
                 if copy_at is not None:
                     copy_at = None
                     await self._publish_copy(job, message)
