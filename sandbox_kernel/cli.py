@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="run the embedded sandbox server",
-        description="Run the embedded sandbox server.",
+        description="Run the embedded sandbox server. Options may also come from a file: "
+        "@FILE reads one option or value per line (so that a secret, such as the cluster's "
+        "Redis password, need not appear on the command line, where ps shows it).",
+        fromfile_prefix_chars="@",
     )
     add_serve_arguments(serve)
 
@@ -59,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         "cluster's task engine on Redis (--cluster) and keeps environments in S3-API storage "
         "(--storage), with the sandboxes, limits and caps of serve. Example: sandbox-kernel "
         "worker --cluster redis://:PASSWORD@10.0.0.5:6379/0 --storage s3://sandbox/class1 "
-        "--workers 4",
+        "--workers 4. @FILE reads options from FILE, one per line, as for serve.",
+        fromfile_prefix_chars="@",
     )
     add_worker_arguments(worker)
 

@@ -97,7 +97,7 @@ class Cgroups:
     @classmethod
     def probe(cls, max_processes: int, memory_limit: int) -> Cgroups | None:
         """Cgroups this process may create, checked by really creating a test group."""
-        name = f"{_PREFIX}{os.getpid()}"
+        name = server_group_name()
         sweep_stale()
         for candidate in (cls._v1(name), cls._v2(name)):
             if candidate is None:
@@ -178,14 +178,55 @@ class Cgroups:
         return f"cgroup v{self.version} (pids, memory)"
 
 
+def server_group_name(pid: int | None = None) -> str:
+    """The name of a server process's parent cgroup, unique on the host: the pid alone is not,
+    since every containerised server is pid 1 of its own namespace (issue 15). The pid
+    namespace's inode and the process's start time make it so; :func:`sweep_stale` reads them
+    back to tell a live server's groups from a crashed one's."""
+    pid = os.getpid() if pid is None else pid
+    identity = _process_identity(pid)
+    if identity is None:
+        raise OSError(f"cannot read /proc/{pid}: the process is gone")
+    namespace, started = identity
+    return f"{_PREFIX}{namespace}-{pid}-{started}"
+
+
+def _process_identity(pid: int) -> tuple[int, int] | None:
+    """(pid namespace inode, start time in clock ticks since boot) of ``pid`` as this process
+    sees it, or None if it has no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        namespace = os.stat(f"/proc/{pid}/ns/pid").st_ino
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: fields follow its last ")".
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return namespace, int(fields[19])  # field 22 of proc(5): starttime
+
+
 def sweep_stale() -> None:
-    """Remove the cgroups of server processes that no longer exist (after a crash)."""
+    """Remove the cgroups of server processes that no longer exist (after a crash).
+
+    Only groups of this pid namespace are judged: a pid of another namespace (another
+    container's server sharing the hierarchy) means nothing here, so its groups are left
+    alone. A group is stale when its pid is gone or now belongs to a process started later.
+    """
+    own_namespace = os.stat("/proc/self/ns/pid").st_ino
     for root in (CGROUP_ROOT / "pids", CGROUP_ROOT / "memory", CGROUP_ROOT):
         with contextlib.suppress(OSError):
             for parent in root.glob(f"{_PREFIX}*"):
-                pid = parent.name.removeprefix(_PREFIX)
-                if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                if _is_stale(parent.name.removeprefix(_PREFIX), own_namespace):
                     Cgroups([parent], version=1).remove()
+
+
+def _is_stale(key: str, own_namespace: int) -> bool:
+    parts = key.split("-")
+    if len(parts) != 3 or not all(part.isdigit() for part in parts):
+        return False  # not a name this version makes (nor an older version's bare pid)
+    namespace, pid, started = (int(part) for part in parts)
+    if namespace != own_namespace:
+        return False
+    return _process_identity(pid) != (namespace, started)
 
 
 def _rmdir_when_empty(directory: Path) -> None:

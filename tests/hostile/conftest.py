@@ -39,6 +39,8 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
+from sandbox_kernel.server.cgroups import server_group_name
+
 from ..conftest import Server, descendants, processes_matching, wait_until
 from ..helpers import living
 
@@ -205,12 +207,13 @@ class Hostile:
         pid = server.pid
         self.work_area = server.work_area
         self.staging = server.data_dir / "staging" / str(pid)
+        name = server_group_name(pid)
         self.cgroups = [
             path
             for path in (
-                Path(f"/sys/fs/cgroup/pids/sandbox-kernel-{pid}"),
-                Path(f"/sys/fs/cgroup/memory/sandbox-kernel-{pid}"),
-                Path(f"/sys/fs/cgroup/sandbox-kernel-{pid}"),
+                Path(f"/sys/fs/cgroup/pids/{name}"),
+                Path(f"/sys/fs/cgroup/memory/{name}"),
+                Path(f"/sys/fs/cgroup/{name}"),
             )
             if path.is_dir()
         ]
