@@ -195,9 +195,12 @@ def test_after_a_redis_restart_workers_register_their_environments_again(
     client = cluster_place.redis_client()
     try:
         assert client.smembers(hint) == {holder.name.encode()}
+        client.set("test:canary", "1")
         cluster_place.redis.restart()
         back = time.monotonic()
-        assert not client.exists(hint)  # nothing survived the restart ...
+        # Nothing survived the restart (the hint itself may be back already: a heartbeat
+        # every 0.25 s re-registers it, and the log line below says it was gone).
+        assert not client.exists("test:canary")
         assert wait_until(lambda: client.smembers(hint) == {holder.name.encode()}, timeout=10)
         registered = time.monotonic() - back
         ttl = client.ttl(hint)
@@ -215,10 +218,28 @@ def test_after_a_redis_restart_workers_register_their_environments_again(
         lambda: front.post_execute({"commands": ["true"]}).status_code == 200, timeout=20
     )
     assert wait_until(lambda: front.get("usages/").json()["container"] == 0)
-    # Both consumers are back on the engine (a job routed to a worker whose consumer still
-    # reconnects goes elsewhere after the affinity wait, rightly).
+    # Both consumers are back on the engine: a job routed to a worker whose consumer still
+    # reconnects goes elsewhere after the affinity wait, rightly. A consumer may reconnect
+    # more than once after a restart (its log says "Connected" before a later "Cannot
+    # connect"), so the holder is known to consume again once it has run a session's cell.
     for worker in workers:
         assert wait_until(lambda w=worker: w.log_text().count("Connected to redis") >= 2)
+
+    def total() -> int:
+        return holder.jobs_ran() + other.jobs_ran()
+
+    ran = total()
+
+    def a_cell_runs_on_the_holder() -> bool:
+        nonlocal ran
+        before = holder.jobs_ran()
+        answer = front.post_execute({"commands": ["cat log"], "environment": environment})
+        assert answer.status_code == 200, answer.text
+        ran += 1
+        return wait_until(lambda: holder.jobs_ran() > before, timeout=1)
+
+    assert wait_until(a_cell_runs_on_the_holder, timeout=20), holder.log_text()[-2000:]
+    assert wait_until(lambda: total() == ran)  # every warm-up cell's log line is written
     counts = [holder.jobs_ran(), other.jobs_ran()]
     for cell in range(4):
         answer = front.post_execute(
