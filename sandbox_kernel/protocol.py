@@ -78,6 +78,12 @@ CAUSE_OUTPUT: Final = "output"
 #: sent only to a client that opened the stream with :data:`QUEUE_EVENTS_QUERY`: older clients
 #: refuse frames they do not know (docs/protocol-extensions.md, "Queue events").
 EXTENSION_QUEUE: Final = "queue"
+#: A server behind JupyterHub (``serve --hub-auth``): ``usages/`` has the caller's ``user``
+#: share (and a teacher's ``users``), environments belong to their users
+#: (docs/protocol-extensions.md, "Users").
+EXTENSION_USERS: Final = "users"
+USER_FIELD: Final = "user"
+USERS_FIELD: Final = "users"
 QUEUE_EVENTS_QUERY: Final = "events=queue"
 QUEUE_FIELD: Final = "queue"
 #: How long a front keeps a request in its queue before 503 (``--queue-wait``'s default): a

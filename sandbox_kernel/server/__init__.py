@@ -35,6 +35,7 @@ from ..discovery import (
 from .app import SandboxApp
 from .connections import ConnectionGuard, listen_backlog, raise_descriptor_limit
 from .executor import Executor
+from .hub import resolve_hub_settings
 from .libraries import LibraryCache
 from .runners import Isolation, IsolationError, RunnerPool
 from .settings import ServerSettings, add_setting_options
@@ -177,6 +178,8 @@ async def assembled_parts(
         isolation = await Isolation.probe(settings)
         if isolation.cgroups is not None:
             cleanup.push_async_callback(asyncio.to_thread, isolation.cgroups.remove)
+        if isolation.cpu_shares is not None:
+            cleanup.push_async_callback(asyncio.to_thread, isolation.cpu_shares.remove)
         storage = storage_type(settings, settings.data_dir)
         await asyncio.to_thread(storage.open, isolation.uid)
         cleanup.push_async_callback(asyncio.to_thread, storage.close)
@@ -271,7 +274,7 @@ async def serve(
         # Served through the guard, not a SockSite: it wraps aiohttp's protocol factory.
         listener = await guard.listen(runner.server, sock)
         cleanup.callback(listener.close)
-        url = _url_of(sock, settings.host)
+        url = _url_of(sock, settings.host) + (settings.base_path or "/").removeprefix("/")
         published = [p for p in (info_file, advertisement_path() if advertise else None) if p]
         for path in published:
             write_advertisement(path, url, settings.token)
@@ -420,6 +423,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         token = resolve_token(args)
         settings = settings_from_args(args, token)
+        if settings.hub_auth:  # the Hub's users, not a token, say who may run
+            resolve_hub_settings(settings, os.environ)
+            settings.token = None
+            args.no_advertise = True
         asyncio.run(
             serve(
                 settings,

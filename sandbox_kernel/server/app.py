@@ -27,7 +27,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from .. import protocol
 from .executor import RUN_REFUSALS, Executor, Runs, refusal_answer
+from .hub import Caller, HubGuard, RunLog, UserShares
 from .libraries import LibraryCache
+from .live import RunHooks
 from .runners import Isolation
 from .settings import ServerSettings, format_size
 from .storage import NotConfined, Storage, open_beneath
@@ -45,6 +47,13 @@ _MAX_JSON_DEPTH = 64
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _Read = TypeVar("_Read")
+
+
+def user_of(request: web.Request) -> str | None:
+    """The JupyterHub user of a request (with --hub-auth), else None: every holder of the
+    server's token is one and the same user."""
+    caller = request.get("caller")
+    return caller.name if isinstance(caller, Caller) else None
 
 
 def text(status: int, message: str) -> web.Response:
@@ -67,19 +76,26 @@ class ProtocolApp:
             self.allowed_hosts |= {settings.host.lower()}
         #: Uploads staged on disk while they wait for a slot: at most two per slot.
         self.staging_places = StagingPlaces(2 * settings.workers)
+        #: With --hub-auth: who asks (the Hub says), and each user's share of the runs.
+        self.hub: HubGuard | None = None
+        if settings.hub_auth:
+            self.hub = HubGuard(settings)
+        self.shares = UserShares(settings.per_user_runs)
+        self.run_log = RunLog(settings.run_log) if settings.run_log else None
 
     def build(self) -> web.Application:
         # The multipart reader enforces its own caps; this one bounds url-encoded bodies.
         app = web.Application(
             middlewares=[self.guard], client_max_size=self.settings.max_config_bytes + 4096
         )
-        app.router.add_post("/execute/", self.execute)
-        app.router.add_get("/" + protocol.EXECUTE_STREAM, self.execute_stream)
-        app.router.add_get("/specifications/", self.get_specifications)
-        app.router.add_get("/usages/", self.get_usages)
-        app.router.add_get("/libraries/", self.get_libraries)
-        app.router.add_get("/environments/{uuid}/", self.get_environment)
-        app.router.add_get("/files/{uuid}/{path:.+}/", self.get_file)
+        base = self.settings.base_path or "/"  # --base-path: under a JupyterHub's proxy
+        app.router.add_post(base + "execute/", self.execute)
+        app.router.add_get(base + protocol.EXECUTE_STREAM, self.execute_stream)
+        app.router.add_get(base + "specifications/", self.get_specifications)
+        app.router.add_get(base + "usages/", self.get_usages)
+        app.router.add_get(base + "libraries/", self.get_libraries)
+        app.router.add_get(base + "environments/{uuid}/", self.get_environment)
+        app.router.add_get(base + "files/{uuid}/{path:.+}/", self.get_file)
         return app
 
     # -- security -----------------------------------------------------------------------------
@@ -100,6 +116,12 @@ class ProtocolApp:
                 f"Origin '{origin}' is not allowed: only pages served from this machine may call "
                 "the sandbox. Add the host with --allowed-host NAME if you trust it.",
             )
+        if self.hub is not None:
+            caller = await self.hub.identify(request)
+            if isinstance(caller, web.Response):
+                return caller
+            request["caller"] = caller
+            return await handler(request)
         token = self.settings.token
         if token:
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -131,11 +153,40 @@ class ProtocolApp:
             if isinstance(parsed, web.Response):
                 return parsed
             config = parsed
-            return web.json_response(await self.executor.execute(config, upload.archive))
+            return web.json_response(await self.run(request, config, upload.archive))
         except RUN_REFUSALS as refused:
             return text(*refusal_answer(refused))
         finally:
             await upload.discard()
+
+    async def run(
+        self,
+        request: web.Request,
+        config: dict[str, Any],
+        archive: Path | None,
+        hooks: RunHooks | None = None,
+    ) -> dict[str, Any]:
+        """One run for ``execute/`` and ``execute/stream/``: in the caller's share of the
+        runs (``--per-user-runs``, with --hub-auth), then written to ``--run-log``."""
+        user = user_of(request)
+        started = time.monotonic()
+        answer: dict[str, Any] | None = None
+        status = 500
+        try:
+            async with self.shares.admitted(user) if user else contextlib.nullcontext():
+                answer = await self.executor.execute(config, archive, hooks, user=user)
+            status = int(answer.get("status", 0))
+            return answer
+        except RUN_REFUSALS as refused:
+            status = refusal_answer(refused)[0]
+            raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away: the run was killed
+            raise
+        finally:
+            if self.run_log is not None:
+                seconds = time.monotonic() - started
+                self.run_log.write(user, config, answer, status, seconds)
 
     async def execute_stream(self, request: web.Request) -> web.StreamResponse:
         """``execute/stream/``: the same run over a WebSocket (docs/protocol-extensions.md)."""
@@ -275,7 +326,20 @@ class SandboxApp(ProtocolApp):
         return web.json_response(self.specifications)
 
     async def get_usages(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(self.sampler.current(self.executor.busy))
+        usage = self.sampler.current(self.executor.busy)
+        caller = request.get("caller")
+        if isinstance(caller, Caller):  # --hub-auth: the caller's share, a teacher's class
+            usage[protocol.USER_FIELD] = self.user_usage(caller.name)
+            if caller.teacher:
+                usage[protocol.USERS_FIELD] = [self.user_usage(n) for n in self.known_users()]
+        return web.json_response(usage)
+
+    def user_usage(self, name: str) -> dict[str, Any]:
+        return {"name": name, **self.shares.of(name), "stored_bytes": self.storage.stored_by(name)}
+
+    def known_users(self) -> list[str]:
+        """Users who ran something since the server started, or keep environments."""
+        return sorted(set(self.shares.users()) | set(self.storage.used_by))
 
     async def get_libraries(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -285,7 +349,7 @@ class SandboxApp(ProtocolApp):
 
     async def get_environment(self, request: web.Request) -> web.StreamResponse:
         uuid = request.match_info["uuid"]
-        archive = await asyncio.to_thread(self.storage.archive, uuid)
+        archive = await asyncio.to_thread(self.storage.archive, uuid, user_of(request))
         if archive is None:
             return text(404, f"No environment with UUID '{uuid}' found")
         try:
@@ -296,7 +360,7 @@ class SandboxApp(ProtocolApp):
 
     async def get_file(self, request: web.Request) -> web.StreamResponse:
         uuid, path = request.match_info["uuid"], request.match_info["path"]
-        directory = self.storage.directory(uuid)
+        directory = self.storage.directory(uuid, user_of(request))
         if directory is None:
             return text(404, f"No environment with UUID '{uuid}' found")
         try:

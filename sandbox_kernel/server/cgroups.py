@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import logging
 import os
 import signal
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _PREFIX = "sandbox-kernel-"
+#: cpu.shares of every user's group (v1's default weight): equal, whatever their processes.
+_EQUAL_SHARE = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +181,45 @@ class Cgroups:
         return f"cgroup v{self.version} (pids, memory)"
 
 
+class UserCpuShares:
+    """Each JupyterHub user's runs in one cpu cgroup, all of equal weight (issue 16): the
+    kernel's scheduler then shares the CPU between users, not between processes, so a user
+    with 20 busy loops gets what a user with one gets.
+
+    cgroup v1 only (a ``cpu`` hierarchy of its own: a run's processes move there at its start,
+    keeping their pids and memory groups). On v2 a process has one group for every controller,
+    so the user's group would have to hold the run's group from its creation: not done yet.
+    """
+
+    def __init__(self, parent: Path) -> None:
+        self.parent = parent
+
+    @classmethod
+    def probe(cls) -> UserCpuShares | None:
+        root = CGROUP_ROOT / "cpu"
+        if not (root / "cpu.shares").exists():
+            return None
+        parent = root / server_group_name()
+        try:
+            parent.mkdir(exist_ok=True)
+        except OSError as error:
+            log.info("per-user CPU shares unusable: %s", error)
+            return None
+        return cls(parent)
+
+    def join(self, user: str, pids: set[int]) -> None:
+        """Move ``pids`` (a run's processes, before its command starts) to ``user``'s group."""
+        group = self.parent / f"user-{hashlib.sha256(user.encode()).hexdigest()[:16]}"
+        group.mkdir(exist_ok=True)
+        (group / "cpu.shares").write_text(str(_EQUAL_SHARE))
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                (group / "cgroup.procs").write_text(str(pid))
+
+    def remove(self) -> None:
+        Cgroups([self.parent], version=1).remove()
+
+
 def server_group_name(pid: int | None = None) -> str:
     """The name of a server process's parent cgroup, unique on the host: the pid alone is not,
     since every containerised server is pid 1 of its own namespace (issue 15). The pid
@@ -212,7 +254,7 @@ def sweep_stale() -> None:
     alone. A group is stale when its pid is gone or now belongs to a process started later.
     """
     own_namespace = os.stat("/proc/self/ns/pid").st_ino
-    for root in (CGROUP_ROOT / "pids", CGROUP_ROOT / "memory", CGROUP_ROOT):
+    for root in (CGROUP_ROOT / "pids", CGROUP_ROOT / "memory", CGROUP_ROOT / "cpu", CGROUP_ROOT):
         with contextlib.suppress(OSError):
             for parent in root.glob(f"{_PREFIX}*"):
                 if _is_stale(parent.name.removeprefix(_PREFIX), own_namespace):

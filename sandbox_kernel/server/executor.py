@@ -71,8 +71,15 @@ class Runs(Protocol):
     busy: int
 
     async def execute(
-        self, config: Mapping[str, Any], upload: Path | None, hooks: RunHooks | None = None
-    ) -> dict[str, Any]: ...
+        self,
+        config: Mapping[str, Any],
+        upload: Path | None,
+        hooks: RunHooks | None = None,
+        user: str | None = None,
+    ) -> dict[str, Any]:
+        """``user``: the JupyterHub user asking (``--hub-auth``), who owns what is saved and
+        may start only from their own environments."""
+        ...
 
     def live(self, send: Callable[[dict[str, Any]], None]) -> LiveControl:
         """The controls of one streamed run whose frames go to ``send``."""
@@ -123,17 +130,22 @@ class Executor:
         return LiveRun(send)
 
     async def execute(
-        self, config: Mapping[str, Any], upload: Path | None, hooks: RunHooks | None = None
+        self,
+        config: Mapping[str, Any],
+        upload: Path | None,
+        hooks: RunHooks | None = None,
+        user: str | None = None,
     ) -> dict[str, Any]:
         """Run a validated config; ``upload`` is the uploaded ``.tgz``, unpacked in the slot;
-        ``hooks`` make it a streamed run.
+        ``hooks`` make it a streamed run; ``user`` (with --hub-auth) owns the saved
+        environment, and another user's base environment is not found.
 
         Raises :class:`EnvironmentNotFound`, :class:`Overloaded`,
         :class:`~.unpacker.UnpackFailed` (a refused archive) or ``StorageFull``.
         """
         base = None
         if "environment" in config:
-            base = self.storage.directory(config["environment"])
+            base = self.storage.directory(config["environment"], user)
             if base is None:
                 raise EnvironmentNotFound(config["environment"])
         try:
@@ -142,7 +154,7 @@ class Executor:
             raise Overloaded() from None
         self.busy += 1
         try:
-            return await self._execute_in_slot(config, base, upload, hooks)
+            return await self._execute_in_slot(config, base, upload, hooks, user)
         finally:
             self.busy -= 1
             self._slots.release()
@@ -153,12 +165,15 @@ class Executor:
         base: Path | None,
         upload: Path | None,
         hooks: RunHooks | None,
+        user: str | None,
     ) -> dict[str, Any]:
         started = time.monotonic()
         current = _Current(await self.pool.take())
         workdir = current.runner.workdir
         saved = False
         try:
+            if user is not None:
+                await asyncio.to_thread(self.isolation.share_cpu, current.runner, user)
             snapshot = await self._prepare(workdir, base, upload)
             status, execution = await self._run_commands(current, config, hooks)
             runner = current.runner
@@ -176,7 +191,7 @@ class Executor:
                     response["result"] = result
             response["total_time"] = time.monotonic() - started
             if config.get("save", False):
-                name, expire = await asyncio.to_thread(self.storage.save, workdir, snapshot)
+                name, expire = await asyncio.to_thread(self.storage.save, workdir, snapshot, user)
                 saved = True
                 response["environment"], response["expire"] = name, iso_expire(expire)
             return response

@@ -44,7 +44,7 @@ from typing import Protocol
 
 from ..protocol import MEMORY_NOTE, WORKING_DIR
 from . import trees
-from .cgroups import Cgroups, MemoryKills, RunCgroup
+from .cgroups import Cgroups, MemoryKills, RunCgroup, UserCpuShares
 from .seccomp import SeccompFilter, load_filter
 from .settings import ServerSettings, format_size
 from .storage import searchable_by
@@ -759,6 +759,8 @@ class Isolation:
         self.cgroups = cgroups
         #: The system-call filter given to bubblewrap (None: none could be built).
         self.seccomp = seccomp
+        #: With --hub-auth: each user's runs in one cpu group of equal weight (set by probe).
+        self.cpu_shares: UserCpuShares | None = None
         self.agent_script = resources.files(__package__).joinpath("agent.sh").read_text()
         self.as_root = os.geteuid() == 0
         self.uid, self.gid = os.geteuid(), os.getegid()
@@ -785,6 +787,8 @@ class Isolation:
             candidate = cls(settings, "bubblewrap", cgroups, seccomp)
             problem = await candidate._try_bwrap()
             if problem is None:
+                if settings.hub_auth and cgroups is not None:
+                    candidate.cpu_shares = await asyncio.to_thread(UserCpuShares.probe)
                 return candidate
             if settings.isolation == "bwrap":
                 raise IsolationError(f"--isolation bwrap: {problem}")
@@ -824,6 +828,13 @@ class Isolation:
             if searchable_by(Path(parent) / "probe", self.uid):
                 return parent
         return None
+
+    def share_cpu(self, runner: Runner, user: str) -> None:
+        """Put a run's processes (its idle sandbox, before the command) in ``user``'s cpu
+        group: everything the command starts stays there."""
+        cgroup = getattr(runner, "cgroup", None)
+        if self.cpu_shares is not None and isinstance(cgroup, RunCgroup):
+            self.cpu_shares.join(user, cgroup.pids())
 
     def new_runner(self, workdir: Path) -> Runner:
         if self.isolated:

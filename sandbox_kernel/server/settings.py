@@ -85,6 +85,8 @@ class Option:
     choices: tuple[str, ...] | None = None
     #: Given once per value (``--allowed-host a --allowed-host b``); the setting is a list.
     repeatable: bool = False
+    #: A flag without a value (``--hub-auth``); the setting is a bool.
+    switch: bool = False
 
     @property
     def dest(self) -> str:
@@ -93,6 +95,9 @@ class Option:
 
     def add_to(self, parser: argparse._ActionsContainer, default: object) -> None:
         """Add this option, whose setting defaults to ``default``, to ``parser``."""
+        if self.switch:
+            parser.add_argument(self.flag, action="store_true", default=default, help=self.help)
+            return
         parser.add_argument(
             self.flag,
             action="append" if self.repeatable else "store",
@@ -123,6 +128,12 @@ def setting(
     """A field of :class:`ServerSettings` that ``sandbox-kernel serve`` sets with ``flag``."""
     option = Option(flag, parse, help, group, metavar, choices)
     return dataclasses.field(default=default, metadata={_OPTION: option})
+
+
+def switch_setting(flag: str, help: str, *, group: str | None = None) -> bool:
+    """A bool field of :class:`ServerSettings`, False unless ``flag`` is given."""
+    option = Option(flag, help=help, group=group, switch=True)
+    return dataclasses.field(default=False, metadata={_OPTION: option})
 
 
 def repeated_setting(flag: str, help: str, *, metavar: str | None = None) -> list[str]:
@@ -296,6 +307,65 @@ class ServerSettings:
         group="cluster",
         metavar="SIZE",
     )
+    # A class on JupyterHub (README.md, "For a class"): users known to the sandbox.
+    hub_auth: bool = switch_setting(
+        "--hub-auth",
+        "authenticate each request with JupyterHub's service authentication: it carries the "
+        "user's JupyterHub API token, and the user needs the scope "
+        "access:services!service=NAME. For a server the Hub starts as a managed service",
+        group="JupyterHub",
+    )
+    hub_service_name: str | None = setting(
+        None,
+        "--hub-service-name",
+        help="the service's name in JupyterHub (default: JUPYTERHUB_SERVICE_NAME, else sandbox)",
+        group="JupyterHub",
+        metavar="NAME",
+    )
+    base_path: str | None = setting(
+        None,
+        "--base-path",
+        help="serve the protocol under this path, e.g. /services/sandbox/ (default: "
+        "JUPYTERHUB_SERVICE_PREFIX with --hub-auth, else /)",
+        group="JupyterHub",
+        metavar="PREFIX",
+    )
+    per_user_runs: int = setting(
+        2,
+        "--per-user-runs",
+        _positive_int,
+        "with --hub-auth: runs of one user at a time; more wait in the user's own queue "
+        "(default {default})",
+        group="JupyterHub",
+        metavar="N",
+    )
+    per_user_storage: int | None = setting(
+        None,
+        "--per-user-storage",
+        parse_size,
+        "with --hub-auth: bytes of environments one user may keep saved (default: no cap "
+        "but --max-storage)",
+        group="JupyterHub",
+        metavar="SIZE",
+    )
+    per_user_inodes: int | None = setting(
+        None,
+        "--per-user-inodes",
+        _positive_int,
+        "with --hub-auth: files and directories one user's saved environments may hold "
+        "(default: no cap but --max-storage-inodes)",
+        group="JupyterHub",
+        metavar="N",
+    )
+    run_log: Path | None = setting(  # noqa: RUF009 (setting() is a dataclasses.field)
+        None,
+        "--run-log",
+        Path,
+        "append one JSON line per run (time, user, base and saved uuids, commands, duration, "
+        "status) to this file",
+        group="JupyterHub",
+        metavar="PATH",
+    )
     # Unprivileged account the commands run as when the server runs as root.
     run_as: str = "nobody"
     sweep_interval: float = 60.0
@@ -316,6 +386,18 @@ class ServerSettings:
             )
         if self.storage and not self.cluster:
             raise ValueError("--storage is for a cluster: give --cluster redis://... too")
+        if self.hub_auth and self.cluster:
+            raise ValueError(
+                "--hub-auth is not supported by a cluster's fronts yet: run a single server "
+                "(sandbox-kernel serve --hub-auth) for a class on JupyterHub"
+            )
+        if self.base_path is not None and not (
+            self.base_path.startswith("/") and self.base_path.endswith("/")
+        ):
+            raise ValueError(
+                f"--base-path {self.base_path!r} must start and end with '/', e.g. "
+                "/services/sandbox/"
+            )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> ServerSettings:

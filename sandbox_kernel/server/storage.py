@@ -79,6 +79,9 @@ class Storage:
         #: Bytes and inodes of all saved environments (files linked between them once).
         self.used = 0
         self.used_inodes = 0
+        #: With --hub-auth: [bytes, inodes] of each user's saved environments (what each save
+        #: added, as --max-storage counts it; recounted at start).
+        self.used_by: dict[str, list[int]] = {}
         #: Random, made once per data dir: clients key what they remember of this server by
         #: it (its port changes at each start). Set by :meth:`open`.
         self.server_id = ""
@@ -104,6 +107,7 @@ class Storage:
         self.staging = own_staging or _new_private_folder(self.staging, "")
         self.sweep()
         self.used, self.used_inodes = _stored(self.environments)
+        self.used_by = _stored_by_owner(self.environments)
         self.server_id = _server_id(self.root / "server-id")
 
     def close(self) -> None:
@@ -119,6 +123,7 @@ class Storage:
         for name in names:
             with self._lock:  # a save describes, then renames its directory under this lock
                 expire = _read_expire(self.environments / f"{name}.json")
+                owner = _read_owner(self.environments / f"{name}.json")
                 if expire is not None and expire > now and (self.environments / name).is_dir():
                     continue
                 if (
@@ -128,7 +133,7 @@ class Storage:
                 ):
                     continue  # another server sharing the data dir is saving it right now
                 doomed = self._detach(name)
-            self._delete(doomed)
+            self._delete(doomed, owner)
             removed += 1
         return removed
 
@@ -145,7 +150,7 @@ class Storage:
             return None
         return doomed
 
-    def _delete(self, directory: Path | None) -> None:
+    def _delete(self, directory: Path | None, owner: str | None = None) -> None:
         if directory is None:
             return
         freed = trees.usage(directory, only_unshared=True)
@@ -153,19 +158,32 @@ class Storage:
         with self._lock:
             self.used = max(0, self.used - freed.bytes)
             self.used_inodes = max(0, self.used_inodes - freed.inodes - 1)
+            if owner in self.used_by:
+                account = self.used_by[owner]
+                account[0] = max(0, account[0] - freed.bytes)
+                account[1] = max(0, account[1] - freed.inodes - 1)
 
     # -- lookups ------------------------------------------------------------------------------
 
-    def directory(self, uuid: str) -> Path | None:
-        """The directory of a saved, unexpired environment, or None (unknown, expired, junk)."""
+    def directory(self, uuid: str, user: str | None = None) -> Path | None:
+        """The directory of a saved, unexpired environment, or None (unknown, expired, junk,
+        or, for a JupyterHub ``user``, another user's: as unknown to them as a wrong uuid)."""
         if not is_uuid(uuid):
             return None
         uuid = uuid.lower()
-        expire = _read_expire(self.environments / f"{uuid}.json")
+        meta = self.environments / f"{uuid}.json"
+        expire = _read_expire(meta)
         directory = self.environments / uuid
         if expire is None or expire <= time.time() or not directory.is_dir():
             return None
+        if user is not None and _read_owner(meta) != user:
+            return None
         return directory
+
+    def stored_by(self, user: str) -> int:
+        """Bytes of ``user``'s saved environments (``usages/``)."""
+        with self._lock:
+            return self.used_by.get(user, [0, 0])[0]
 
     # -- a run's working directory --------------------------------------------------------------
 
@@ -184,8 +202,11 @@ class Storage:
         """Bytes and inodes in a working directory (hard links counted once)."""
         return trees.usage(workdir)
 
-    def save(self, workdir: Path, snapshot: Snapshot) -> tuple[str, float]:
-        """Turn a finished run's working directory into a new saved environment.
+    def save(
+        self, workdir: Path, snapshot: Snapshot, owner: str | None = None
+    ) -> tuple[str, float]:
+        """Turn a finished run's working directory into a new saved environment, ``owner``'s
+        (a JupyterHub user's) if given.
 
         The directory is moved, not copied; files the run did not change become links to the
         base environment's. Raises :class:`StorageFull` rather than evicting anything.
@@ -196,6 +217,11 @@ class Storage:
         new = self._deduplicate(workdir, snapshot)
         with self._lock:
             self._check_room(new)
+            if owner is not None:
+                self._check_share(owner, new)
+                account = self.used_by.setdefault(owner, [0, 0])
+                account[0] += new.bytes
+                account[1] += new.inodes + 1
             self.used += new.bytes
             self.used_inodes += new.inodes + 1
         name = str(uuid_module.uuid4())
@@ -208,7 +234,10 @@ class Storage:
             _remove(workdir)
             workdir = moved
         with self._lock:  # description first: a sweep never sees a directory without one
-            self._write_json(self.environments / f"{name}.json", {"expire": expire})
+            meta: dict[str, object] = {"expire": expire}
+            if owner is not None:
+                meta["owner"] = owner
+            self._write_json(self.environments / f"{name}.json", meta)
             os.rename(workdir, self.environments / name)
         return name, expire
 
@@ -244,6 +273,27 @@ class Storage:
                 f"already stores {self.used_inodes} of at most {settings.max_storage_inodes} "
                 "(--max-storage-inodes). Nothing was saved and nothing was evicted: wait for "
                 "environments to expire, or raise --max-storage-inodes."
+            )
+
+    def _check_share(self, owner: str, new: trees.Usage) -> None:
+        """--per-user-storage and --per-user-inodes: one user's saves together."""
+        settings = self.settings
+        stored, inodes = self.used_by.get(owner, [0, 0])
+        if settings.per_user_storage is not None and stored + new.bytes > settings.per_user_storage:
+            raise StorageFull(
+                f"Saving this environment needs {format_size(new.bytes)} more, and you already "
+                f"keep {format_size(stored)} of your share of "
+                f"{format_size(settings.per_user_storage)} (--per-user-storage). Nothing was "
+                "saved: remove files in the commands, or wait for your older environments to "
+                "expire."
+            )
+        inodes_cap = settings.per_user_inodes
+        if inodes_cap is not None and inodes + new.inodes + 1 > inodes_cap:
+            raise StorageFull(
+                f"Saving this environment needs {new.inodes + 1} more inodes, and you already "
+                f"keep {inodes} of your share of {inodes_cap} "
+                "(--per-user-inodes). Nothing was saved: remove files in the commands (an "
+                "archive holds many as one), or wait for your older environments to expire."
             )
 
     def _deduplicate(self, workdir: Path, snapshot: Snapshot) -> trees.Usage:
@@ -287,9 +337,9 @@ class Storage:
 
     # -- downloads ----------------------------------------------------------------------------
 
-    def archive(self, uuid: str) -> Path | None:
+    def archive(self, uuid: str, user: str | None = None) -> Path | None:
         """The environment as a ``.tgz`` (built on first request, then kept a while)."""
-        directory = self.directory(uuid)
+        directory = self.directory(uuid, user)
         if directory is None:
             return None
         cached = self.cache / f"{directory.name}.tgz"
@@ -440,6 +490,22 @@ def _stored(environments: Path) -> tuple[int, int]:
     return stored.bytes, stored.inodes
 
 
+def _stored_by_owner(environments: Path) -> dict[str, list[int]]:
+    """[bytes, inodes] of each owner's environments (the files an environment shares with
+    another counted with the older one, roughly as saves counted them)."""
+    accounts: dict[str, list[int]] = {}
+    for meta in environments.glob("*.json"):
+        owner = _read_owner(meta)
+        directory = environments / meta.name.removesuffix(".json")
+        if owner is None or directory.is_symlink() or not directory.is_dir():
+            continue
+        used = trees.usage(directory, only_unshared=True)
+        account = accounts.setdefault(owner, [0, 0])
+        account[0] += used.bytes
+        account[1] += used.inodes + 1
+    return accounts
+
+
 def _link_to_base(entry: trees.Entry, base_folder: int) -> bool:
     """Replace an unchanged copy by a hard link to the base's file; False if it cannot be."""
     temporary = f".sk-link-{os.urandom(6).hex()}"
@@ -522,6 +588,15 @@ def _read_expire(meta: Path) -> float | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return float(value) if isinstance(value, int | float) else None
+
+
+def _read_owner(meta: Path) -> str | None:
+    """The JupyterHub user who saved an environment (None: saved without --hub-auth)."""
+    try:
+        value = json.loads(meta.read_text()).get("owner")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def _remove(path: Path) -> None:

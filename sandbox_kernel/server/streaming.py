@@ -18,13 +18,14 @@ import asyncio
 import contextlib
 import json
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import WSMsgType, web
 
 from .. import protocol
 from .executor import RUN_REFUSALS, refusal_answer
-from .live import LiveControl, Refusal
+from .live import LiveControl, Refusal, RunHooks
 from .uploads import Upload
 
 if TYPE_CHECKING:
@@ -42,6 +43,13 @@ class Front(Protocol):
     def new_upload(self) -> Upload: ...
     def admit_config(self, raw_config: str) -> dict[str, Any] | web.Response: ...
     def too_large(self) -> web.Response: ...
+    async def run(
+        self,
+        request: web.Request,
+        config: dict[str, Any],
+        archive: Path | None,
+        hooks: RunHooks | None = None,
+    ) -> dict[str, Any]: ...
 
 
 log = logging.getLogger(__name__)
@@ -133,7 +141,7 @@ class StreamSession:
         live = self.app.executor.live(self._queue)
         if self.queue_events:
             live.hooks.on_queue = self._on_queue
-        run = asyncio.ensure_future(self.app.executor.execute(config, upload.archive, live.hooks))
+        run = asyncio.ensure_future(self.app.run(self.request, config, upload.archive, live.hooks))
         listener = asyncio.ensure_future(self._listen(live))
         watcher = asyncio.ensure_future(live.watch())
         sender = asyncio.ensure_future(self._send_queued())

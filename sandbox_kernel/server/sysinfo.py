@@ -120,7 +120,7 @@ def specifications(
             "expiration": settings.expiration,
             "isolation": isolation.describe(),
         },
-        "extensions": list(EXTENSIONS),
+        "extensions": [*EXTENSIONS, *([protocol.EXTENSION_USERS] if settings.hub_auth else [])],
         "server_id": server_id,
     }
 

@@ -429,11 +429,16 @@ class ClusterExecutor:
     # -- one run ----------------------------------------------------------------------------------
 
     async def execute(
-        self, config: Mapping[str, Any], upload: Path | None, hooks: RunHooks | None = None
+        self,
+        config: Mapping[str, Any],
+        upload: Path | None,
+        hooks: RunHooks | None = None,
+        user: str | None = None,
     ) -> dict[str, Any]:
         """Run ``config`` on a worker and return its answer; raises the refusals of
         ``execute/`` (:class:`Overloaded` after ``--queue-wait``), :class:`ClusterRefusal`
-        for a worker's other errors and :class:`ClusterLost` (502)."""
+        for a worker's other errors and :class:`ClusterLost` (502). ``user`` is always None:
+        fronts refuse --hub-auth (settings)."""
         relay = hooks.relay if isinstance(hooks, _RelayHooks) else None
         job = _Job(uuid_module.uuid4().hex, asyncio.Queue(), relay=relay)
         job.on_queue = hooks.on_queue if hooks is not None else None

@@ -121,9 +121,12 @@ class ClusterStorage(Storage):
 
     # -- saving -----------------------------------------------------------------------------------
 
-    def save(self, workdir: Path, snapshot: Snapshot) -> tuple[str, float]:
+    def save(
+        self, workdir: Path, snapshot: Snapshot, owner: str | None = None
+    ) -> tuple[str, float]:
         """Save locally, then publish (blobs, then manifest); only then is the uuid returned.
-        If publishing fails, the local copy is removed and the reservation given back."""
+        If publishing fails, the local copy is removed and the reservation given back.
+        ``owner`` is always None: a cluster has no JupyterHub users yet."""
         self._saving.reserved = (0, 0)
         try:
             uuid, expire = super().save(workdir, snapshot)
