@@ -343,7 +343,14 @@ def _announce(
     token_file: Path | None,
 ) -> None:
     lines = [f"sandbox-kernel: serving the sandbox protocol on {url}", *about]
-    lines.append(f"  token: {_where_the_token_is(settings, files, token_file)}")
+    if settings.hub_auth:
+        lines.append(
+            f"  users: JupyterHub's (--hub-auth), with the scope "
+            f"access:services!service={settings.hub_service_name}; "
+            f"{settings.per_user_runs} runs each at a time"
+        )
+    else:
+        lines.append(f"  token: {_where_the_token_is(settings, files, token_file)}")
     lines += [f"  advertised in: {path}" for path in files]
     for line in lines:
         print(line, flush=True)

@@ -82,6 +82,8 @@ class HubGuard:
     """Identifies the caller of a request with the Hub, or answers 401/403 saying why not."""
 
     def __init__(self, settings: ServerSettings) -> None:
+        # JupyterHub's import brings alembic, whose plugins log at INFO when loaded.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
         from jupyterhub.services.auth import HubAuth
 
         self.service = settings.hub_service_name or DEFAULT_SERVICE_NAME
