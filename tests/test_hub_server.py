@@ -139,6 +139,12 @@ def test_the_url_is_under_the_service_prefix_and_tokens_are_the_hubs(
     assert missing.status_code == 401 and "JUPYTERHUB_API_TOKEN" in missing.text
     unknown = served.as_user("forged").get(served.url + "specifications/")
     assert unknown.status_code == 401 and "does not know this token" in unknown.text
+    for hostile in ("x" * 5000, "tok en\tx", "caf\u00e9"):
+        answer = requests.get(
+            served.url + "specifications/",
+            headers={"Authorization": ("Bearer " + hostile).encode()},
+        )
+        assert answer.status_code == 401, (hostile[:20], answer.status_code)
     outsider = served.as_user("outsider-token").get(served.url + "specifications/")
     assert outsider.status_code == 403
     assert ACCESS in outsider.text and "c.Spawner.server_token_scopes" in outsider.text

@@ -41,6 +41,8 @@ TEACHER_SCOPE = "custom:sandbox:teacher"
 #: Bytes of a run's commands kept in the run log.
 RUN_LOG_COMMANDS = 4096
 DEFAULT_SERVICE_NAME = "sandbox"
+#: Longer "tokens" are not JupyterHub's (its are 32 characters): refused without asking it.
+_MAX_TOKEN = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +95,8 @@ class HubGuard:
     async def identify(self, request: web.Request) -> Caller | web.Response:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         token = token.strip()
+        if len(token) > _MAX_TOKEN or not (token.isascii() and token.isprintable()):
+            token = ""  # never sent on to the Hub: not a token JupyterHub makes
         if scheme.lower() not in ("bearer", "token") or not token:
             return _text(
                 401,
