@@ -11,7 +11,7 @@ IDEs see them.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final, Protocol
 
 
@@ -239,6 +239,26 @@ def body_snippet(response: Answer) -> str:
         text = head.decode("utf-8", errors="replace")
     text = re.sub(r"\s+", " ", text).strip()
     return text if len(text) <= BODY_SNIPPET else text[:BODY_SNIPPET] + "…"
+
+
+#: What to do about an answer, when its sender knows better than the status's own advice (a
+#: 403 of a sandbox that was sent the user's JupyterHub token names the Hub's settings); None
+#: leaves the status's advice.
+Advise = Callable[[Answer], "str | None"]
+
+
+def with_advice(error: SandboxError, advise: Advise | None) -> SandboxError:
+    """``error`` again with ``advise``'s advice when it is an HTTP error ``advise`` knows
+    better about (the same class, the same answer); else ``error`` itself. For errors raised
+    by a client that was not given ``advise``."""
+    if advise is None or not isinstance(error, SandboxHTTPError):
+        return error
+    advice = advise(error.response)
+    if advice is None:
+        return error
+    better = type(error)(error.response, advice)
+    better.__cause__ = error.__cause__
+    return better
 
 
 def error_for_status(code: int) -> type[SandboxHTTPError]:

@@ -203,7 +203,8 @@ def _client(settings: SandboxSettings, command_timeout: float | None) -> Sandbox
     if command_timeout is not None:
         timeout = max(timeout, command_timeout + EXECUTE_MARGIN)
     return Sandbox(settings.url, timeout=timeout, token=settings.token,
-                   timeout_setting=settings.timeout_setting)  # fmt: skip
+                   timeout_setting=settings.timeout_setting,
+                   advise=settings.refusal_advice)  # fmt: skip
 
 
 def _report(response: dict[str, Any]) -> int:

@@ -55,6 +55,7 @@ from urllib3.util.wait import wait_for_read
 from . import _errors
 from ._errors import *  # noqa: F403  (re-exports every Sandbox<STATUS> class)
 from ._errors import (
+    Advise,
     Sandbox503,
     SandboxCancelled,
     SandboxConfigError,
@@ -62,6 +63,7 @@ from ._errors import (
     SandboxError,
     SandboxProtocolError,
     SandboxTimeout,
+    error_for_status,
 )
 from ._generations import (
     Inventory,
@@ -576,8 +578,10 @@ class Sandbox:
     container (see there). ``max_json`` caps every JSON answer (``execute/``,
     ``specifications/``, ``libraries/``, ``usages/``) and ``max_download`` a ``download`` given
     no ``max_bytes``, so that a hostile server cannot fill the memory: past a cap the answer is
-    cut and :class:`SandboxAnswerTooLarge` raised. One HTTP session is kept, so connections are
-    reused: ``close()`` it, or use ``with Sandbox(url) as s:``.
+    cut and :class:`SandboxAnswerTooLarge` raised. ``advise``, given an answer of 300 or
+    more, may return the advice its error gives instead of the status's own (the kernel names
+    the Hub's settings when a sandbox refuses the user's JupyterHub token). One HTTP session
+    is kept, so connections are reused: ``close()`` it, or use ``with Sandbox(url) as s:``.
     """
 
     sandbox_version = _Fact(lambda specs: specs.sandbox_version, "Version of the sandbox server.")
@@ -628,9 +632,12 @@ class Sandbox:
         max_json: int = DEFAULT_MAX_JSON,
         max_download: int = DEFAULT_MAX_DOWNLOAD,
         timeout_setting: str = DEFAULT_TIMEOUT_SETTING,
+        advise: Advise | None = None,
     ) -> None:
         check_options(timeout, token, max_json, max_download)
         self.url = normalise_url(url)
+        #: Advice for the errors of answers it knows better about (see the class).
+        self.advise = advise
         self.timeout = timeout
         #: How the user changes ``timeout``, named in the error of a request past it.
         self.timeout_setting = timeout_setting
@@ -869,6 +876,15 @@ class Sandbox:
             if _wait_cancelled(cancellations, wait):
                 raise SandboxCancelled(_CANCELLED)
 
+    def _raise_advised(self, response: requests.Response) -> None:
+        """The error of an answer that ``advise`` knows better about (a 401 or 403, say),
+        with its advice; nothing for any other answer, which its caller reads as usual."""
+        if self.advise is None or response.status_code < 300:
+            return
+        advice = self.advise(response)
+        if advice is not None:
+            raise error_for_status(response.status_code)(response, advice)
+
     def _execute_read_timeout(self) -> float:
         """The deadline of one ``execute/``: also the queue's wait of a cluster front, when
         the specifications already fetched say the server is one (no request for it)."""
@@ -941,6 +957,7 @@ class Sandbox:
             _take_body(response, method, cap or self._json_cap, exchange, self.url)
             if exchange.cancelled or exchange.expired:  # an EOF it caused can look like an end
                 raise _ended(exchange, method, url, limit, self.timeout_setting)
+            self._raise_advised(response)
             return response
         except SandboxError:
             raise

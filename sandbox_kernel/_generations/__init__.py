@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-from . import v2, v3
+from ..protocol import USER_FIELD, USERS_FIELD
+from . import _read, v2, v3
 from ._facts import (
     CATEGORIES,
     CATEGORY_NAMES,
@@ -29,6 +30,7 @@ from ._facts import (
     Load,
     RunLimits,
     Specs,
+    UserLoad,
     matches,
 )
 from ._read import inventory as read_inventory
@@ -46,6 +48,7 @@ __all__ = [
     "Load",
     "RunLimits",
     "Specs",
+    "UserLoad",
     "checked",
     "container_setting",
     "generation_of",
@@ -93,9 +96,14 @@ def _server_id(specs: Mapping[str, Any]) -> str | None:
 
 def read_load(specs: Mapping[str, Any], usages: Mapping[str, Any] | None) -> Load:
     """The load from a (checked) ``specifications/`` answer and, on generations that need it
-    (``NEEDS_USAGES``), a fresh ``usages/`` answer."""
+    (``NEEDS_USAGES``), a fresh ``usages/`` answer. The users' shares of a server that knows
+    its users (``user``, ``users``: an extension) are read alike for every generation."""
     result: Load = generation_of(specs).load(specs, usages)
-    return result
+    if usages is None:
+        return result
+    user = _read.user_load(usages.get(USER_FIELD))
+    users = _read.user_loads(usages.get(USERS_FIELD))
+    return dataclasses.replace(result, user=user, users=users)
 
 
 def container_setting(specs: Mapping[str, Any], key: str) -> Any:

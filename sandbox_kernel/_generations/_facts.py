@@ -82,6 +82,21 @@ class Specs:
 
 
 @dataclasses.dataclass(frozen=True)
+class UserLoad:
+    """One user's share of a sandbox that knows its users (``sandbox-kernel serve
+    --hub-auth``: ``usages/``' ``user``, and ``users`` for a teacher)."""
+
+    #: The user's JupyterHub name; None when the server does not say.
+    name: str | None = None
+    #: Runs of this user going on now.
+    running: int | None = None
+    #: Runs of this user waiting for their share (``--per-user-runs``).
+    queued: int | None = None
+    #: Bytes of the environments this user saved.
+    stored_bytes: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Load:
     """The load at one moment: busy / total containers, and the host's CPU and memory."""
 
@@ -93,6 +108,10 @@ class Load:
     memory_total: int | None = None
     #: When it was measured (``time.time()``).
     at: float = dataclasses.field(default_factory=time.time)
+    #: The caller's own share, from a sandbox that knows its users; None elsewhere.
+    user: UserLoad | None = None
+    #: Every user's share, told to a teacher only (``custom:sandbox:teacher``); None elsewhere.
+    users: tuple[UserLoad, ...] | None = None
 
     @property
     def fraction(self) -> float | None:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..protocol import EXECUTABLES, LIBRARY_CATEGORIES
-from ._facts import NO_LIMIT, Inventory, Isolation
+from ._facts import NO_LIMIT, Inventory, Isolation, UserLoad
 
 _DOCKER_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([bkmgt]?)\s*", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -68,6 +68,25 @@ def isolation(value: object) -> Isolation | None:
         cgroups=text(value.get("cgroups")),
         network=network if isinstance(network, bool) else None,
     )
+
+
+def user_load(value: object) -> UserLoad | None:
+    """One user's share (``usages/``' ``user`` or an entry of ``users``); None when absent."""
+    if not isinstance(value, Mapping):
+        return None
+    return UserLoad(
+        name=value["name"] if isinstance(value.get("name"), str) else None,
+        running=integer(value.get("running")),
+        queued=integer(value.get("queued")),
+        stored_bytes=integer(value.get("stored_bytes")),
+    )
+
+
+def user_loads(value: object) -> tuple[UserLoad, ...] | None:
+    """Every user's share (``usages/``' ``users``); None when absent."""
+    if not isinstance(value, list):
+        return None
+    return tuple(found for entry in value if (found := user_load(entry)) is not None)
 
 
 def libraries(answer: Mapping[str, Any]) -> dict[str, dict[str, str | None]]:

@@ -12,7 +12,16 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final, NamedTuple
 
 from .._errors import SandboxProtocolError
-from ..protocol import EXECUTABLES, EXECUTE, LIBRARIES, SPECIFICATIONS, USAGES, is_finite_number
+from ..protocol import (
+    EXECUTABLES,
+    EXECUTE,
+    LIBRARIES,
+    SPECIFICATIONS,
+    USAGES,
+    USER_FIELD,
+    USERS_FIELD,
+    is_finite_number,
+)
 
 
 class Kind(NamedTuple):
@@ -80,6 +89,9 @@ _CONTAINER_SETTINGS: Final[Schema] = {
     "expiration": NUMBER,
     "isolation": {"isolated": BOOLEAN, "method": TEXT, "cgroups": TEXT, "network": BOOLEAN},
 }
+#: One user's share in ``usages/`` (``user``, and each of ``users``), from a server with
+#: ``--hub-auth``.
+_USER: Final[Schema] = {"name": STRING, "running": COUNT, "queued": COUNT, "stored_bytes": BYTES}
 SCHEMAS: Final[Mapping[str, Schema]] = {
     SPECIFICATIONS: {
         **_CONTAINER_SETTINGS,
@@ -116,6 +128,8 @@ SCHEMAS: Final[Mapping[str, Schema]] = {
         "network": OBJECT,
         "process": WHOLE,
         "container": COUNT,
+        USER_FIELD: _USER,
+        USERS_FIELD: Items(_USER),
     },
     LIBRARIES: {
         "libraries": {"*": {"*": TEXT}},

@@ -152,7 +152,8 @@ def _check_sandbox(settings: SandboxSettings) -> float | None:
     from ..client import Sandbox
 
     with Sandbox(settings.url, timeout=settings.side_timeout, token=settings.token,
-                 timeout_setting=settings.side_timeout_setting) as sandbox:  # fmt: skip
+                 timeout_setting=settings.side_timeout_setting,
+                 advise=settings.refusal_advice) as sandbox:  # fmt: skip
         try:
             return sandbox.specs().execute_timeout
         except SandboxError as error:

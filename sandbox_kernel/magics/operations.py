@@ -191,6 +191,8 @@ def sandbox_usage(
     bundles = [render.usage_line(sample.load)]
     if sample.workers is not None:  # a sandbox cluster: the load of each of its workers
         bundles.append(render.workers_table(sample.workers))
+    if sample.load.users is not None:  # a teacher, on a sandbox that knows its users
+        bundles.append(render.users_table(sample.load.users))
     return MagicResult(value=sample.load.fraction, bundles=bundles)
 
 

@@ -17,7 +17,9 @@ Magic lines run on the user's machine, and a notebook may come from anyone: ever
 magic reads or writes goes through :meth:`SandboxContext.local_path`, which keeps it inside the
 folder the front-end started in (Jupyter starts a kernel in the notebook's folder). A URL named
 by the notebook (``%sandbox_connect``) gets only the token given with it, or the configured
-token when it is the configured sandbox's origin: never the local server's token.
+token when it is the configured sandbox's origin: never the local server's token. The user's
+JupyterHub token, when it is the configured token, goes back to the configured sandbox's exact
+URL only: the Hub's origin serves every other user's server too.
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from .._errors import SandboxCancelled, SandboxConfigError, SandboxError
 from .._generations import Inventory, Load, Specs
 from .._units import format_size
+from .._wire import normalise_url
 from ..archive import ArchiveError, build_archive
 from ..client import LoadSample, Sandbox, scope_cancelled
 from ..protocol import WORKING_DIR
@@ -79,9 +83,11 @@ class Connection:
         self.resolved = resolved
         settings = self.settings = resolved.settings
         self.client = Sandbox(settings.url, timeout=settings.timeout, token=settings.token,
-                              timeout_setting=settings.timeout_setting)  # fmt: skip
+                              timeout_setting=settings.timeout_setting,
+                              advise=settings.refusal_advice)  # fmt: skip
         self.side = Sandbox(settings.url, timeout=settings.side_timeout, token=settings.token,
-                            timeout_setting=settings.side_timeout_setting)  # fmt: skip
+                            timeout_setting=settings.side_timeout_setting,
+                            advise=settings.refusal_advice)  # fmt: skip
 
     def close(self) -> None:
         self.client.close()
@@ -205,17 +211,20 @@ class SandboxContext:
 
         The URL comes from the notebook, so it gets ``token`` and nothing else: no
         ``SANDBOX_TOKEN``, no advertised server's token. Only the configured sandbox's own
-        origin may reuse the configured token. The new sandbox is checked first, so that a typo
-        keeps the current connection.
+        origin may reuse the configured token, and only its very URL the user's JupyterHub
+        token. The new sandbox is checked first, so that a typo keeps the current connection.
         """
-        if token is None:
-            token = self._configured_token_for(url)
-        # The URL and token are the notebook's; the timeouts stay the user's.
-        timeouts = {name: os.environ[name] for name in _TIMEOUT_VARIABLES if name in os.environ}
         names = dataclasses.replace(
             self._names, url="%sandbox_connect URL", token="%sandbox_connect --token"
         )
+        hub_service = None
+        if token is None:
+            token, hub_service = self._configured_token_for(url)
+        # The URL and token are the notebook's; the timeouts stay the user's.
+        timeouts = {name: os.environ[name] for name in _TIMEOUT_VARIABLES if name in os.environ}
         resolved = resolve(url, token, *self._given[2:], names=names, environ=timeouts)
+        if hub_service is not None:  # back to the Hub's sandbox: refusals name its settings
+            resolved.settings = dataclasses.replace(resolved.settings, hub_service=hub_service)
         candidate = Connection(resolved)
         try:
             self._on_worker(candidate.side.specs)
@@ -232,17 +241,24 @@ class SandboxContext:
                 previous.close()
         return candidate.settings
 
-    def _configured_token_for(self, url: str) -> str | None:
+    def _configured_token_for(self, url: str) -> tuple[str | None, str | None]:
         """The configured sandbox's token when ``url`` is that sandbox's origin, else None
-        (never the token of a sandbox named by an earlier ``%sandbox_connect``)."""
+        (never the token of a sandbox named by an earlier ``%sandbox_connect``); and the Hub
+        service when that token is the user's JupyterHub token, which only the configured
+        sandbox's very URL gets back: another path of the Hub's origin may be another user's
+        server."""
         configured = self._configured
         if configured is None:  # not connected yet: what the configuration names, if any
             try:
                 found = resolve(*self._given, names=self._names, start_embedded=False)
             except (LookupError, SandboxConfigError):
-                return None
+                return None, None
             configured = found.settings
-        return configured.token if same_origin(url, configured.url) else None
+        if configured.hub_service is not None:
+            if _same_url(url, configured.url):
+                return configured.token, configured.hub_service
+            return None, None
+        return (configured.token if same_origin(url, configured.url) else None), None
 
     # -- the worker thread -------------------------------------------------------------------
 
@@ -491,6 +507,16 @@ class SandboxContext:
             with contextlib.suppress(Exception):
                 private.close()
         self._worker.shutdown(wait=False, cancel_futures=True)
+
+
+def _same_url(given: str, configured: str) -> bool:
+    """``given`` is the (normalised) ``configured`` URL: same origin, same path."""
+    try:
+        return same_origin(given, configured) and (
+            urlsplit(normalise_url(given)).path == urlsplit(configured).path
+        )
+    except SandboxConfigError:  # not a URL: resolve() says so, naming the magic
+        return False
 
 
 def _wait(future: concurrent.futures.Future[_T], *, owned: bool) -> _T:

@@ -23,6 +23,7 @@ from .._errors import (
     SandboxError,
     SandboxHTTPError,
     SandboxProtocolError,
+    with_advice,
 )
 from .._signals import describe_signal, signal_of_status
 from .._units import format_size
@@ -277,8 +278,10 @@ class Session:
 
         Only the server's own sentence about this uuid means the environment is gone (contract:
         "No environment with UUID '<uuid>' found"); any other 404 (a wrong URL, a proxy's page)
-        keeps the environment.
+        keeps the environment. An error of another client (the kernel's asyncio one) gets the
+        advice of this session's client (a refused JupyterHub token names the Hub's settings).
         """
+        error = with_advice(error, self.client.advise)
         if isinstance(error, SandboxCancelled):
             return CellOutcome(error=_interrupted())
         environment = self.environment

@@ -343,8 +343,10 @@ class SandboxPanel:
     def _on_sample(self, sample: LoadSample, wait: float) -> None:
         self.connected = True
         load = sample.load
-        workers = sample.workers
-        self.workers.value = "" if workers is None else render.workers_table(workers)["text/html"]
+        tables = [] if sample.workers is None else [render.workers_table(sample.workers)]
+        if load.users is not None:  # a teacher: every user's share
+            tables.append(render.users_table(load.users))
+        self.workers.value = "".join(table["text/html"] for table in tables)
         self.history.append(load)
         while self.history and self.history[0].at < load.at - _HISTORY_SECONDS:
             self.history.popleft()

@@ -28,6 +28,7 @@ from .._generations import (
     Library,
     Load,
     Specs,
+    UserLoad,
 )
 from .._units import format_size
 from .._wire import WorkerLoad
@@ -416,11 +417,14 @@ def inventory_summary(inventory: Inventory) -> Bundle:
 
 def load_figures(load: Load) -> str:
     """``"25% (10/40 busy) · CPU 8% · memory 1.2 GiB / 24 GiB"``: what the server told of the
-    load, nothing for what it did not."""
+    load, nothing for what it did not. From a sandbox that knows its users, the caller's share
+    first: ``"you: 1 running · class: 17/40 busy · CPU 8% ..."``."""
     parts = []
     fraction = load.fraction
     busy = f"{load.busy}/{load.total} busy" if load.total else f"{load.busy} busy"
-    if fraction is not None:
+    if load.user is not None:
+        parts += _share_figures(load.user, busy if load.busy is not None else None)
+    elif fraction is not None:
         parts.append(f"{_percent(fraction)} ({busy})")
     elif load.busy is not None:
         parts.append(busy)
@@ -430,7 +434,57 @@ def load_figures(load: Load) -> str:
         parts.append(f"memory {human_bytes(load.memory_used)} / {human_bytes(load.memory_total)}")
     elif load.memory_used is not None:
         parts.append(f"memory {human_bytes(load.memory_used)} used")
+    if load.user is not None and load.user.stored_bytes:
+        parts.append(f"your saved environments {human_bytes(load.user.stored_bytes)}")
     return " · ".join(parts) or "the server tells no load"
+
+
+def _share_figures(user: UserLoad, busy: str | None) -> list[str]:
+    """``["you: 1 running", "class: 17/40 busy"]``: the caller's runs (those waiting for
+    their share too, when any), then the whole sandbox's."""
+    runs = [f"{user.running} running"] if user.running is not None else []
+    if user.queued:
+        runs.append(f"{user.queued} queued")
+    parts = [f"you: {', '.join(runs)}"] if runs else []
+    if busy is not None:
+        parts.append(f"class: {busy}")
+    return parts
+
+
+#: Users listed at most in a teacher's table (the total counts them all).
+USER_ROWS = 200
+
+
+def users_table(users: Sequence[UserLoad]) -> Bundle:
+    """Every user's share of the sandbox, for a teacher (``usages/``' ``users``): name,
+    running and queued runs, bytes of saved environments, by name, then the total."""
+    ordered = sorted(users, key=lambda user: (user.name or "").lower())
+    rows: list[list[object]] = [
+        [_shown_name(u.name), _count(u.running), _count(u.queued), human_bytes(u.stored_bytes)]
+        for u in ordered[:USER_ROWS]
+    ]
+    if len(ordered) > USER_ROWS:
+        rows.append([f"… {len(ordered) - USER_ROWS} more", "", "", ""])
+    running = sum(u.running or 0 for u in users)
+    queued = sum(u.queued or 0 for u in users)
+    stored = sum(u.stored_bytes or 0 for u in users)
+    count = f"{len(users)} user{'s' if len(users) != 1 else ''}"
+    rows.append([f"total ({count})", running, queued, human_bytes(stored)])
+    caption = f"Users of the sandbox: {count}, {running} running, {queued} queued"
+    return table(["user", "running", "queued", "saved environments"], rows, caption)
+
+
+def _shown_name(name: str | None) -> str:
+    """A user's name as the server sent it, on one line: control characters become ``?``
+    and a very long name is cut (the server's text, shown to a teacher)."""
+    if name is None:
+        return "(no name)"
+    printable = "".join(char if char.isprintable() else "?" for char in name)
+    return printable if len(printable) <= 64 else printable[:63] + "…"
+
+
+def _count(value: int | None) -> str:
+    return "" if value is None else str(value)
 
 
 #: Workers listed at most in a cluster's load table (the total counts them all).
@@ -460,7 +514,9 @@ def usage_line(load: Load) -> Bundle:
     if fraction is not None:
         width = 20
         filled = round(fraction * width)
-        line = f"load {'█' * filled}{'░' * (width - filled)} {line}"
+        bar = f"load {'█' * filled}{'░' * (width - filled)}"
+        # With the caller's share, the busy figure is the class's: the bar gets the percent.
+        line = f"{bar} {_percent(fraction)} · {line}" if load.user else f"{bar} {line}"
     return {"text/plain": line, "text/html": f"<code>{html.escape(line)}</code>"}
 
 
