@@ -12,6 +12,7 @@ marked ``pytest.mark.slow`` where they are.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -117,12 +118,15 @@ class Server:
     def work_area(self) -> Path:
         """Where this server keeps its runners' working directories (``storage._work_area``):
         ``work/<pid>`` of its data dir, or a private ``sandbox-kernel-work-<tag>-<pid>-*``
-        folder in /var/tmp (or /tmp) when the sandbox user cannot reach the data dir."""
+        folder in /var/tmp (or /tmp) when the sandbox user cannot reach the data dir. The tag
+        is this data dir's: a killed server of another test may have left a folder with a pid
+        that is this server's now (pids are reused)."""
         pid = self.pid
+        tag = hashlib.sha1(str(self.data_dir.resolve()).encode()).hexdigest()[:12]
         candidates = [
             self.data_dir / "work" / str(pid),
-            *Path("/var/tmp").glob(f"sandbox-kernel-work-*-{pid}-*"),
-            *Path("/tmp").glob(f"sandbox-kernel-work-*-{pid}-*"),
+            *Path("/var/tmp").glob(f"sandbox-kernel-work-{tag}-{pid}-*"),
+            *Path("/tmp").glob(f"sandbox-kernel-work-{tag}-{pid}-*"),
         ]
         found = [path for path in candidates if path.is_dir() and not path.is_symlink()]
         assert len(found) == 1, f"the working directories of server {pid}: {found}"
