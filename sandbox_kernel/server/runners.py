@@ -834,7 +834,10 @@ class Isolation:
         group: everything the command starts stays there."""
         cgroup = getattr(runner, "cgroup", None)
         if self.cpu_shares is not None and isinstance(cgroup, RunCgroup):
-            self.cpu_shares.join(user, cgroup.pids())
+            try:
+                self.cpu_shares.join(user, cgroup.pids())
+            except OSError as error:  # the run goes on, with the server's CPU share
+                log.warning("could not put a run of %s in their CPU group: %s", user, error)
 
     def new_runner(self, workdir: Path) -> Runner:
         if self.isolated:
