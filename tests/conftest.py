@@ -40,6 +40,8 @@ SLOW_SUITES = frozenset(
         "hostile",
         "faults",
         "cluster",
+        "deploy",
+        "hub",
         "load",
         "test_cli.py",
         "test_kernel_suite.py",

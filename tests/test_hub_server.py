@@ -232,6 +232,12 @@ def test_the_run_log_names_the_user_of_every_run(served: HubServed) -> None:
     assert lines[0]["saved"] == first["environment"] and lines[0]["commands"] == "echo a"
     assert lines[2]["environment"] == first["environment"] and lines[2]["saved"] is None
     assert all(isinstance(line["duration"], float) for line in lines)
+    # A kernel's run: a long prologue, then the cell (kept), and commands with a timeout.
+    prologue = "true # " + "p" * 6000
+    served.execute("bob-token", {"commands": [prologue, {"command": "echo cell", "timeout": 5}]})
+    logged = served.log_lines()[-1]["commands"]
+    assert logged.endswith("\necho cell") and "bytes ...]" in logged
+    assert len(logged.encode()) < 4200
     assert (served.run_log.stat().st_mode & 0o777) == 0o600
 
 

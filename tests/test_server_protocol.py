@@ -383,3 +383,28 @@ def test_allowed_host_and_no_token(start_server: Callable[..., Server]) -> None:
         server.url + "specifications/", headers={"Host": "sandbox.test"}, timeout=10
     )
     assert bare.status_code == 200
+
+
+def test_a_class_downloading_many_environments_at_once_gets_every_one(server: Server) -> None:
+    """More environments downloaded together than the archive cache keeps (16): each
+    download builds its archive and trims the cache while the others list and open theirs.
+    Every one must arrive (a 500, from a file trimmed between a listing and its stat, did)."""
+    uuids = [
+        server.post_execute({"commands": [f"echo {n} > n; seq 30000 > s"], "save": True}).json()[
+            "environment"
+        ]
+        for n in range(48)
+    ]
+    statuses: list[int] = []
+
+    def download(uuid: str) -> None:
+        statuses.append(
+            server.http.get(server.url + f"environments/{uuid}/", timeout=60).status_code
+        )
+
+    threads = [threading.Thread(target=download, args=(uuid,)) for uuid in uuids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses == [200] * len(uuids)

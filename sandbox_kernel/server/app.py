@@ -349,14 +349,16 @@ class SandboxApp(ProtocolApp):
 
     async def get_environment(self, request: web.Request) -> web.StreamResponse:
         uuid = request.match_info["uuid"]
-        archive = await asyncio.to_thread(self.storage.archive, uuid, user_of(request))
-        if archive is None:
-            return text(404, f"No environment with UUID '{uuid}' found")
-        try:
-            fd = os.open(archive, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:  # expired this very moment
-            return text(404, f"No environment with UUID '{uuid}' found")
-        return await send_file(request, fd, "application/gzip", f"{uuid}.tgz")
+        for _attempt in range(3):
+            archive = await asyncio.to_thread(self.storage.archive, uuid, user_of(request))
+            if archive is None:
+                break
+            try:
+                fd = os.open(archive, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:  # expired, or trimmed from the cache by another download
+                continue
+            return await send_file(request, fd, "application/gzip", f"{uuid}.tgz")
+        return text(404, f"No environment with UUID '{uuid}' found")
 
     async def get_file(self, request: web.Request) -> web.StreamResponse:
         uuid, path = request.match_info["uuid"], request.match_info["path"]

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 #: Holders of this custom scope see every user's share in ``usages/``.
 TEACHER_SCOPE = "custom:sandbox:teacher"
 #: Bytes of a run's commands kept in the run log.
-RUN_LOG_COMMANDS = 4096
+RUN_LOG_COMMANDS = 4096  # about: the head's quarter and the tail's rest, with a mark between
 DEFAULT_SERVICE_NAME = "sandbox"
 #: Longer "tokens" are not JupyterHub's (its are 32 characters): refused without asking it.
 _MAX_TOKEN = 1024
@@ -201,13 +201,13 @@ class RunLog:
         status: int,
         seconds: float,
     ) -> None:
-        commands = "\n".join(str(command) for command in config.get("commands", ()))
+        commands = _as_text(config.get("commands", ()))
         line = {
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "user": user,
             "environment": config.get("environment"),
             "saved": (answer or {}).get("environment"),
-            "commands": commands.encode()[:RUN_LOG_COMMANDS].decode(errors="ignore"),
+            "commands": _head_and_tail(commands, RUN_LOG_COMMANDS),
             "duration": round(seconds, 3),
             "status": status,
         }
@@ -218,3 +218,27 @@ class RunLog:
                 os.write(fd, text.encode())
             finally:
                 os.close(fd)
+
+
+def _as_text(commands: Any) -> str:
+    """A run's commands, one per line: a ``{"command": ..., "timeout": ...}`` entry (the
+    kernel's, after ``%sandbox_timeout``) by its command."""
+    lines = []
+    for command in commands if isinstance(commands, list | tuple) else ():
+        if isinstance(command, Mapping):
+            command = command.get("command", "")
+        lines.append(str(command))
+    return "\n".join(lines)
+
+
+def _head_and_tail(text: str, limit: int) -> str:
+    """``text`` cut to about ``limit`` bytes, keeping its head and its tail: a kernel's cell
+    comes after its prologue (several KiB), so the end is what a teacher needs most."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    head, tail = data[: limit // 4], data[-(limit - limit // 4) :]
+    cut = len(data) - len(head) - len(tail)
+    return (
+        head.decode(errors="ignore") + f"\n[... {cut} bytes ...]\n" + tail.decode(errors="ignore")
+    )

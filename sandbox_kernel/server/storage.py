@@ -358,8 +358,14 @@ class Storage:
         return cached
 
     def _trim_cache(self) -> None:
-        archives = sorted(self.cache.glob("*.tgz"), key=lambda p: p.stat().st_mtime)
-        for old in archives[:-_CACHED_ARCHIVES]:
+        # Downloads build and trim in several threads at once: an archive may go between
+        # the listing and its stat (a 500 for a class downloading together, before).
+        archives = []
+        for path in self.cache.glob("*.tgz"):
+            with contextlib.suppress(FileNotFoundError):
+                archives.append((path.stat().st_mtime, path))
+        archives.sort()
+        for _mtime, old in archives[:-_CACHED_ARCHIVES]:
             with contextlib.suppress(FileNotFoundError):
                 old.unlink()
 
