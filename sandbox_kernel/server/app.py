@@ -186,7 +186,10 @@ class ProtocolApp:
         finally:
             if self.run_log is not None:
                 seconds = time.monotonic() - started
-                self.run_log.write(user, config, answer, status, seconds)
+                try:
+                    self.run_log.write(user, config, answer, status, seconds)
+                except OSError as error:  # the answer still goes out; the log says why not
+                    log.error("could not write to the run log %s: %s", self.run_log.path, error)
 
     async def execute_stream(self, request: web.Request) -> web.StreamResponse:
         """``execute/stream/``: the same run over a WebSocket (docs/protocol-extensions.md)."""

@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _PREFIX = "sandbox-kernel-"
-#: cpu.shares of every user's group (v1's default weight): equal, whatever their processes.
+#: cpu.shares (v1) and cpu.weight (v2) of every user's group (their defaults): equal, whatever
+#: their numbers of processes.
 _EQUAL_SHARE = 1024
+_EQUAL_WEIGHT = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,38 +188,76 @@ class UserCpuShares:
     kernel's scheduler then shares the CPU between users, not between processes, so a user
     with 20 busy loops gets what a user with one gets.
 
-    cgroup v1 only (a ``cpu`` hierarchy of its own: a run's processes move there at its start,
-    keeping their pids and memory groups). On v2 a process has one group for every controller,
-    so the user's group would have to hold the run's group from its creation: not done yet.
+    cgroup v1: a ``cpu`` hierarchy of its own; a run's processes move to the user's group at
+    the run's start and keep their pids and memory groups. cgroup v2: a process has one group
+    for every controller, so the run's group itself moves under the user's group (made with
+    the same limits, the processes moved into it, the old one removed); what the idle sandbox
+    had charged to memory stays with the old group, which is gone.
     """
 
-    def __init__(self, parent: Path) -> None:
+    def __init__(self, parent: Path, version: int) -> None:
         self.parent = parent
+        self.version = version
 
     @classmethod
-    def probe(cls) -> UserCpuShares | None:
-        root = CGROUP_ROOT / "cpu"
-        if not (root / "cpu.shares").exists():
-            return None
-        parent = root / server_group_name()
+    def probe(cls, cgroups: Cgroups) -> UserCpuShares | None:
+        """Per-user groups beside (v1) or under (v2) the server's run groups, if the cpu
+        controller can be used; None otherwise (runs then share the server's CPU)."""
         try:
-            parent.mkdir(exist_ok=True)
+            if cgroups.version == 1:
+                root = CGROUP_ROOT / "cpu"
+                if not (root / "cpu.shares").exists():
+                    return None
+                parent = root / server_group_name()
+                parent.mkdir(exist_ok=True)
+                return cls(parent, 1)
+            [parent] = cgroups.parents
+            if "cpu" not in (CGROUP_ROOT / "cgroup.controllers").read_text().split():
+                return None
+            (CGROUP_ROOT / "cgroup.subtree_control").write_text("+cpu")
+            (parent / "cgroup.subtree_control").write_text("+cpu")
+            return cls(parent, 2)
         except OSError as error:
             log.info("per-user CPU shares unusable: %s", error)
             return None
-        return cls(parent)
 
-    def join(self, user: str, pids: set[int]) -> None:
-        """Move ``pids`` (a run's processes, before its command starts) to ``user``'s group."""
+    def join(self, user: str, run: RunCgroup) -> None:
+        """Put a run (its idle sandbox, before the command starts) in ``user``'s group."""
         group = self.parent / f"user-{hashlib.sha256(user.encode()).hexdigest()[:16]}"
-        group.mkdir(exist_ok=True)
-        (group / "cpu.shares").write_text(str(_EQUAL_SHARE))
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, OSError):
-                (group / "cgroup.procs").write_text(str(pid))
+        if self.version == 1:
+            group.mkdir(exist_ok=True)
+            (group / "cpu.shares").write_text(str(_EQUAL_SHARE))
+            _move(run.pids(), group)
+            return
+        if not group.is_dir():
+            group.mkdir()
+            (group / "cpu.weight").write_text(str(_EQUAL_WEIGHT))
+            (group / "cgroup.subtree_control").write_text("+cpu +pids +memory")
+        [old] = run.directories
+        new = group / old.name
+        new.mkdir()
+        for limit in ("pids.max", "memory.max", "memory.swap.max"):
+            with contextlib.suppress(OSError):
+                (new / limit).write_text((old / limit).read_text())
+        _move(run.pids(), new)
+        run.directories = [new]
+        _rmdir_when_empty(old)
 
     def remove(self) -> None:
-        Cgroups([self.parent], version=1).remove()
+        for group in self.parent.glob("user-*/"):
+            for run in group.glob("*/"):  # v2: runs left by a killed request
+                RunCgroup([run]).kill(deadline=0.5)
+                _rmdir_when_empty(run)
+            RunCgroup([group]).kill(deadline=0.5)
+            _rmdir_when_empty(group)
+        if self.version == 1:
+            _rmdir_when_empty(self.parent)
+
+
+def _move(pids: set[int], group: Path) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            (group / "cgroup.procs").write_text(str(pid))
 
 
 def server_group_name(pid: int | None = None) -> str:

@@ -788,7 +788,7 @@ class Isolation:
             problem = await candidate._try_bwrap()
             if problem is None:
                 if settings.hub_auth and cgroups is not None:
-                    candidate.cpu_shares = await asyncio.to_thread(UserCpuShares.probe)
+                    candidate.cpu_shares = await asyncio.to_thread(UserCpuShares.probe, cgroups)
                 return candidate
             if settings.isolation == "bwrap":
                 raise IsolationError(f"--isolation bwrap: {problem}")
@@ -835,7 +835,7 @@ class Isolation:
         cgroup = getattr(runner, "cgroup", None)
         if self.cpu_shares is not None and isinstance(cgroup, RunCgroup):
             try:
-                self.cpu_shares.join(user, cgroup.pids())
+                self.cpu_shares.join(user, cgroup)
             except OSError as error:  # the run goes on, with the server's CPU share
                 log.warning("could not put a run of %s in their CPU group: %s", user, error)
 
