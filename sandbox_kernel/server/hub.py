@@ -170,15 +170,11 @@ class UserShares:
             share.slots.release()
 
     def of(self, user: str) -> dict[str, int]:
+        """``user``'s runs now and waiting (zeros for a user who never ran anything)."""
         share = self._shares.get(user)
-        return (
-            {"running": share.running, "queued": share.queued}
-            if share
-            else {
-                "running": 0,
-                "queued": 0,
-            }
-        )
+        if share is None:
+            return {"running": 0, "queued": 0}
+        return {"running": share.running, "queued": share.queued}
 
     def users(self) -> list[str]:
         return sorted(self._shares)
