@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +56,6 @@ from tests.hub.harness import (  # noqa: E402  (the repository's root is on the 
     client_session,
     gather_all,
     greedy_cell,
-    median,
     percentile,
     quiet_cells,
     usages_of_everyone,

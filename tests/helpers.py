@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import socket
 import tarfile
 import time
 import zlib
@@ -39,6 +40,14 @@ def process_state(pid: int) -> str | None:
 def is_alive(pid: int) -> bool:
     """Whether ``pid`` still runs: it exists and is neither a zombie nor dead."""
     return process_state(pid) not in (None, "Z", "X")
+
+
+def free_port() -> int:
+    """A loopback port free right now (bound to 0, then closed): for a process that must be
+    told its port, such as redis-server, whose ``--port 0`` turns TCP off."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def living(pids: Iterable[int]) -> list[int]:

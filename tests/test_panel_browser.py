@@ -27,7 +27,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -38,7 +37,7 @@ import pytest
 import requests
 
 from .conftest import Server, descendants, wait_until
-from .helpers import kernel_env, living
+from .helpers import free_port, kernel_env, living
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -93,13 +92,6 @@ def _require_jupyterlab() -> None:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 # -- fixtures ---------------------------------------------------------------------------------
 
 
@@ -145,7 +137,7 @@ def lab(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(values))
     root.mkdir()
-    port = _free_port()
+    port = free_port()
     token = secrets.token_hex(16)
     command = [
         sys.executable,

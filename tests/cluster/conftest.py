@@ -17,7 +17,6 @@ import collections
 import contextlib
 import http.client
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -31,13 +30,9 @@ from typing import Any
 
 import pytest
 
+from ..helpers import free_port
+
 MOTO_INSTALL = "pip install 'moto[s3]>=5' flask flask-cors (or pip install -e '.[test]')"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class MotoServer:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,6 +23,8 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+
+from ..helpers import free_port
 
 READY_SECONDS = 10.0
 #: Characters a URL must percent-encode, in every password: the parsing is tested for real.
@@ -47,14 +48,6 @@ def require_redis() -> str:
             pytrace=False,
         )
     return program
-
-
-def free_port() -> int:
-    """A port free right now (bind to 0, close): redis's own ``--port 0`` turns TCP off."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class RedisServer:

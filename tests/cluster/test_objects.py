@@ -27,7 +27,8 @@ from sandbox_kernel.server.cluster.objects import (
     upload_name,
 )
 
-from .conftest import MotoServer, free_port
+from ..helpers import free_port
+from .conftest import MotoServer
 
 
 def _digest(data: bytes) -> str:

@@ -878,7 +878,7 @@ def test_a_wrong_password_is_said_without_it(
 def test_an_unreachable_redis_is_said_with_what_to_check(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from .redis_fixture import free_port
+    from ..helpers import free_port
 
     caplog.set_level("DEBUG")
     target = parse_redis_url(f"redis://:hunter2@127.0.0.1:{free_port()}/0")

@@ -32,7 +32,7 @@ import pytest
 import requests
 
 from ..conftest import KernelSession
-from ..helpers import kernel_env, wait_until
+from ..helpers import free_port, kernel_env, wait_until
 
 # The first test builds the images: debootstrap and four builds take minutes on a fresh machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -143,7 +143,7 @@ def deployed(images: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     for name in DEPLOY_FILES:
         shutil.copy2(DEPLOY / name, place / name)
     subprocess.run([str(place / "make-secrets")], check=True, capture_output=True)
-    port = _free_port()
+    port = free_port()
     # The project's own name and port: a developer's running deployment is never touched.
     (place / ".env").write_text(
         (place / ".env").read_text().replace("COMPOSE_PROJECT_NAME=sandbox\n", "")
@@ -167,14 +167,6 @@ def deployed(images: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         logs = cluster.compose("logs", "--no-color", check=False)
         (ARTIFACTS / "deploy-compose.log").write_text(logs.stdout + logs.stderr)
         cluster.compose("down", "--volumes", "--remove-orphans", "--timeout", "2", check=False)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _workers(cluster: Deployed) -> int:

@@ -38,6 +38,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from urllib.parse import urlsplit
 
+from ..helpers import free_port
+
 NONE = "none"
 REFUSE = "refuse"
 ERROR_500 = "500"
@@ -76,12 +78,6 @@ class Exchange:
     environment: str | None
     #: ``"forwarded"``, or the fault it got (``"500"``, ``"503"``, ``"hang"``...).
     outcome: str
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class _Server(ThreadingHTTPServer):

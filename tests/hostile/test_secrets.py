@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import requests
 from sandbox_kernel.discovery import read_server_info, read_token_file
 
 from ..conftest import KernelSession, Server, descendants, processes_matching, wait_until
-from ..helpers import kernel_env
+from ..helpers import free_port, kernel_env
 
 CLI = [sys.executable, "-m", "sandbox_kernel.cli"]
 AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
@@ -157,13 +156,6 @@ def wait_for_info(info_file: Path, process: subprocess.Popen[bytes], log: Path) 
 def serve(tmp_path: Path, *args: str) -> list[str]:
     return [*CLI, "serve", "--port", "0", "--workers", "1", "--data-dir", str(tmp_path / "data"),
             *args]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def sandbox_notebook(folder: Path, *cells: str) -> None:

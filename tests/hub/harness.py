@@ -750,12 +750,6 @@ async def usages_of_everyone(teacher: SandboxAsUser) -> dict[str, dict[str, Any]
 # -- small tools -----------------------------------------------------------------------------------
 
 
-def median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def percentile(values: Sequence[float], fraction: float) -> float:
     """The value below which ``fraction`` of ``values`` lie (nearest rank)."""
     ordered = sorted(values)

@@ -22,6 +22,7 @@ import math
 import re
 import secrets
 import time
+from statistics import median
 from typing import Any
 
 import pytest
@@ -34,7 +35,6 @@ from .harness import (
     SandboxAsUser,
     gather_all,
     greedy_cell,
-    median,
     percentile,
     quiet_cells,
     usages_of_everyone,
