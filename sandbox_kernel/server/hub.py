@@ -186,8 +186,7 @@ class RunLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        os.close(fd)  # fails at start, not at the first run, if the place is wrong
+        self._append(b"")  # fails at start, not at the first run, if the place is wrong
 
     def write(
         self,
@@ -207,13 +206,15 @@ class RunLog:
             "duration": round(seconds, 3),
             "status": status,
         }
-        text = json.dumps(line, ensure_ascii=False) + "\n"
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, text.encode())
-            finally:
-                os.close(fd)
+            self._append((json.dumps(line, ensure_ascii=False) + "\n").encode())
+
+    def _append(self, data: bytes) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
 
 
 def _as_text(commands: Any) -> str:

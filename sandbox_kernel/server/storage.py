@@ -122,8 +122,7 @@ class Storage:
         names = {entry.name.removesuffix(".json") for entry in self.environments.iterdir()}
         for name in names:
             with self._lock:  # a save describes, then renames its directory under this lock
-                expire = _read_expire(self.environments / f"{name}.json")
-                owner = _read_owner(self.environments / f"{name}.json")
+                expire, owner = _read_description(self.environments / f"{name}.json")
                 if expire is not None and expire > now and (self.environments / name).is_dir():
                     continue
                 if (
@@ -171,12 +170,11 @@ class Storage:
         if not is_uuid(uuid):
             return None
         uuid = uuid.lower()
-        meta = self.environments / f"{uuid}.json"
-        expire = _read_expire(meta)
+        expire, owner = _read_description(self.environments / f"{uuid}.json")
         directory = self.environments / uuid
         if expire is None or expire <= time.time() or not directory.is_dir():
             return None
-        if user is not None and _read_owner(meta) != user:
+        if user is not None and owner != user:
             return None
         return directory
 
@@ -501,7 +499,7 @@ def _stored_by_owner(environments: Path) -> dict[str, list[int]]:
     another counted with the older one, roughly as saves counted them)."""
     accounts: dict[str, list[int]] = {}
     for meta in environments.glob("*.json"):
-        owner = _read_owner(meta)
+        _expire, owner = _read_description(meta)
         directory = environments / meta.name.removesuffix(".json")
         if owner is None or directory.is_symlink() or not directory.is_dir():
             continue
@@ -588,21 +586,20 @@ def _younger_than(path: Path, seconds: float) -> bool:
         return False
 
 
-def _read_expire(meta: Path) -> float | None:
+def _read_description(meta: Path) -> tuple[float | None, str | None]:
+    """An environment's description, read once: when it expires (None: unreadable or junk)
+    and the JupyterHub user who saved it (None: saved without --hub-auth)."""
     try:
-        value = json.loads(meta.read_text())["expire"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return float(value) if isinstance(value, int | float) else None
-
-
-def _read_owner(meta: Path) -> str | None:
-    """The JupyterHub user who saved an environment (None: saved without --hub-auth)."""
-    try:
-        value = json.loads(meta.read_text()).get("owner")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
+        data = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    expire, owner = data.get("expire"), data.get("owner")
+    return (
+        float(expire) if isinstance(expire, int | float) else None,
+        owner if isinstance(owner, str) else None,
+    )
 
 
 def _remove(path: Path) -> None:
