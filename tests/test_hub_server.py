@@ -10,84 +10,21 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
-import json
 import tarfile
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-from sandbox_kernel.discovery import EmbeddedServer
 from sandbox_kernel.server.cgroups import CGROUP_ROOT, server_group_name
 
+from .fake_hub import ACCESS, PREFIX, FakeHubAPI, HubServed, start_hub_server
 from .helpers import wait_until
 
 pytestmark = pytest.mark.slow
-
-PREFIX = "/services/sandbox/"
-ACCESS = "access:services!service=sandbox"
-USERS = {
-    "alice-token": {"name": "alice", "scopes": [ACCESS]},
-    "bob-token": {"name": "bob", "scopes": [ACCESS]},
-    "teacher-token": {"name": "tess", "scopes": [ACCESS, "custom:sandbox:teacher"]},
-    "outsider-token": {"name": "olga", "scopes": ["access:servers!user=olga"]},
-}
-
-
-class FakeHubAPI:
-    """``GET /hub/api/user`` as the Hub answers it: the model of the token's user, 403 for a
-    token it does not know. Counts the requests (HubAuth caches the answers)."""
-
-    def __init__(self) -> None:
-        self.requests = 0
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                hub.requests += 1
-                token = self.headers.get("Authorization", "").removeprefix("token ")
-                user = USERS.get(token)
-                body = json.dumps(user or {"status": 403, "message": "no such token"})
-                self.send_response(200 if user and self.path == "/hub/api/user" else 403)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(body.encode())
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hub/api"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class HubServed:
-    def __init__(self, server: EmbeddedServer, run_log: Path) -> None:
-        self.server = server
-        self.run_log = run_log
-        self.url = server.url
-
-    def as_user(self, token: str) -> requests.Session:
-        session = requests.Session()
-        session.headers["Authorization"] = f"Bearer {token}"
-        return session
-
-    def execute(self, token: str, config: dict[str, Any], **kw: Any) -> requests.Response:
-        return self.as_user(token).post(
-            self.url + "execute/", files={"config": (None, json.dumps(config))}, timeout=60, **kw
-        )
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.run_log.read_text().splitlines()]
 
 
 @pytest.fixture
@@ -95,27 +32,6 @@ def hub_api() -> Iterator[FakeHubAPI]:
     hub = FakeHubAPI()
     yield hub
     hub.close()
-
-
-def start_hub_server(hub: FakeHubAPI, tmp_path: Path, *args: str) -> EmbeddedServer:
-    env = {
-        **dict(__import__("os").environ),
-        "JUPYTERHUB_API_TOKEN": "service-token",
-        "JUPYTERHUB_API_URL": hub.url,
-        "JUPYTERHUB_SERVICE_NAME": "sandbox",
-        "JUPYTERHUB_SERVICE_PREFIX": PREFIX,
-    }
-    server = EmbeddedServer(
-        "--hub-auth",
-        "--run-log",
-        str(tmp_path / "runs.jsonl"),
-        *args,
-        data_dir=tmp_path / "data",
-        token="",
-        env=env,
-    )
-    server.start()
-    return server
 
 
 @pytest.fixture
