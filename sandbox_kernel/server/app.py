@@ -126,7 +126,7 @@ class ProtocolApp:
         if token:
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             # Bytes: compare_digest refuses str with non-ASCII characters (a 500 otherwise).
-            offered = given.strip().encode("utf-8", "surrogateescape")
+            offered = given.strip(" \t").encode("utf-8", "surrogateescape")  # HTTP's OWS only
             if scheme.lower() != "bearer" or not hmac.compare_digest(offered, token.encode()):
                 return web.Response(
                     status=401,

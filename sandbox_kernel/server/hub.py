@@ -43,6 +43,11 @@ RUN_LOG_COMMANDS = 4096  # about: the head's quarter and the tail's rest, with a
 DEFAULT_SERVICE_NAME = "sandbox"
 #: Longer "tokens" are not JupyterHub's (its are 32 characters): refused without asking it.
 _MAX_TOKEN = 1024
+#: HTTP's optional white space (RFC 9110, OWS): all that may surround a header's value. Not
+#: str.strip()'s Unicode white space, which would make "\u2028<token>" a token.
+_HTTP_SPACE = " \t"
+#: Longer user names are not a Hub's: they would end up in every run log line and usages/.
+_MAX_NAME = 255
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +99,7 @@ class HubGuard:
 
     async def identify(self, request: web.Request) -> Caller | web.Response:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        token = token.strip()
+        token = token.strip(_HTTP_SPACE)
         if len(token) > _MAX_TOKEN or not (token.isascii() and token.isprintable()):
             token = ""  # never sent on to the Hub: not a token JupyterHub makes
         if scheme.lower() not in ("bearer", "token") or not token:
@@ -112,13 +117,21 @@ class HubGuard:
                 "The sandbox could not ask JupyterHub who you are (the Hub did not answer). "
                 "Try again in a moment; if it lasts, tell the Hub's administrator.",
             )
-        if not user or not user.get("name"):
+        if not user:
             return _text(
                 401,
                 "JupyterHub does not know this token (expired, or revoked): restart your "
                 "server from the Hub's control panel to get a new one.",
             )
-        scopes = set(user.get("scopes") or ())
+        model = _user_model(user)
+        if model is None:  # the Hub's answer is checked like any other input
+            log.warning("the Hub answered a token check with no user model: %.200r", user)
+            return _text(
+                502,
+                "JupyterHub's answer about your token is not a user (no valid name and scopes): "
+                "tell the Hub's administrator.",
+            )
+        name, scopes = model
         if not self.auth.check_scopes({self.scope}, {"scopes": scopes}):
             return _text(
                 403,
@@ -127,7 +140,20 @@ class HubGuard:
                 "c.Spawner.server_token_scopes, then you restart your server "
                 "(examples/jupyterhub/jupyterhub_config.py does both).",
             )
-        return Caller(str(user["name"]), teacher=TEACHER_SCOPE in scopes)
+        return Caller(name, teacher=TEACHER_SCOPE in scopes)
+
+
+def _user_model(answer: object) -> tuple[str, set[str]] | None:
+    """(name, scopes) of the Hub's answer for a token, or None if it is not a user model: a
+    printable name of 1 to 255 characters and a list of text scopes."""
+    if not isinstance(answer, dict):
+        return None
+    name, scopes = answer.get("name"), answer.get("scopes", [])
+    if not isinstance(name, str) or not 0 < len(name) <= _MAX_NAME or not name.isprintable():
+        return None
+    if not isinstance(scopes, list) or not all(isinstance(scope, str) for scope in scopes):
+        return None
+    return name, set(scopes)
 
 
 def _text(status: int, message: str) -> web.Response:
