@@ -180,10 +180,16 @@ def _workers(cluster: Deployed) -> int:
 
 
 def _holder(cluster: Deployed) -> str:
-    """The compose service of the worker caching the most environments (the session's)."""
-    workers = cluster.get("usages/").json()["workers"]
+    """The compose service of the worker caching the most environments (the session's). The
+    counts come from the workers' heartbeats, written every 0.25 s: waited for, not read once."""
+    workers: list[dict[str, Any]] = []
+
+    def cached() -> bool:
+        workers[:] = cluster.get("usages/").json()["workers"]
+        return any(worker["cached_environments"] > 0 for worker in workers)
+
+    assert wait_until(cached, 10), workers
     busiest = max(workers, key=lambda worker: worker["cached_environments"])
-    assert busiest["cached_environments"] > 0, workers
     return str(busiest["name"]).split("-", 1)[0]  # the name starts with its hostname
 
 
